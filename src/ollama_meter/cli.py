@@ -1,0 +1,178 @@
+"""The ``ollama-meter`` command: options and environment in, a running server out.
+
+The only module that reads argv and the environment. Every option has an ``OLLAMA_METER_*``
+variable, shown in ``--help`` with its default. ``OLLAMA_HOST`` is deliberately not read: Ollama
+uses it as its own bind address and its clients as their target, so it means something else on
+every machine. A refused start is one line on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from aiohttp import web
+
+from . import __version__
+from .app import create_app
+from .config import Config, ConfigError, LogFormat
+from .logs import setup_logging
+from .metrics import build_registry
+
+log = logging.getLogger("ollama_meter")
+
+_MiB = 1024 * 1024
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _option(name: str, **kwargs: Any) -> Callable[[_F], _F]:
+    """A click option with its OLLAMA_METER_* variable, both shown in --help."""
+    env = "OLLAMA_METER_" + name.lstrip("-").split("/")[0].replace("-", "_").upper()
+    return click.option(name, envvar=env, show_envvar=True, show_default=True, **kwargs)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@_option(
+    "--listen", default="127.0.0.1:11435", metavar="HOST:PORT", help="Where the proxy listens."
+)
+@_option(
+    "--upstream",
+    default="http://127.0.0.1:11434",
+    metavar="ADDRESS",
+    help="Ollama, written as OLLAMA_HOST is: host, host:port or URL (no scheme: http, port 11434).",
+)
+@_option(
+    "--metrics-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve /metrics on its own listener; the proxy port then passes /metrics to Ollama.",
+)
+@_option(
+    "--preserve-host/--no-preserve-host",
+    default=False,
+    help="Send the client's Host header upstream instead of the upstream's own authority.",
+)
+@_option(
+    "--max-inspect-bytes",
+    default=64 * _MiB,
+    type=click.IntRange(min=0),
+    help="Largest JSON request body read whole to learn its model; larger ones stream through "
+    "with model 'unknown'.",
+)
+@_option(
+    "--max-models",
+    default=100,
+    type=click.IntRange(min=0),
+    help="Model label values allowed beyond those Ollama lists in /api/tags; later ones are "
+    "'other'.",
+)
+@_option(
+    "--connect-timeout",
+    default=10.0,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds to wait for a connection to Ollama (then 504).",
+)
+@_option(
+    "--read-timeout",
+    default=600.0,
+    type=click.FloatRange(min=0),
+    help="Seconds of silence from Ollama before giving up, response headers included (they "
+    "come with the first token, after any model load); 0 waits forever.",
+)
+@_option(
+    "--probe-timeout",
+    default=2.0,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a /metrics scrape or /-/ready waits for Ollama's answers.",
+)
+@_option(
+    "--shutdown-timeout",
+    default=30.0,
+    type=click.FloatRange(min=0),
+    help="On SIGTERM/SIGINT, seconds requests in flight may take to finish before they are cut.",
+)
+@_option("--log-format", default="text", type=click.Choice(["text", "json"]), help="Log format.")
+@_option(
+    "--log-level",
+    default="info",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="Least severe log level written.",
+)
+@_option(
+    "--access-log/--no-access-log",
+    default=True,
+    help="Write one log line per request (never prompt or completion text).",
+)
+@click.version_option(__version__, prog_name="ollama-meter")
+def main(
+    listen: str,
+    upstream: str,
+    metrics_listen: str | None,
+    preserve_host: bool,
+    max_inspect_bytes: int,
+    max_models: int,
+    connect_timeout: float,
+    read_timeout: float,
+    probe_timeout: float,
+    shutdown_timeout: float,
+    log_format: LogFormat,
+    log_level: str,
+    access_log: bool,
+) -> None:
+    """A transparent proxy for Ollama that turns every request into Prometheus metrics.
+
+    Point clients at it instead of Ollama (OLLAMA_HOST=127.0.0.1:11435, or
+    base_url="http://127.0.0.1:11435/v1" for OpenAI SDKs) and scrape GET /metrics.
+    """
+    try:
+        config = Config.build(
+            listen=listen,
+            upstream=upstream,
+            metrics_listen=metrics_listen,
+            preserve_host=preserve_host,
+            max_inspect_bytes=max_inspect_bytes,
+            max_models=max_models,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            probe_timeout=probe_timeout,
+            shutdown_timeout=shutdown_timeout,
+            log_format=log_format,
+            access_log=access_log,
+        )
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    setup_logging(log_format, log_level)
+    run(config)
+
+
+def run(config: Config) -> None:
+    """Serve until SIGTERM/SIGINT, then drain for up to ``shutdown_timeout`` seconds."""
+    metrics_at = config.metrics_listen.url if config.metrics_listen else config.listen.url
+
+    def announce(_: str) -> None:
+        log.info(
+            "ollama-meter %s listening on %s, forwarding to %s; metrics at %s/metrics",
+            __version__,
+            config.listen.url,
+            config.upstream,
+            metrics_at,
+        )
+
+    try:
+        web.run_app(
+            create_app(config, build_registry()),
+            host=config.listen.host,
+            port=config.listen.port,
+            shutdown_timeout=config.shutdown_timeout,
+            # The same as aiohttp's test server: a client that leaves cancels its handler,
+            # which closes the upstream request so that Ollama stops generating.
+            handler_cancellation=True,
+            access_log=None,  # logs.log_access writes one line per request instead
+            print=announce,
+        )
+    except OSError as exc:
+        raise click.ClickException(f"cannot start: {exc.strerror or exc}") from None

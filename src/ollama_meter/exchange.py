@@ -1,0 +1,60 @@
+"""The record of one proxied request: what the proxy saw, read by metrics and the access log.
+
+proxy.py fills it while bytes flow; metrics.py and logs.py only read it. It holds no bytes of
+the request or response, only sizes, times, labels and what the upstream reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from .ollama import Usage
+
+# Values of the ``reason`` label of request_errors_total (a fixed enum).
+UPSTREAM_UNREACHABLE: Final = "upstream_unreachable"
+UPSTREAM_TIMEOUT: Final = "upstream_timeout"
+UPSTREAM_CLOSED: Final = "upstream_closed"
+STREAM_ERROR: Final = "stream_error"
+CLIENT_DISCONNECT: Final = "client_disconnect"
+SHUTDOWN: Final = "shutdown"
+ERROR_REASONS: Final = (
+    UPSTREAM_UNREACHABLE,
+    UPSTREAM_TIMEOUT,
+    UPSTREAM_CLOSED,
+    STREAM_ERROR,
+    CLIENT_DISCONNECT,
+    SHUTDOWN,
+)
+
+#: Status label of a request whose client went away before the response ended (nginx's code).
+STATUS_CLIENT_CLOSED: Final = 499
+#: Status label of a request cut at shutdown before any response was sent.
+STATUS_SHUTDOWN: Final = 503
+
+
+@dataclass(slots=True)
+class Exchange:
+    method: str
+    endpoint: str
+    started: float  # loop.time() at arrival
+    model: str = "unknown"
+    stream: bool = False
+    status: int = 0  # what the client received (or 499/503 as above)
+    first_byte: float | None = None  # loop.time() of the first response body chunk
+    finished: float | None = None
+    streamed: bool = False  # the response was NDJSON or SSE
+    request_bytes: int = 0
+    response_bytes: int = 0
+    usage: Usage | None = None
+    error: str | None = None  # one of ERROR_REASONS
+    in_flight: bool = False  # counted in requests_in_flight (the model label was known)
+    recorded: bool = False  # metrics taken (exactly once)
+
+    @property
+    def duration(self) -> float:
+        return (self.finished or self.started) - self.started
+
+    @property
+    def time_to_first_byte(self) -> float | None:
+        return None if self.first_byte is None else self.first_byte - self.started

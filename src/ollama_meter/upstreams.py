@@ -1,0 +1,74 @@
+"""The Ollama backend as a whole: its health and what it holds, asked at scrape time.
+
+The proxy path never comes here. This module asks the upstream three questions, each with a
+short timeout so that a slow Ollama can neither fail nor stall a Prometheus scrape:
+``/api/version`` (is it up), ``/api/ps`` (which models are loaded) and ``/api/tags`` (which
+model names exist, so that their labels are always allowed).
+
+It must not know about metrics or labels: it returns a plain ``UpstreamState``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+from yarl import URL
+
+from .ollama import LoadedModel, parse_ps, parse_tags
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "no answer" for a probe. A probe never raises.
+_PROBE_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamState:
+    up: bool
+    loaded: list[LoadedModel]
+    #: Model names from /api/tags; None when that call failed (keep the previous list).
+    tags: list[str] | None
+
+
+class Upstream:
+    """Health and inventory probes against one Ollama server."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: URL, timeout: float) -> None:
+        self._session = session
+        self._base = str(base).rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def _get(self, path: str) -> bytes | None:
+        """Body of a 2xx answer to GET path, or None."""
+        try:
+            async with self._session.get(
+                URL(self._base + path, encoded=True), timeout=self._timeout
+            ) as response:
+                if not 200 <= response.status < 300:
+                    return None
+                return await response.read()
+        except _PROBE_ERRORS as exc:
+            log.debug("probe %s failed: %r", path, exc)
+            return None
+
+    async def is_up(self) -> bool:
+        return await self._get("/api/version") is not None
+
+    async def tags(self) -> list[str] | None:
+        body = await self._get("/api/tags")
+        return None if body is None else parse_tags(body)
+
+    async def state(self) -> UpstreamState:
+        version, ps, tags = await asyncio.gather(
+            self._get("/api/version"), self._get("/api/ps"), self._get("/api/tags")
+        )
+        loaded = parse_ps(ps) if ps is not None else None
+        return UpstreamState(
+            up=version is not None,
+            loaded=loaded or [],
+            tags=None if tags is None else parse_tags(tags),
+        )
