@@ -99,7 +99,7 @@ def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
 
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
-    app.router.add_route("*", "/{tail:.*}", proxy)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 
 

@@ -29,6 +29,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
 )
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -309,7 +310,12 @@ class Metrics:
 
 
 def build_registry() -> CollectorRegistry:
-    """The production registry: our metrics plus the process and platform collectors."""
+    """The production registry: our metrics plus the process and platform collectors.
+
+    Also turns off prometheus_client's ``*_created`` series (process-wide): in the text format
+    they are one more gauge per counter and histogram series, which Prometheus does not use.
+    """
+    disable_created_metrics()
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)

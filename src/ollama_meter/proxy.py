@@ -134,7 +134,7 @@ class Proxy:
         #: Set when the server begins its graceful shutdown: a cancellation after that is ours.
         self.shutting_down = False
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         route = route_for(request.path)
         x = Exchange(request.method, route.template, perf_counter())
         try:

@@ -1,0 +1,97 @@
+"""Shared fixtures: a fake Ollama and ollama-meter in front of it, both on loopback sockets."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from pytest_aiohttp import AiohttpServer
+
+from ollama_meter.app import create_app
+from ollama_meter.config import Config
+
+from .fake_ollama import FakeOllama
+
+# Variables the official clients (and httpx) read: a developer's shell must not change a test.
+_CLIENT_ENV = ("OLLAMA_HOST", "OLLAMA_API_KEY", "OPENAI_API_KEY", "OPENAI_BASE_URL")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if (
+            name in _CLIENT_ENV
+            or name.upper().endswith("_PROXY")
+            or name.startswith("OLLAMA_METER_")
+        ):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+async def fake(aiohttp_server: AiohttpServer) -> FakeOllama:
+    fake = FakeOllama()
+    server = await aiohttp_server(fake.app)
+    fake.url = str(server.make_url("")).rstrip("/")
+    return fake
+
+
+@dataclass
+class Meter:
+    """ollama-meter running in front of the fake, with its own registry."""
+
+    server: TestServer
+    registry: CollectorRegistry
+    app: web.Application
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample of the registry (0 when the series does not exist)."""
+        sample = self.registry.get_sample_value(f"ollama_meter_{name}", labels)
+        return 0.0 if sample is None else sample
+
+    def series(self, name: str) -> list[dict[str, str]]:
+        """Label sets of every sample of one family (by sample name)."""
+        return [
+            dict(sample.labels)
+            for metric in self.registry.collect()
+            for sample in metric.samples
+            if sample.name == f"ollama_meter_{name}"
+        ]
+
+
+MeterFactory = Callable[..., Awaitable[Meter]]
+
+
+@pytest.fixture
+def start_meter(aiohttp_server: AiohttpServer, fake: FakeOllama) -> MeterFactory:
+    """Start ollama-meter; keyword arguments override Config.build's (upstream: the fake)."""
+
+    async def start(**overrides: Any) -> Meter:
+        options: dict[str, Any] = {"listen": "127.0.0.1:0", "upstream": fake.url}
+        options.update(overrides)
+        registry = CollectorRegistry()
+        app = create_app(Config.build(**options), registry)
+        server = await aiohttp_server(app)
+        return Meter(server, registry, app)
+
+    return start
+
+
+@pytest.fixture
+async def meter(start_meter: MeterFactory) -> Meter:
+    return await start_meter()
+
+
+def parse_exposition(text: str) -> dict[str, Any]:
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
