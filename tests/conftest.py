@@ -94,4 +94,3 @@ async def meter(start_meter: MeterFactory) -> Meter:
 
 def parse_exposition(text: str) -> dict[str, Any]:
     return {family.name: family for family in text_string_to_metric_families(text)}
-

@@ -122,7 +122,9 @@ class FakeOllama:
         if reply is None or reply.read_body:
             received = await self._receive(request)
         else:
-            received = Received(request.method, request.raw_path, CIMultiDict(request.headers), b"", 0, "")
+            received = Received(
+                request.method, request.raw_path, CIMultiDict(request.headers), b"", 0, ""
+            )
         self.received.append(received)
         if reply is None:
             reply = self._default(request.method, request.path, received)
@@ -157,10 +159,14 @@ class FakeOllama:
             response.headers[hdrs.CONTENT_TYPE] = reply.content_type
         if not reply.chunked:
             response.content_length = sum(len(chunk) for chunk in reply.chunks)
+        # Like Ollama, send nothing, not even the status line, until the first object exists.
+        if 0 in reply.gates:
+            await reply.gates[0].wait()
         await response.prepare(request)
-        for index, chunk in enumerate(reply.chunks):
+        chunks = () if request.method == "HEAD" else reply.chunks  # a HEAD answer has no body
+        for index, chunk in enumerate(chunks):
             gate = reply.gates.get(index)
-            if gate is not None:
+            if gate is not None and index:
                 await gate.wait()
             await response.write(chunk)
         if reply.cut:
@@ -168,11 +174,11 @@ class FakeOllama:
             assert request.transport is not None
             request.transport.close()
             return response
-        await response.write_eof()
         if not reply.read_body:
+            # Close after this answer; like Go's server, drain the unread body first rather
+            # than reset the connection under the answer (aiohttp's lingering close does that).
             response.force_close()
-            assert request.transport is not None
-            request.transport.close()
+        await response.write_eof()
         return response
 
     # --- What Ollama answers when nothing is scripted -------------------------------------
@@ -181,7 +187,9 @@ class FakeOllama:
         try:
             doc = orjson.loads(received.body) if received.body else {}
         except orjson.JSONDecodeError:
-            return Reply.body(b'{"error":"invalid character \'o\' looking for beginning of value"}', status=400)
+            return Reply.body(
+                b'{"error":"invalid character \'o\' looking for beginning of value"}', status=400
+            )
         if not isinstance(doc, dict):
             doc = {}
         if path.startswith("/api/blobs/"):
@@ -254,7 +262,9 @@ def _embed(fake: FakeOllama, doc: dict[str, Any]) -> Reply:
 
 
 def _pull(fake: FakeOllama, doc: dict[str, Any]) -> Reply:
-    name = "pull_error_stream.ndjson" if doc.get("model") == "no-such-model" else "pull_stream.ndjson"
+    name = (
+        "pull_error_stream.ndjson" if doc.get("model") == "no-such-model" else "pull_stream.ndjson"
+    )
     lines = lines_of(name)
     if _stream_flag(doc, True):
         return Reply(content_type=NDJSON, chunks=lines)

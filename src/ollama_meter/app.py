@@ -26,6 +26,8 @@ from .upstreams import Upstream
 
 METRICS: Final = web.AppKey("metrics", Metrics)
 UPSTREAM: Final = web.AppKey("upstream", Upstream)
+#: The runner of the --metrics-listen listener (its ``addresses`` say where it listens).
+METRICS_RUNNER: Final = web.AppKey("metrics_runner", web.AppRunner)
 
 # The session adds none of its default headers: what the client sent is what Ollama gets.
 _NO_AUTO_HEADERS: Final = (
@@ -115,6 +117,7 @@ def _metrics_listener(
         metrics_app.router.add_get("/metrics", handler)
         runner = web.AppRunner(metrics_app, access_log=None, handler_cancellation=True)
         await runner.setup()
+        app[METRICS_RUNNER] = runner
         try:
             await web.TCPSite(runner, where.host, where.port).start()
             yield
