@@ -81,6 +81,12 @@ class Reply:
         return cls(status, content_type, [data] if data else [], chunked=len(data) > 2048)
 
 
+#: Request headers the proxy is meant to set or drop on the way up.
+REWRITTEN: Final = frozenset(
+    {"host", "x-forwarded-for", "x-forwarded-proto", "connection", "keep-alive"}
+)
+
+
 @dataclass
 class Received:
     method: str
@@ -89,6 +95,11 @@ class Received:
     body: bytes
     size: int
     sha256: str
+
+    def view(self) -> tuple[str, str, list[tuple[str, str]], str]:
+        """What must be identical whether a request came direct or through the proxy."""
+        headers = [(k.lower(), v) for k, v in self.headers.items() if k.lower() not in REWRITTEN]
+        return self.method, self.path, sorted(headers), self.sha256
 
 
 class _GoResponse(web.StreamResponse):
