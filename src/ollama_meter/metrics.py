@@ -143,6 +143,10 @@ class Metrics:
     """The metric set, registered on ``registry``."""
 
     def __init__(self, registry: CollectorRegistry, version: str) -> None:
+        # prometheus_client's *_created series (a switch for the whole process) would add one
+        # gauge per counter and histogram series in the text format; Prometheus ignores them.
+        disable_created_metrics()
+
         def counter(name: str, doc: str, labels: Sequence[str]) -> Counter:
             return Counter(name, doc, labels, namespace=NAMESPACE, registry=registry)
 
@@ -310,12 +314,7 @@ class Metrics:
 
 
 def build_registry() -> CollectorRegistry:
-    """The production registry: our metrics plus the process and platform collectors.
-
-    Also turns off prometheus_client's ``*_created`` series (process-wide): in the text format
-    they are one more gauge per counter and histogram series, which Prometheus does not use.
-    """
-    disable_created_metrics()
+    """The production registry: our metrics plus the process and platform collectors."""
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)

@@ -1,0 +1,182 @@
+"""The metric contract: names, types and labels, bounded label values, scrape-time gauges."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import string
+from asyncio.subprocess import PIPE, STDOUT
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ollama_meter import __version__
+from ollama_meter.app import METRICS_RUNNER, create_app
+from ollama_meter.config import Config
+from ollama_meter.metrics import build_registry
+
+from .conftest import Meter, MeterFactory
+from .fake_ollama import NDJSON, PS_MODEL, TAGS, FakeOllama, Reply, lines_of
+from .test_proxy import closed_port
+
+GOLDEN = Path(__file__).parent / "golden" / "families.txt"
+
+
+async def scrape(url: str) -> str:
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as response:
+        assert response.status == 200
+        return await response.text()
+
+
+async def drive_traffic(fake: FakeOllama, meter: Meter) -> None:
+    """Requests that give every labelled family at least one series."""
+    fake.script(
+        "POST",
+        "/api/chat",
+        Reply(content_type=NDJSON, chunks=lines_of("chat_stream_midstream_error.ndjson")),
+    )
+    chat = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]}
+    async with aiohttp.ClientSession() as session:
+        for path, body in (
+            ("/api/chat", chat),
+            ("/api/chat", chat),
+            ("/api/generate", {"model": "llama3.2"}),
+            ("/api/chat", {**chat, "model": "llama9"}),
+        ):
+            async with session.post(meter.url + path, data=orjson.dumps(body)) as response:
+                await response.read()
+
+
+def families(text: str) -> list[str]:
+    """``name type help`` of every family in an exposition, sorted."""
+    return sorted(
+        f"{family.name} {family.type} {family.documentation}"
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("ollama_meter_")
+    )
+
+
+async def test_exposed_families_match_the_golden_list(fake: FakeOllama, meter: Meter) -> None:
+    await drive_traffic(fake, meter)
+    got = families(await scrape(meter.url))
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text("\n".join(got) + "\n")
+    assert got == GOLDEN.read_text().splitlines()
+
+
+def test_production_registry_adds_process_metrics_and_no_created_series(
+    fake: FakeOllama,
+) -> None:
+    registry = build_registry()
+    names = {family.name for family in registry.collect()}
+    assert "process_resident_memory_bytes" in names
+    assert "python_info" in names
+    create_app(Config.build(listen="127.0.0.1:0", upstream=fake.url), registry)
+    samples = [s.name for family in registry.collect() for s in family.samples]
+    assert "ollama_meter_build_info" in samples
+    assert not any(name.endswith("_created") for name in samples)
+
+
+async def test_build_info_and_upstream_gauges(meter: Meter) -> None:
+    text = await scrape(meter.url)
+    found = {f.name: f for f in text_string_to_metric_families(text)}
+    [info] = found["ollama_meter_build_info"].samples
+    assert info.labels == {"version": __version__}
+    assert info.value == 1
+    assert meter.value("upstream_up") == 1
+    assert meter.value("loaded_models") == 1
+    model = PS_MODEL["name"]
+    assert meter.value("model_size_bytes", model=model) == PS_MODEL["size"]
+    assert meter.value("model_vram_bytes", model=model) == PS_MODEL["size_vram"]
+    assert meter.value("model_context_length", model=model) == PS_MODEL["context_length"]
+    assert meter.value("model_expiry_timestamp_seconds", model=model) == pytest.approx(
+        1795323845.123456
+    )
+
+
+async def test_scrape_with_upstream_down(start_meter: MeterFactory) -> None:
+    meter = await start_meter(upstream=f"http://127.0.0.1:{closed_port()}")
+    await scrape(meter.url)
+    assert meter.value("upstream_up") == 0
+    assert meter.value("loaded_models") == 0
+    assert meter.series("model_size_bytes") == []
+
+
+async def test_a_slow_upstream_does_not_fail_the_scrape(
+    fake: FakeOllama, start_meter: MeterFactory
+) -> None:
+    meter = await start_meter(probe_timeout=0.2)
+    never = asyncio.Event()
+    fake.script("GET", "/api/ps", Reply(chunks=[b"{}"], gates={0: never}))
+    await scrape(meter.url)  # returns after the probe timeout, status 200
+    assert meter.value("upstream_up") == 1
+    assert meter.series("model_size_bytes") == []
+
+
+async def test_requests_are_counted_when_they_end(fake: FakeOllama, meter: Meter) -> None:
+    lines = lines_of("chat_stream.ndjson")
+    gate = asyncio.Event()
+    fake.script("POST", "/api/chat", Reply(content_type=NDJSON, chunks=lines, gates={1: gate}))
+    labels = {"endpoint": "/api/chat", "model": "llama3.2:latest"}
+    async with aiohttp.ClientSession() as session, session.post(
+        meter.url + "/api/chat", json={"model": "llama3.2", "messages": []}
+    ) as response:
+        await response.content.readline()
+        assert meter.value("requests_in_flight", **labels) == 1
+        assert meter.value("requests_total", **labels, stream="true", status="200") == 0
+        gate.set()
+        await response.read()
+    assert meter.value("requests_in_flight", **labels) == 0
+    assert meter.value("requests_total", **labels, stream="true", status="200") == 1
+
+
+async def test_model_labels_are_bounded(fake: FakeOllama, start_meter: MeterFactory) -> None:
+    cap = 10
+    meter = await start_meter(max_models=cap)
+    rng = random.Random(7)
+    names = ["".join(rng.choices(string.ascii_lowercase, k=12)) for _ in range(1000)]
+    async with aiohttp.ClientSession() as session:
+        for name in [*names, "LLAMA3.2", "registry.ollama.ai/library/qwen3:8b", "nomic-embed-text"]:
+            async with session.post(meter.url + "/api/show", json={"model": name}) as response:
+                await response.read()
+    models = {labels["model"] for labels in meter.series("requests_total")}
+    # The first `cap` unknown names, "other" for the rest, and every listed model by name.
+    assert models == {*(f"{n}:latest" for n in names[:cap]), "other", *TAGS}
+    series = len(meter.series("request_duration_seconds_count"))
+    assert series == len(models)
+
+
+async def test_metrics_on_their_own_listener(
+    fake: FakeOllama, start_meter: MeterFactory
+) -> None:
+    meter = await start_meter(metrics_listen="127.0.0.1:0")
+    runner = meter.app[METRICS_RUNNER]
+    host, port = runner.addresses[0][:2]
+    text = await scrape(f"http://{host}:{port}")
+    assert "ollama_meter_build_info" in text
+    # The proxy port now passes /metrics to Ollama, like any other path.
+    async with aiohttp.ClientSession() as session, session.get(meter.url + "/metrics") as response:
+        assert response.status == 404
+        assert await response.text() == "404 page not found"
+    assert fake.received[-1].path == "/metrics"
+
+
+async def test_promtool_accepts_a_real_scrape(fake: FakeOllama, meter: Meter) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is required in CI (.ci/run installs Debian's prometheus)")
+        pytest.skip("PROMTOOL NOT INSTALLED: apt-get install prometheus to run this check")
+    await drive_traffic(fake, meter)
+    text = await scrape(meter.url)
+    process = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics", stdin=PIPE, stdout=PIPE, stderr=STDOUT
+    )
+    output, _ = await process.communicate(text.encode())
+    assert process.returncode == 0, output.decode()
