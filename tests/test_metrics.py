@@ -91,7 +91,7 @@ async def test_build_info_and_upstream_gauges(meter: Meter) -> None:
     assert info.value == 1
     assert meter.value("upstream_up") == 1
     assert meter.value("loaded_models") == 1
-    model = PS_MODEL["name"]
+    model = str(PS_MODEL["name"])
     assert meter.value("model_size_bytes", model=model) == PS_MODEL["size"]
     assert meter.value("model_vram_bytes", model=model) == PS_MODEL["size_vram"]
     assert meter.value("model_context_length", model=model) == PS_MODEL["context_length"]
@@ -124,9 +124,12 @@ async def test_requests_are_counted_when_they_end(fake: FakeOllama, meter: Meter
     gate = asyncio.Event()
     fake.script("POST", "/api/chat", Reply(content_type=NDJSON, chunks=lines, gates={1: gate}))
     labels = {"endpoint": "/api/chat", "model": "llama3.2:latest"}
-    async with aiohttp.ClientSession() as session, session.post(
-        meter.url + "/api/chat", json={"model": "llama3.2", "messages": []}
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            meter.url + "/api/chat", json={"model": "llama3.2", "messages": []}
+        ) as response,
+    ):
         await response.content.readline()
         assert meter.value("requests_in_flight", **labels) == 1
         assert meter.value("requests_total", **labels, stream="true", status="200") == 0
@@ -152,9 +155,7 @@ async def test_model_labels_are_bounded(fake: FakeOllama, start_meter: MeterFact
     assert series == len(models)
 
 
-async def test_metrics_on_their_own_listener(
-    fake: FakeOllama, start_meter: MeterFactory
-) -> None:
+async def test_metrics_on_their_own_listener(fake: FakeOllama, start_meter: MeterFactory) -> None:
     meter = await start_meter(metrics_listen="127.0.0.1:0")
     runner = meter.app[METRICS_RUNNER]
     host, port = runner.addresses[0][:2]

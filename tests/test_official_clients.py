@@ -35,7 +35,8 @@ from .test_proxy import closed_port
 
 T = TypeVar("T")
 
-MESSAGES = [{"role": "user", "content": "Why is the sky blue? Two words."}]
+# Any: the openai SDK types messages as TypedDicts, the ollama package as Mappings.
+MESSAGES: Any = [{"role": "user", "content": "Why is the sky blue? Two words."}]
 CHAT_LABELS = {"endpoint": "/api/chat", "model": "llama3.2:latest"}
 
 
@@ -47,7 +48,10 @@ def openai_httpx() -> ModuleType:
 
 
 async def twice(
-    fake: FakeOllama, meter: Meter, make: Callable[[str, Any], Any], act: Callable[[Any], Awaitable[T]]
+    fake: FakeOllama,
+    meter: Meter,
+    make: Callable[[str, Any], Any],
+    act: Callable[[Any], Awaitable[T]],
 ) -> tuple[list[Captured], T]:
     """Run ``act`` with a client made for the fake, then for the proxy; compare; return proxied."""
     runs = []
@@ -86,7 +90,9 @@ def assert_native_tokens(meter: Meter, fixture_name: str, endpoint: str, stream:
     labels = {"endpoint": endpoint, "model": "llama3.2:latest"}
     assert meter.value("prompt_tokens_total", **labels, stream=stream) == final["prompt_eval_count"]
     assert meter.value("completion_tokens_total", **labels, stream=stream) == final["eval_count"]
-    assert meter.value("eval_seconds_total", **labels) == pytest.approx(final["eval_duration"] / 1e9)
+    assert meter.value("eval_seconds_total", **labels) == pytest.approx(
+        final["eval_duration"] / 1e9
+    )
     assert meter.value("prompt_eval_seconds_total", **labels) == pytest.approx(
         final["prompt_eval_duration"] / 1e9
     )
@@ -115,7 +121,9 @@ async def test_chat_stream(fake: FakeOllama, meter: Meter) -> None:
     assert meter.value("response_bytes_total", **CHAT_LABELS, stream="true") == len(
         fixture("chat_stream.ndjson")
     )
-    assert meter.value("request_bytes_total", **CHAT_LABELS, stream="true") == fake.received[-1].size
+    assert (
+        meter.value("request_bytes_total", **CHAT_LABELS, stream="true") == fake.received[-1].size
+    )
     assert meter.value("time_to_first_token_seconds_count", **CHAT_LABELS) == 1
     assert meter.value("request_duration_seconds_count", **CHAT_LABELS, stream="true") == 1
     assert_native_tokens(meter, "chat_stream.ndjson", "/api/chat", "true")
@@ -135,8 +143,11 @@ async def test_chat_non_stream(fake: FakeOllama, meter: Meter) -> None:
 @pytest.mark.parametrize("stream", [True, False])
 async def test_generate(fake: FakeOllama, meter: Meter, stream: bool) -> None:
     async def act(c: ollama.AsyncClient) -> Any:
-        reply = await c.generate(model="llama3.2", prompt="One French word?", stream=stream)
-        return [part async for part in reply] if stream else reply
+        if stream:
+            return await collect(
+                c.generate(model="llama3.2", prompt="One French word?", stream=True)
+            )
+        return await c.generate(model="llama3.2", prompt="One French word?")
 
     _, result = await twice(fake, meter, make_ollama, act)
     text = "".join(p.response for p in result) if stream else result.response
@@ -156,7 +167,10 @@ async def test_load_and_unload_are_counted_as_such(fake: FakeOllama, meter: Mete
     model = "llama3.2:latest"
     assert meter.value("done_total", endpoint="/api/generate", model=model, done_reason="load") == 1
     assert meter.value("done_total", endpoint="/api/chat", model=model, done_reason="unload") == 1
-    assert meter.value("completion_tokens_total", endpoint="/api/chat", model=model, stream="false") == 0
+    assert (
+        meter.value("completion_tokens_total", endpoint="/api/chat", model=model, stream="false")
+        == 0
+    )
 
 
 async def test_embed(fake: FakeOllama, meter: Meter) -> None:
@@ -177,13 +191,29 @@ async def test_list_ps_show(fake: FakeOllama, meter: Meter) -> None:
         return await c.list(), await c.ps(), await c.show("llama3.2")
 
     _, (tags, ps, show) = await twice(fake, meter, make_ollama, act)
-    assert [m.model for m in tags.models] == ["llama3.2:latest", "qwen3:8b", "nomic-embed-text:latest"]
+    assert [m.model for m in tags.models] == [
+        "llama3.2:latest",
+        "qwen3:8b",
+        "nomic-embed-text:latest",
+    ]
     assert ps.models[0].size_vram == 2684354560
     assert show.details.family == "llama"
-    assert meter.value("requests_total", endpoint="/api/tags", model="unknown", stream="false", status="200") == 1
-    assert meter.value(
-        "requests_total", endpoint="/api/show", model="llama3.2:latest", stream="false", status="200"
-    ) == 1
+    assert (
+        meter.value(
+            "requests_total", endpoint="/api/tags", model="unknown", stream="false", status="200"
+        )
+        == 1
+    )
+    assert (
+        meter.value(
+            "requests_total",
+            endpoint="/api/show",
+            model="llama3.2:latest",
+            stream="false",
+            status="200",
+        )
+        == 1
+    )
 
 
 async def test_pull_progress(fake: FakeOllama, meter: Meter) -> None:
@@ -226,9 +256,16 @@ async def test_blob_upload_and_create(fake: FakeOllama, meter: Meter, tmp_path: 
     labels = {"endpoint": "/api/blobs/{digest}", "model": "unknown", "stream": "false"}
     assert meter.value("requests_total", **labels, status="201") == 1
     assert meter.value("request_bytes_total", **labels) == gguf.stat().st_size
-    assert meter.value(
-        "requests_total", endpoint="/api/create", model="mine:latest", stream="true", status="200"
-    ) == 1
+    assert (
+        meter.value(
+            "requests_total",
+            endpoint="/api/create",
+            model="mine:latest",
+            stream="true",
+            status="200",
+        )
+        == 1
+    )
 
 
 async def test_missing_model_raises_the_same_error(fake: FakeOllama, meter: Meter) -> None:
@@ -244,10 +281,9 @@ async def test_missing_model_raises_the_same_error(fake: FakeOllama, meter: Mete
 async def test_unreachable_upstream_raises_response_error(start_meter: MeterFactory) -> None:
     upstream = f"http://127.0.0.1:{closed_port()}"
     meter = await start_meter(upstream=upstream)
-    client = ollama.AsyncClient(host=meter.url)
-    with pytest.raises(ollama.ResponseError) as caught:
-        await client.chat(model="llama3.2", messages=MESSAGES)
-    await client.close()
+    async with ollama.AsyncClient(host=meter.url) as client:
+        with pytest.raises(ollama.ResponseError) as caught:
+            await client.chat(model="llama3.2", messages=MESSAGES)
     assert caught.value.status_code == 502
     assert caught.value.error == f"ollama-meter: upstream {upstream}: connection refused"
 
@@ -261,7 +297,7 @@ V1_CHAT = {"endpoint": "/v1/chat/completions", "model": "llama3.2:latest"}
 async def test_openai_chat_stream(fake: FakeOllama, meter: Meter, include_usage: bool) -> None:
     async def act(c: openai.AsyncOpenAI) -> Any:
         options: Any = {"include_usage": True} if include_usage else openai.NOT_GIVEN
-        stream = await c.chat.completions.create(
+        stream: Any = await c.chat.completions.create(
             model="llama3.2", messages=MESSAGES, stream=True, stream_options=options
         )
         return [chunk.model_dump() async for chunk in stream]
@@ -291,7 +327,9 @@ async def test_openai_chat(fake: FakeOllama, meter: Meter) -> None:
         lambda c: c.chat.completions.create(model="llama3.2", messages=MESSAGES),
     )
     assert reply.choices[0].message.content == "Rayleigh scattering."
-    assert meter.value("prompt_tokens_total", **V1_CHAT, stream="false") == reply.usage.prompt_tokens
+    assert (
+        meter.value("prompt_tokens_total", **V1_CHAT, stream="false") == reply.usage.prompt_tokens
+    )
     assert meter.value("completion_tokens_total", **V1_CHAT, stream="false") == (
         reply.usage.completion_tokens
     )
@@ -317,9 +355,22 @@ async def test_openai_not_found(fake: FakeOllama, meter: Meter) -> None:
 
     _, (status, body) = await twice(fake, meter, make_openai, act)
     assert status == 404
-    assert meter.value(
-        "requests_total", endpoint="/v1/chat/completions", model="gpt-4o:latest", stream="false", status="404"
-    ) == 1
+    assert body == {
+        "message": "model 'gpt-4o' not found",
+        "type": "not_found_error",
+        "param": None,
+        "code": None,
+    }
+    assert (
+        meter.value(
+            "requests_total",
+            endpoint="/v1/chat/completions",
+            model="gpt-4o:latest",
+            stream="false",
+            status="404",
+        )
+        == 1
+    )
 
 
 def test_fixture_embedding_is_what_base64_decodes_to() -> None:

@@ -316,11 +316,17 @@ async def test_upstream_closing_mid_stream_is_a_truncation_for_the_client(
     for name, url in (("direct", fake.url), ("proxied", meter.url)):
         async with raw.post(url + "/api/chat", json=CHAT) as response:
             assert response.status == 200
-            got = b""
-            with pytest.raises(aiohttp.ClientPayloadError):
+            got = bytearray()
+
+            async def drain(
+                response: aiohttp.ClientResponse = response, got: bytearray = got
+            ) -> None:
                 async for chunk in response.content.iter_any():
-                    got += chunk
-            received[name] = got
+                    got.extend(chunk)
+
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await drain()
+            received[name] = bytes(got)
     assert received["proxied"] == received["direct"] == b"".join(lines)
     labels = {"endpoint": "/api/chat", "model": "llama3.2:latest"}
     assert meter.value("request_errors_total", **labels, reason="upstream_closed") == 1
@@ -420,10 +426,12 @@ async def test_existing_blob_answer_before_the_body_is_relayed(
         for _ in range(64):
             yield b"x" * 65536
 
-    async with aiohttp.ClientSession() as session:
-        async with session.post(meter.url + f"/api/blobs/{digest}", data=body()) as response:
-            assert response.status == 200
-            assert await response.read() == b""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(meter.url + f"/api/blobs/{digest}", data=body()) as response,
+    ):
+        assert response.status == 200
+        assert await response.read() == b""
     labels = {"endpoint": "/api/blobs/{digest}", "model": "unknown"}
     assert meter.value("requests_total", **labels, stream="false", status="200") == 1
     for reason in ("upstream_closed", "upstream_unreachable"):
@@ -454,9 +462,11 @@ async def test_body_over_the_inspect_cap_streams_through_unlabelled(
         == 1
     )
     small = orjson.dumps({**CHAT, "stream": False})
-    async with aiohttp.ClientSession() as session:
-        async with session.post(meter.url + "/api/chat", data=small) as response:
-            await response.read()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(meter.url + "/api/chat", data=small) as response,
+    ):
+        await response.read()
     assert (
         meter.value(
             "requests_total",

@@ -8,6 +8,7 @@ torn down in reverse, and only if their setup finished.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 
@@ -71,10 +72,21 @@ def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
 
     app.cleanup_ctx.append(upstream_session)
 
+    deadline: list[asyncio.TimerHandle] = []
+
     async def on_shutdown(app: web.Application) -> None:
+        # New connections are refused from here on; requests in flight get shutdown_timeout
+        # seconds to finish, then are cut (and counted with reason "shutdown").
         proxy.shutting_down = True
+        loop = asyncio.get_running_loop()
+        deadline.append(loop.call_later(config.shutdown_timeout, proxy.cut_off))
+
+    async def on_cleanup(app: web.Application) -> None:
+        for handle in deadline:
+            handle.cancel()
 
     app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
 
     async def serve_metrics(request: web.Request) -> web.StreamResponse:
         # Ask Ollama now, so the scrape shows the state at scrape time; never fails.

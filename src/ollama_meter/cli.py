@@ -24,6 +24,7 @@ from .metrics import build_registry
 log = logging.getLogger("ollama_meter")
 
 _MiB = 1024 * 1024
+_SHUTDOWN_GRACE = 1.0
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -167,7 +168,9 @@ def run(config: Config) -> None:
             create_app(config, build_registry()),
             host=config.listen.host,
             port=config.listen.port,
-            shutdown_timeout=config.shutdown_timeout,
+            # The app cuts requests at shutdown_timeout itself (see Proxy.cut_off); aiohttp's
+            # own wait only has to outlast that.
+            shutdown_timeout=config.shutdown_timeout + _SHUTDOWN_GRACE,
             # The same as aiohttp's test server: a client that leaves cancels its handler,
             # which closes the upstream request so that Ollama stops generating.
             handler_cancellation=True,

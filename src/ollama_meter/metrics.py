@@ -145,7 +145,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry, version: str) -> None:
         # prometheus_client's *_created series (a switch for the whole process) would add one
         # gauge per counter and histogram series in the text format; Prometheus ignores them.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
 
         def counter(name: str, doc: str, labels: Sequence[str]) -> Counter:
             return Counter(name, doc, labels, namespace=NAMESPACE, registry=registry)

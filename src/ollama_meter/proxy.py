@@ -133,10 +133,24 @@ class Proxy:
         self._access_log = access_log
         #: Set when the server begins its graceful shutdown: a cancellation after that is ours.
         self.shutting_down = False
+        self._tasks: set[asyncio.Task[object]] = set()
+
+    def cut_off(self) -> None:
+        """Cancel every request still in flight (the shutdown deadline has passed).
+
+        aiohttp's own graceful shutdown cannot do this on time: it only fails reads of the
+        request body, which a handler streaming a response is not doing, and then waits the
+        shutdown timeout a second time before cancelling.
+        """
+        for task in list(self._tasks):
+            task.cancel()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = route_for(request.path)
         x = Exchange(request.method, route.template, perf_counter())
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
         try:
             return await self._handle(request, route, x)
         except asyncio.CancelledError:
@@ -153,6 +167,7 @@ class Proxy:
             x.status = ex.STATUS_CLIENT_CLOSED
             return web.Response()  # never sent: the connection is gone
         finally:
+            self._tasks.discard(task)
             self._record(request, x)
 
     def _record(self, request: web.Request, x: Exchange) -> None:
