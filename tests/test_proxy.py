@@ -487,3 +487,11 @@ async def test_health_and_readiness(
     down = await start_meter(upstream=f"http://127.0.0.1:{closed_port()}")
     assert (await fetch(raw, "GET", down.url + "/-/healthy")).status == 200
     assert (await fetch(raw, "GET", down.url + "/-/ready")).status == 503
+
+
+async def test_upstream_base_path_is_kept(
+    raw: aiohttp.ClientSession, fake: FakeOllama, start_meter: MeterFactory
+) -> None:
+    meter = await start_meter(upstream=fake.url + "/ollama/")
+    await fetch(raw, "POST", meter.url + "/api/chat?trace=1", json=CHAT)
+    assert fake.received[-1].path == "/ollama/api/chat?trace=1"

@@ -46,7 +46,11 @@ def log_access(x: Exchange) -> None:
     if not _access.isEnabledFor(logging.INFO):
         return
     fields = access_fields(x)
-    text = " ".join(f"{key}={value}" for key, value in fields.items() if key != "method")
+    text = " ".join(
+        f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+        for key, value in fields.items()
+        if key != "method"
+    )
     _access.info("%s %s", x.method, text, extra={"access": fields})
 
 
