@@ -115,6 +115,7 @@ class FakeOllama:
         self.url = ""  # set once it listens
         self.received: list[Received] = []
         self.cancelled = asyncio.Event()
+        self._arrivals = asyncio.Condition()
         self.blobs: set[str] = set()
         self._scripts: dict[tuple[str, str], deque[Reply]] = {}
         self.app = web.Application()
@@ -123,6 +124,14 @@ class FakeOllama:
     def script(self, method: str, path: str, *replies: Reply) -> None:
         """The next replies to ``method path``, in order; then the defaults again."""
         self._scripts.setdefault((method, path), deque()).extend(replies)
+
+    def count(self, path: str) -> int:
+        return sum(1 for r in self.received if r.path.split("?")[0] == path)
+
+    async def wait_for(self, path: str, count: int) -> None:
+        """Until ``count`` requests for ``path`` have arrived (an event, not a poll)."""
+        async with self._arrivals:
+            await self._arrivals.wait_for(lambda: self.count(path) >= count)
 
     def last(self, path: str) -> Received:
         return next(r for r in reversed(self.received) if r.path.split("?")[0] == path)
@@ -137,6 +146,8 @@ class FakeOllama:
                 request.method, request.raw_path, CIMultiDict(request.headers), b"", 0, ""
             )
         self.received.append(received)
+        async with self._arrivals:
+            self._arrivals.notify_all()
         if reply is None:
             reply = self._default(request.method, request.path, received)
         try:

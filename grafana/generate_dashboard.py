@@ -1,0 +1,476 @@
+"""Writes grafana/dashboards/ollama-meter.json: ``python grafana/generate_dashboard.py``.
+
+The dashboard is kept as code so that a change is a readable diff; tests/test_operator_kit.py
+fails when the committed JSON and this script disagree. Queries use ollama-meter's metric
+contract and the recording rules of prometheus/rules/ollama-meter.yml (for the heavy histogram
+quantiles). Variables: datasource, instance, model, endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Final
+
+OUT: Final = Path(__file__).parent / "dashboards" / "ollama-meter.json"
+DATASOURCE: Final = {"type": "prometheus", "uid": "${datasource}"}
+
+# Label filters by what a series carries.
+F_INST: Final = 'instance=~"$instance"'
+F_MODEL: Final = f'{F_INST}, model=~"$model"'
+F_ALL: Final = f'{F_MODEL}, endpoint=~"$endpoint"'
+RATE: Final = "$__rate_interval"
+
+
+def rate_by(by: str, metric: str, filters: str = F_ALL) -> str:
+    """``sum by (by) (rate(metric{filters}[$__rate_interval]))``; ``by=""``: one sum."""
+    head = f"sum by ({by}) " if by else "sum"
+    return f"{head}(rate({metric}{{{filters}}}[{RATE}]))"
+
+
+TOKENS_PER_S: Final = "suffix: tok/s"
+# Keeps only the process_* series of ollama-meter targets, whatever their job is called.
+OF_METER: Final = f" * on (job, instance) group_left () ollama_meter_build_info{{{F_INST}}}"
+
+Panel = dict[str, Any]
+
+
+def target(expr: str, legend: str, ref: str) -> dict[str, Any]:
+    return {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "refId": ref}
+
+
+def panel(
+    title: str,
+    description: str,
+    unit: str,
+    targets: list[tuple[str, str]],
+    *,
+    kind: str = "timeseries",
+    width: int = 8,
+    options: dict[str, Any] | None = None,
+    mappings: list[dict[str, Any]] | None = None,
+) -> Panel:
+    defaults: dict[str, Any] = {"unit": unit}
+    if mappings:
+        defaults["mappings"] = mappings
+    if kind == "timeseries":
+        defaults["custom"] = {"fillOpacity": 10, "showPoints": "never", "spanNulls": True}
+    return {
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "options": options or {"legend": {"displayMode": "list", "placement": "bottom"}},
+        "targets": [
+            target(expr, legend, chr(ord("A") + i)) for i, (expr, legend) in enumerate(targets)
+        ],
+        "gridPos": {"w": width, "h": 8},
+    }
+
+
+def quantiles(recorded: str, filters: str, by: str = "") -> list[tuple[str, str]]:
+    """p50/p95/p99 from a recorded bucket rate (prometheus/rules/ollama-meter.yml)."""
+    group = f"{by}, le" if by else "le"
+    prefix = f"{{{{{by}}}}} " if by else ""
+    return [
+        (
+            f"histogram_quantile({q}, sum by ({group}) ({recorded}{{{filters}}}))",
+            f"{prefix}p{int(q * 100)}",
+        )
+        for q in (0.5, 0.95, 0.99)
+    ]
+
+
+def stat(title: str, description: str, unit: str, expr: str, legend: str, **kw: Any) -> Panel:
+    options = {
+        "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+        "colorMode": "value",
+        "graphMode": "none",
+        "textMode": kw.pop("text_mode", "auto"),
+    }
+    return panel(title, description, unit, [(expr, legend)], kind="stat", options=options, **kw)
+
+
+def rows() -> list[tuple[str, list[Panel]]]:
+    return [
+        (
+            "Traffic: how much, for which models, and how much fails?",
+            [
+                panel(
+                    "Requests by model",
+                    "Requests per second through ollama-meter, by model.",
+                    "reqps",
+                    [
+                        (
+                            rate_by("model", "ollama_meter_requests_total"),
+                            "{{model}}",
+                        )
+                    ],
+                ),
+                panel(
+                    "Requests by endpoint",
+                    "Requests per second by Ollama route.",
+                    "reqps",
+                    [
+                        (
+                            rate_by("endpoint", "ollama_meter_requests_total"),
+                            "{{endpoint}}",
+                        )
+                    ],
+                ),
+                panel(
+                    "Requests by status",
+                    "Status the client received; 499 means the client went away first.",
+                    "reqps",
+                    [
+                        (
+                            rate_by("status", "ollama_meter_requests_total"),
+                            "{{status}}",
+                        )
+                    ],
+                ),
+                panel(
+                    "In flight",
+                    "Requests being handled now, by model.",
+                    "short",
+                    [(f"sum by (model) (ollama_meter_requests_in_flight{{{F_ALL}}})", "{{model}}")],
+                    width=12,
+                ),
+                panel(
+                    "Error ratio by reason",
+                    "Share of requests that failed in transit, by reason.",
+                    "percentunit",
+                    [
+                        (
+                            rate_by("reason", "ollama_meter_request_errors_total")
+                            + " / scalar("
+                            + rate_by("", "ollama_meter_requests_total")
+                            + ")",
+                            "{{reason}}",
+                        )
+                    ],
+                    width=12,
+                ),
+            ],
+        ),
+        (
+            "Latency: how long do requests and tokens take?",
+            [
+                panel(
+                    "Request duration",
+                    "Arrival at the proxy to the last byte sent (5m windows, recorded).",
+                    "s",
+                    quantiles("ollama_meter:request_duration_seconds_bucket:rate5m", F_ALL),
+                ),
+                panel(
+                    "Time to first token",
+                    "Streamed responses: arrival to the first body chunk. Includes queueing, "
+                    "model load and prompt evaluation (5m windows, recorded).",
+                    "s",
+                    quantiles("ollama_meter:time_to_first_token_seconds_bucket:rate5m", F_MODEL),
+                ),
+                panel(
+                    "Time per output token",
+                    "eval_duration / eval_count as Ollama reports it (native /api routes).",
+                    "s",
+                    quantiles("ollama_meter:time_per_output_token_seconds_bucket:rate5m", F_MODEL),
+                ),
+                panel(
+                    "Time to first token, p95 by model",
+                    "Which models keep clients waiting.",
+                    "s",
+                    quantiles(
+                        "ollama_meter:time_to_first_token_seconds_bucket:rate5m", F_MODEL, "model"
+                    )[1:2],
+                    width=12,
+                ),
+                panel(
+                    "Time per output token, p95 by model",
+                    "Which models generate slowly.",
+                    "s",
+                    quantiles(
+                        "ollama_meter:time_per_output_token_seconds_bucket:rate5m", F_MODEL, "model"
+                    )[1:2],
+                    width=12,
+                ),
+            ],
+        ),
+        (
+            "Tokens: how much work, and how fast is generation?",
+            [
+                panel(
+                    "Prompt tokens by model",
+                    "Prompt tokens per second (prompt_eval_count, or usage.prompt_tokens on /v1).",
+                    TOKENS_PER_S,
+                    [
+                        (
+                            rate_by("model", "ollama_meter_prompt_tokens_total"),
+                            "{{model}}",
+                        )
+                    ],
+                ),
+                panel(
+                    "Completion tokens by model",
+                    "Generated tokens per second (eval_count, or usage.completion_tokens on /v1).",
+                    TOKENS_PER_S,
+                    [
+                        (
+                            rate_by("model", "ollama_meter_completion_tokens_total"),
+                            "{{model}}",
+                        )
+                    ],
+                ),
+                panel(
+                    "Generation speed",
+                    "Tokens per second while generating: completion tokens over eval time, "
+                    "native /api traffic (the /v1 routes report no durations).",
+                    TOKENS_PER_S,
+                    [
+                        (
+                            rate_by(
+                                "model",
+                                "ollama_meter_completion_tokens_total",
+                                f'{F_MODEL}, endpoint=~"/api/.*"',
+                            )
+                            + " / "
+                            + rate_by("model", "ollama_meter_eval_seconds_total", F_MODEL),
+                            "{{model}}",
+                        )
+                    ],
+                ),
+                stat(
+                    "Completion tokens in range",
+                    "Generated tokens over the selected time range.",
+                    "short",
+                    f"sum(increase(ollama_meter_completion_tokens_total{{{F_ALL}}}[$__range]))",
+                    "tokens",
+                    width=12,
+                ),
+                panel(
+                    "Final replies by done reason",
+                    "stop, length (hit num_predict), load and unload (model load/unload calls).",
+                    "reqps",
+                    [
+                        (
+                            rate_by("done_reason", "ollama_meter_done_total"),
+                            "{{done_reason}}",
+                        )
+                    ],
+                    width=12,
+                ),
+            ],
+        ),
+        (
+            "Models: what is loaded, where, and how long do loads take?",
+            [
+                stat(
+                    "Loaded models",
+                    "Models in Ollama's memory (GET /api/ps at scrape time).",
+                    "short",
+                    f"max(ollama_meter_loaded_models{{{F_INST}}})",
+                    "loaded",
+                    width=4,
+                ),
+                panel(
+                    "VRAM vs size",
+                    "Size of each loaded model and the part of it in GPU memory; "
+                    "less VRAM than size means part of it runs on the CPU.",
+                    "bytes",
+                    [
+                        (f"ollama_meter_model_size_bytes{{{F_MODEL}}}", "{{model}} size"),
+                        (f"ollama_meter_model_vram_bytes{{{F_MODEL}}}", "{{model}} VRAM"),
+                    ],
+                    width=10,
+                ),
+                panel(
+                    "Time until unload",
+                    "Seconds until Ollama unloads each model (expires_at) unless it is used again.",
+                    "s",
+                    [
+                        (
+                            f"ollama_meter_model_expiry_timestamp_seconds{{{F_MODEL}}} - time()",
+                            "{{model}}",
+                        )
+                    ],
+                    width=10,
+                ),
+                panel(
+                    "Cold-load time (p95 by model)",
+                    "load_duration: queue wait plus model load (15m windows, recorded).",
+                    "s",
+                    quantiles(
+                        "ollama_meter:load_duration_seconds_bucket:rate15m", F_MODEL, "model"
+                    )[1:2],
+                    width=12,
+                ),
+                panel(
+                    "Context length",
+                    "Context window each loaded model was loaded with.",
+                    "short",
+                    [(f"ollama_meter_model_context_length{{{F_MODEL}}}", "{{model}}")],
+                    width=12,
+                ),
+            ],
+        ),
+        (
+            "Proxy: is ollama-meter itself healthy?",
+            [
+                stat(
+                    "Upstream",
+                    "Did Ollama answer GET /api/version during the last scrape.",
+                    "none",
+                    f"min(ollama_meter_upstream_up{{{F_INST}}})",
+                    "upstream",
+                    width=4,
+                    mappings=[
+                        {
+                            "type": "value",
+                            "options": {
+                                "0": {"text": "DOWN", "color": "red"},
+                                "1": {"text": "UP", "color": "green"},
+                            },
+                        }
+                    ],
+                ),
+                stat(
+                    "Version",
+                    "ollama-meter version of each instance.",
+                    "none",
+                    f"ollama_meter_build_info{{{F_INST}}}",
+                    "{{version}}",
+                    width=4,
+                    text_mode="name",
+                ),
+                panel(
+                    "Body bytes",
+                    "Request and response body bytes per second.",
+                    "Bps",
+                    [
+                        (
+                            rate_by("", "ollama_meter_request_bytes_total"),
+                            "in (requests)",
+                        ),
+                        (
+                            rate_by("", "ollama_meter_response_bytes_total"),
+                            "out (responses)",
+                        ),
+                    ],
+                    width=8,
+                ),
+                panel(
+                    "Proxy memory",
+                    "Resident memory of the ollama-meter process.",
+                    "bytes",
+                    [
+                        (
+                            "process_resident_memory_bytes" + OF_METER,
+                            "{{instance}}",
+                        )
+                    ],
+                    width=4,
+                ),
+                panel(
+                    "Proxy CPU",
+                    "CPU time the ollama-meter process uses per second (1.0 is one core).",
+                    "percentunit",
+                    [
+                        (
+                            f"rate(process_cpu_seconds_total[{RATE}])" + OF_METER,
+                            "{{instance}}",
+                        )
+                    ],
+                    width=4,
+                ),
+            ],
+        ),
+    ]
+
+
+def variables() -> list[dict[str, Any]]:
+    def query(name: str, label: str, source: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "label": label,
+            "type": "query",
+            "datasource": DATASOURCE,
+            "query": {"query": source, "refId": name},
+            "definition": source,
+            "refresh": 2,
+            "multi": True,
+            "includeAll": True,
+            "allValue": ".*",
+            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+            "sort": 1,
+        }
+
+    return [
+        {
+            "name": "datasource",
+            "label": "Data source",
+            "type": "datasource",
+            "query": "prometheus",
+            "current": {},
+            "hide": 0,
+        },
+        query("instance", "Instance", "label_values(ollama_meter_build_info, instance)"),
+        query("model", "Model", f"label_values(ollama_meter_requests_total{{{F_INST}}}, model)"),
+        query(
+            "endpoint",
+            "Endpoint",
+            f"label_values(ollama_meter_requests_total{{{F_INST}}}, endpoint)",
+        ),
+    ]
+
+
+def dashboard() -> dict[str, Any]:
+    panels: list[Panel] = []
+    y = 0
+    next_id = 1
+    for title, members in rows():
+        panels.append(
+            {"type": "row", "title": title, "collapsed": False, "id": next_id, "panels": [],
+             "gridPos": {"x": 0, "y": y, "w": 24, "h": 1}}
+        )  # fmt: skip
+        next_id += 1
+        y += 1
+        x = 0
+        for member in members:
+            width = member["gridPos"]["w"]
+            if x + width > 24:
+                x, y = 0, y + 8
+            member["gridPos"].update({"x": x, "y": y})
+            member["id"] = next_id
+            next_id += 1
+            x += width
+            panels.append(member)
+        y += 8
+    return {
+        "uid": "ollama-meter",
+        "title": "Ollama (ollama-meter)",
+        "description": "Traffic, latency, tokens and models of an Ollama server, "
+        "as metered by ollama-meter.",
+        "tags": ["ollama", "llm", "ollama-meter"],
+        "editable": True,
+        "graphTooltip": 1,
+        "refresh": "30s",
+        "schemaVersion": 39,
+        "version": 1,
+        "time": {"from": "now-6h", "to": "now"},
+        "timepicker": {},
+        "timezone": "browser",
+        "templating": {"list": variables()},
+        "annotations": {"list": []},
+        "links": [],
+        "panels": panels,
+    }
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(render())
+    print(f"wrote {OUT}")

@@ -1,0 +1,282 @@
+"""The operator kit, checked without a Docker engine: compose files against the Compose
+Specification, the Dockerfile with hadolint and against the CLI, the Prometheus config and
+rules with promtool (including its rule unit tests), and the Grafana dashboard against the
+metric contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from ollama_meter.cli import main
+from ollama_meter.config import Config, parse_listen
+
+ROOT = Path(__file__).parent.parent
+COMPOSE_FILES = ["compose.yaml", "compose.gpu.yaml", "compose.host-ollama.yaml"]
+GOLDEN = Path(__file__).parent / "golden" / "families.txt"
+
+
+def tool(name: str) -> str:
+    """A command-line tool the checks need; in CI its absence is a failure, not a skip."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI")
+        pytest.skip(f"{name.upper()} NOT INSTALLED: this check did not run")
+    return found
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, check=False, cwd=ROOT)
+
+
+def load_yaml(name: str) -> Any:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def cli_envvars() -> dict[str, str]:
+    """OLLAMA_METER_* variable -> option name, from the click command itself."""
+    return {
+        str(param.envvar): str(param.name)
+        for param in main.params
+        if isinstance(param, click.Option) and param.envvar
+    }
+
+
+# --- Compose ---------------------------------------------------------------------------------
+
+
+def test_compose_files_follow_the_compose_specification(tmp_path: Path) -> None:
+    checker = tool("check-jsonschema")
+    result = run(checker, "--builtin-schema", "vendor.compose-spec", *COMPOSE_FILES)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The check can fail: a misspelt key is caught.
+    broken = tmp_path / "compose.yaml"
+    broken.write_text((ROOT / "compose.yaml").read_text().replace("healthcheck:", "healthchek:"))
+    result = run(checker, "--builtin-schema", "vendor.compose-spec", str(broken))
+    assert result.returncode != 0
+
+
+def test_compose_stack_is_wired_together() -> None:
+    compose = load_yaml("compose.yaml")
+    assert "version" not in compose  # the Compose Specification has no version key
+    services = compose["services"]
+    assert set(services) == {"ollama", "ollama-meter", "prometheus", "grafana"}
+    for name, service in services.items():
+        if "image" in service and "build" not in service:
+            repo, _, tag = service["image"].rpartition(":")
+            assert repo, name
+            assert re.search(r"\d", tag), f"{name}: image {service['image']} is not pinned"
+    # Ollama is reachable only through the proxy.
+    assert "ports" not in services["ollama"]
+    assert "healthcheck" in services["ollama"]
+    assert any(v.startswith("ollama-models:") for v in services["ollama"]["volumes"])
+
+    meter = services["ollama-meter"]
+    env = meter["environment"]
+    known = cli_envvars()
+    assert set(env) <= set(known), f"unknown variables: {set(env) - set(known)}"
+    config = Config.build(listen=env["OLLAMA_METER_LISTEN"], upstream=env["OLLAMA_METER_UPSTREAM"])
+    assert (config.upstream.host, config.upstream.port) == ("ollama", 11434)
+    [published] = meter["ports"]
+    assert published.rsplit(":", 2)[-2:] == [str(config.listen.port)] * 2
+    assert meter["depends_on"]["ollama"]["condition"] == "service_healthy"
+
+    # Prometheus scrapes the service on its listen port and loads our rules, read-only.
+    prometheus = services["prometheus"]
+    assert "./prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    scrape = load_yaml("prometheus/prometheus.yml")
+    [job] = [j for j in scrape["scrape_configs"] if j["job_name"] == "ollama-meter"]
+    assert job["static_configs"][0]["targets"] == [f"ollama-meter:{config.listen.port}"]
+
+    # Grafana: provisioned datasource and dashboards, password from the environment.
+    grafana = services["grafana"]
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith(
+        "${GRAFANA_ADMIN_PASSWORD:-"
+    )
+    mounts = dict(v.rsplit(":", 2)[:2] for v in grafana["volumes"] if v.startswith("./"))
+    for source in mounts:
+        assert (ROOT / source).is_dir(), source
+    datasource = load_yaml("grafana/provisioning/datasources/prometheus.yml")["datasources"][0]
+    assert datasource["url"] == "http://prometheus:9090"
+    provider = load_yaml("grafana/provisioning/dashboards/ollama-meter.yml")["providers"][0]
+    assert mounts["./grafana/dashboards"] == provider["options"]["path"]
+
+
+def test_compose_variants() -> None:
+    gpu = load_yaml("compose.gpu.yaml")["services"]["ollama"]
+    [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia"
+    assert device["capabilities"] == ["gpu"]
+    host = load_yaml("compose.host-ollama.yaml")["services"]
+    assert host["ollama"]["profiles"]  # the bundled Ollama is left out
+    upstream = host["ollama-meter"]["environment"]["OLLAMA_METER_UPSTREAM"]
+    assert Config.build(listen="0.0.0.0:11435", upstream=upstream).upstream.host == (
+        "host.docker.internal"
+    )
+    base = load_yaml("compose.yaml")["services"]["ollama-meter"]["depends_on"]["ollama"]
+    assert base["required"] is False  # so leaving the bundled Ollama out is allowed
+
+
+# --- Dockerfile ------------------------------------------------------------------------------
+
+
+def dockerfile_final_stage() -> list[str]:
+    """Instructions of the last stage, with continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [
+        line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
+    ]
+    last_from = max(i for i, line in enumerate(lines) if line.startswith("FROM "))
+    return lines[last_from:]
+
+
+def test_hadolint_passes() -> None:
+    result = run(tool("hadolint"), "Dockerfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_image_agrees_with_the_cli() -> None:
+    stage = dockerfile_final_stage()
+    by_instruction: dict[str, list[str]] = {}
+    for line in stage:
+        keyword, _, rest = line.partition(" ")
+        by_instruction.setdefault(keyword, []).append(rest.strip())
+
+    base = by_instruction["FROM"][0]
+    assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), base
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    [entrypoint] = by_instruction["ENTRYPOINT"]
+    assert json.loads(entrypoint) == [next(iter(scripts))] == ["ollama-meter"]
+
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(by_instruction["ENV"])))
+    meter_env = {k: v for k, v in env.items() if k.startswith("OLLAMA_METER_")}
+    assert set(meter_env) <= set(cli_envvars())
+    listen = parse_listen(meter_env["OLLAMA_METER_LISTEN"])
+    assert listen.host == "0.0.0.0"
+    assert by_instruction["EXPOSE"] == [str(listen.port)]
+
+    [healthcheck] = by_instruction["HEALTHCHECK"]
+    assert f"http://127.0.0.1:{listen.port}/-/healthy" in healthcheck
+
+    [user] = by_instruction["USER"]
+    assert user not in ("root", "0")
+    # No compilers or build tools in the final stage: it installs prebuilt wheels only.
+    assert not any(
+        tool_name in " ".join(stage) for tool_name in ("gcc", "build-essential", "apt-get")
+    )
+
+
+# --- Prometheus ------------------------------------------------------------------------------
+
+
+def test_promtool_checks_config_and_rules() -> None:
+    promtool = tool("promtool")
+    for args in (
+        ("check", "config", "prometheus/prometheus.yml"),
+        ("check", "rules", "prometheus/rules/ollama-meter.yml"),
+        ("test", "rules", "prometheus/tests/ollama-meter.test.yml"),
+    ):
+        result = run(promtool, *args)
+        assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}"
+
+
+def test_every_alert_has_a_unit_test_that_fires_it() -> None:
+    rules = load_yaml("prometheus/rules/ollama-meter.yml")
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    tests = load_yaml("prometheus/tests/ollama-meter.test.yml")["tests"]
+    fired = {
+        case["alertname"]
+        for test in tests
+        for case in test.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
+    silent = {
+        case["alertname"]
+        for test in tests
+        for case in test.get("alert_rule_test", [])
+        if not case.get("exp_alerts")
+    }
+    assert alerts == fired == silent
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                assert rule.get("for"), rule["alert"]
+                assert {"summary", "description", "runbook"} <= set(rule["annotations"])
+
+
+# --- Grafana ---------------------------------------------------------------------------------
+
+
+def dashboard() -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((ROOT / "grafana/dashboards/ollama-meter.json").read_text())
+    return doc
+
+
+def test_dashboard_json_is_what_the_generator_writes() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import generate_dashboard as g; print(g.render(), end='')"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT / "grafana",
+    )
+    assert result.stdout == (ROOT / "grafana/dashboards/ollama-meter.json").read_text(), (
+        "run: python grafana/generate_dashboard.py"
+    )
+
+
+def test_dashboard_panels_have_units_and_use_the_datasource_variable() -> None:
+    doc = dashboard()
+    names = {v["name"] for v in doc["templating"]["list"]}
+    assert names == {"datasource", "instance", "model", "endpoint"}
+    rows = [p["title"] for p in doc["panels"] if p["type"] == "row"]
+    assert [r.split(":")[0] for r in rows] == ["Traffic", "Latency", "Tokens", "Models", "Proxy"]
+    for panel in doc["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["fieldConfig"]["defaults"]["unit"], panel["title"]
+        assert panel["datasource"]["uid"] == "${datasource}"
+        assert panel["targets"], panel["title"]
+
+
+def known_names() -> set[str]:
+    """Series names a query may read: our families (with their sample suffixes), the
+    recording rules, and the standard process series."""
+    names = {"up", "process_resident_memory_bytes", "process_cpu_seconds_total"}
+    for line in GOLDEN.read_text().splitlines():
+        family, kind = line.split()[:2]
+        if kind == "counter":
+            names.add(family + "_total")
+        elif kind == "histogram":
+            names.update(family + suffix for suffix in ("_bucket", "_sum", "_count"))
+        else:
+            names.add(family)
+    rules = load_yaml("prometheus/rules/ollama-meter.yml")
+    names.update(r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r)
+    return names
+
+
+SERIES_NAME = re.compile(r"\b(ollama_meter[a-z0-9_:]*|process_[a-z_]+|up)\b")
+
+
+def test_dashboard_and_rules_use_only_metrics_that_exist() -> None:
+    known = known_names()
+    exprs = [t["expr"] for p in dashboard()["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dashboard()["templating"]["list"] if "definition" in v]
+    rules = load_yaml("prometheus/rules/ollama-meter.yml")
+    exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    used = {name for expr in exprs for name in SERIES_NAME.findall(expr)}
+    assert used - known == set()
+    assert len(used) > 20
