@@ -16,6 +16,7 @@ from pytest_aiohttp import AiohttpServer
 
 from ollama_meter.app import create_app
 from ollama_meter.config import Config
+from ollama_meter.metrics import build_registry
 
 from .fake_ollama import FakeOllama
 
@@ -79,7 +80,7 @@ def start_meter(aiohttp_server: AiohttpServer, fake: FakeOllama) -> MeterFactory
     async def start(**overrides: Any) -> Meter:
         options: dict[str, Any] = {"listen": "127.0.0.1:0", "upstream": fake.url}
         options.update(overrides)
-        registry = CollectorRegistry()
+        registry = build_registry()  # the production registry, process collectors included
         app = create_app(Config.build(**options), registry)
         server = await aiohttp_server(app)
         return Meter(server, registry, app)

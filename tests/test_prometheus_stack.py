@@ -1,0 +1,245 @@
+"""A real Prometheus scrapes ollama-meter, then every dashboard query and rule is evaluated.
+
+Prometheus (Debian's ``prometheus`` package, which .ci/run installs) runs with the shipped
+prometheus/prometheus.yml and rules, changed only in the target address and, to keep the test
+short, the scrape and evaluation intervals (1 s). Traffic comes from the official ``ollama``
+client: streamed and not, several models, an error and a cancelled stream. Progress is followed
+by events, not sleeps: every scrape makes ollama-meter ask the fake Ollama for /api/ps, so the
+test waits for those arrivals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import ollama
+import pytest
+import yaml
+
+from .conftest import Meter
+from .fake_ollama import NDJSON, FakeOllama, Reply, lines_of
+from .test_operator_kit import dashboard, load_yaml
+from .test_process import free_port
+
+ROOT = Path(__file__).parent.parent
+MESSAGES = [{"role": "user", "content": "Why is the sky blue?"}]
+SCRAPE = "/api/ps"  # the fake sees one of these per scrape of ollama-meter
+
+
+@pytest.fixture
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("prometheus is required in CI (.ci/run installs Debian's prometheus)")
+        pytest.skip("PROMETHEUS NOT INSTALLED: apt-get install prometheus to run this test")
+    return found
+
+
+def prometheus_config(meter_address: str) -> dict[str, Any]:
+    """prometheus/prometheus.yml with the target and intervals changed, nothing else."""
+    config: dict[str, Any] = load_yaml("prometheus/prometheus.yml")
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    [job] = [j for j in config["scrape_configs"] if j["job_name"] == "ollama-meter"]
+    job["static_configs"][0]["targets"] = [meter_address]
+    job["scrape_timeout"] = "1s"
+    return config
+
+
+@pytest.fixture
+async def prometheus(prometheus_binary: str, meter: Meter, tmp_path: Path) -> AsyncIterator[str]:
+    address = meter.url.removeprefix("http://")
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(address)))
+    shutil.copytree(ROOT / "prometheus" / "rules", tmp_path / "rules")
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        prometheus_binary,
+        f"--config.file={tmp_path / 'prometheus.yml'}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    log: list[str] = []
+    drain: asyncio.Task[bytes] | None = None
+    try:
+        while True:
+            line = (await asyncio.wait_for(proc.stderr.readline(), timeout=60)).decode()
+            if not line:
+                raise AssertionError("prometheus exited:\n" + "".join(log))
+            log.append(line)
+            if "Server is ready to receive web requests" in line:
+                break
+        # Keep draining its log so that it never blocks on a full pipe.
+        drain = asyncio.create_task(proc.stderr.read())
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+        if drain is not None:
+            await drain
+
+
+async def drive(fake: FakeOllama, meter: Meter) -> None:
+    """Traffic of every kind the dashboard shows."""
+    async with ollama.AsyncClient(host=meter.url) as client:
+        await _drive(fake, client)
+
+
+async def _drive(fake: FakeOllama, client: ollama.AsyncClient) -> None:
+    never = asyncio.Event()
+    fake.script(
+        "POST",
+        "/api/chat",
+        Reply(content_type=NDJSON, chunks=lines_of("chat_stream.ndjson"), gates={1: never}),
+    )
+    # A stream the client abandons after its first chunk (counted as 499, client_disconnect).
+    stream: Any = await client.chat(model="llama3.2", messages=MESSAGES, stream=True)
+    async for _ in stream:
+        break
+    await stream.aclose()
+    async for _ in await client.chat(model="llama3.2", messages=MESSAGES, stream=True):
+        pass
+    await client.chat(model="llama3.2", messages=MESSAGES)
+    async for _ in await client.generate(model="llama3.2", prompt="Hi", stream=True):
+        pass
+    await client.generate(model="llama3.2", prompt="Hi")
+    await client.chat(model="qwen3:8b", messages=MESSAGES, tools=[])
+    await client.embed(model="nomic-embed-text", input=["a", "b"])
+    await client.generate(model="llama3.2")  # a load call
+    with pytest.raises(ollama.ResponseError):
+        await client.chat(model="llama9", messages=MESSAGES)
+    # Ollama's 500 for a model that does not fit, and a runner that dies mid-stream.
+    fake.script(
+        "POST",
+        "/api/generate",
+        Reply.body(b'{"error":"model requires more system memory than is available"}', status=500),
+    )
+    with pytest.raises(ollama.ResponseError):
+        await client.generate(model="qwen3:8b", prompt="Hi")
+    fake.script(
+        "POST",
+        "/api/chat",
+        Reply(content_type=NDJSON, chunks=lines_of("chat_stream_midstream_error.ndjson")),
+    )
+    with pytest.raises(ollama.ResponseError):
+        async for _ in await client.chat(model="llama3.2", messages=MESSAGES, stream=True):
+            pass
+
+
+async def query(session: aiohttp.ClientSession, base: str, expr: str) -> list[dict[str, Any]]:
+    async with session.get(base + "/api/v1/query", params={"query": expr}) as response:
+        body = await response.json()
+    assert body["status"] == "success", f"{expr}: {body}"
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+def has_number(result: list[dict[str, Any]]) -> bool:
+    return any(math.isfinite(float(sample["value"][1])) for sample in result)
+
+
+def substitute(expr: str, model: str = ".*") -> str:
+    """Grafana's variables as Grafana would fill them with "All" (or one model)."""
+    return (
+        expr.replace("$__rate_interval", "1m")
+        .replace("$__range", "1h")
+        .replace("$instance", ".*")
+        .replace("$model", model)
+        .replace("$endpoint", ".*")
+    )
+
+
+async def test_dashboard_and_rules_work_on_real_data(
+    fake: FakeOllama, meter: Meter, prometheus: str
+) -> None:
+    # Two rounds of traffic with scrapes between them, so every counter and histogram has
+    # increased between two samples and rates are not zero.
+    for _ in range(2):
+        await drive(fake, meter)
+        await asyncio.wait_for(fake.wait_for(SCRAPE, fake.count(SCRAPE) + 2), timeout=30)
+
+    panels = [p for p in dashboard()["panels"] if p["type"] != "row"]
+    rules = load_yaml("prometheus/rules/ollama-meter.yml")
+    records = [r for g in rules["groups"] for r in g["rules"] if "record" in r]
+    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+
+    async with aiohttp.ClientSession() as session:
+        # Recording rules run on their own clock: give them scrapes until each has a number.
+        for _ in range(20):
+            missing = [
+                r["record"]
+                for r in records
+                if not has_number(await query(session, prometheus, r["record"]))
+            ]
+            if not missing:
+                break
+            await asyncio.wait_for(fake.wait_for(SCRAPE, fake.count(SCRAPE) + 1), timeout=30)
+        assert missing == [], f"recording rules without data: {missing}"
+
+        async with session.get(prometheus + "/api/v1/rules") as response:
+            groups = (await response.json())["data"]["groups"]
+        unhealthy = [
+            (r["name"], r.get("lastError"))
+            for g in groups
+            for r in g["rules"]
+            if r["health"] != "ok"
+        ]
+        assert unhealthy == []
+        assert sum(len(g["rules"]) for g in groups) == len(records) + len(alerts)
+
+        for alert in alerts:
+            # The alert's expression is valid; the series it watches exist. (Whether it fires
+            # on the right data is what promtool's rule unit tests check.)
+            await query(session, prometheus, alert["expr"])
+            for selector in re.findall(
+                r"\b(?:ollama_meter[a-z0-9_:]*|up)(?:\{[^}]*\})?", alert["expr"]
+            ):
+                assert has_number(await query(session, prometheus, selector)), (
+                    alert["alert"],
+                    selector,
+                )
+
+        for panel in panels:
+            for target in panel["targets"]:
+                result = await query(session, prometheus, substitute(target["expr"]))
+                assert has_number(result), f"panel {panel['title']!r}: no data for {target['expr']}"
+        # One model selected instead of All: the filters are real regexes on real labels.
+        chat = next(p for p in panels if p["title"] == "Requests by model")
+        one = await query(session, prometheus, substitute(chat["targets"][0]["expr"], "qwen3:8b"))
+        assert [s["metric"]["model"] for s in one] == ["qwen3:8b"]
+
+        for variable in dashboard()["templating"]["list"]:
+            if variable["type"] != "query":
+                continue
+            match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["definition"])
+            assert match, variable["definition"]
+            selector, label = match.groups()
+            async with session.get(
+                f"{prometheus}/api/v1/label/{label}/values",
+                params={"match[]": substitute(selector)},
+            ) as response:
+                values = (await response.json())["data"]
+            assert values, variable["name"]
+            if label == "model":
+                assert {"llama3.2:latest", "qwen3:8b", "nomic-embed-text:latest"} <= set(values)
+
+    # What the test drove shows up where an operator looks for it.
+    assert (
+        meter.value(
+            "request_errors_total",
+            endpoint="/api/chat",
+            model="llama3.2:latest",
+            reason="client_disconnect",
+        )
+        == 2
+    )
