@@ -31,7 +31,7 @@ UPSTREAM: Final = web.AppKey("upstream", Upstream)
 METRICS_RUNNER: Final = web.AppKey("metrics_runner", web.AppRunner)
 
 # The session adds none of its default headers: what the client sent is what Ollama gets.
-_NO_AUTO_HEADERS: Final = (
+NO_AUTO_HEADERS: Final = (
     aiohttp.hdrs.ACCEPT,
     aiohttp.hdrs.ACCEPT_ENCODING,
     aiohttp.hdrs.USER_AGENT,
@@ -59,7 +59,7 @@ def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
             # No pool limit: Ollama queues requests itself (OLLAMA_MAX_QUEUE).
             connector=aiohttp.TCPConnector(limit=0),
             auto_decompress=False,
-            skip_auto_headers=_NO_AUTO_HEADERS,
+            skip_auto_headers=NO_AUTO_HEADERS,
             cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
         )
         app[SESSION] = session

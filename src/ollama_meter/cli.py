@@ -8,6 +8,8 @@ every machine. A refused start is one line on stderr and exit status 1, never a 
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -25,6 +27,7 @@ log = logging.getLogger("ollama_meter")
 
 _MiB = 1024 * 1024
 _SHUTDOWN_GRACE = 1.0
+_GC_THRESHOLD = 20_000
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -150,6 +153,26 @@ def main(
     run(config)
 
 
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop's event loop where it is installed (the default on Linux and macOS), else
+    asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+def tune_runtime() -> None:
+    """Garbage collection sized for a proxy: each request allocates many short-lived objects
+    and few reference cycles, so CPython's default (a collection every 700 allocations) spends
+    several percent of the CPU rescanning live objects. Freeze what start-up allocated and
+    collect less often; cycles are still collected."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_GC_THRESHOLD, 20, 20)
+
+
 def run(config: Config) -> None:
     """Serve until SIGTERM/SIGINT, then drain for up to ``shutdown_timeout`` seconds."""
     metrics_at = config.metrics_listen.url if config.metrics_listen else config.listen.url
@@ -163,6 +186,7 @@ def run(config: Config) -> None:
             metrics_at,
         )
 
+    tune_runtime()
     try:
         web.run_app(
             create_app(config, build_registry()),
@@ -176,6 +200,7 @@ def run(config: Config) -> None:
             handler_cancellation=True,
             access_log=None,  # logs.log_access writes one line per request instead
             print=announce,
+            loop=event_loop_factory()(),
         )
     except OSError as exc:
         raise click.ClickException(f"cannot start: {exc.strerror or exc}") from None

@@ -10,30 +10,38 @@ Rules:
    and ``done_reason`` fixed enums. Target labels (instance, job) belong to Prometheus.
 2. A request is counted once, when it ends, so counts line up with durations and errors.
 3. Facts that exist only at scrape time (is the upstream up, which models are loaded) are
-   fetched by the /metrics handler just before rendering and exposed by a collector that
-   builds fresh families from that snapshot; nothing polls on a timer.
-4. Children of labelled metrics are cached per label tuple: the label sets are bounded, and
-   ``labels()`` is the most expensive part of recording a request.
+   fetched by the /metrics handler just before rendering and exposed from that snapshot;
+   nothing polls on a timer.
+4. Request metrics are plain numbers in dicts keyed by label tuples, updated without locks, and
+   turned into prometheus_client metric families when scraped (a custom collector).
+   prometheus_client's Counter and Histogram take a threading.Lock on every increment; at
+   about 16 increments a request that was the largest single cost of metering (measured in
+   bench/). It is safe here because every update and every scrape run on the event loop's
+   thread: the aiohttp exposition handler renders inline, never in another thread.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
-from typing import Final, Generic, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Final
 
 from aiohttp.typedefs import Handler
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
-    disable_created_metrics,
 )
 from prometheus_client.aiohttp import make_aiohttp_handler
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .exchange import Exchange
 from .ollama import LoadedModel
@@ -61,53 +69,244 @@ TPOT_BUCKETS: Final = (
 
 DONE_REASONS: Final = frozenset({"stop", "length", "load", "unload"})
 
-_C = TypeVar("_C")
-_C_co = TypeVar("_C_co", covariant=True)
+EMS: Final = ("endpoint", "model", "stream")
+EM: Final = ("endpoint", "model")
 
 
-class _Labelled(Protocol[_C_co]):
-    def labels(self, *labelvalues: str) -> _C_co: ...
+class _Histogram:
+    """Observations of one histogram series: a count per bucket (not cumulative) and a sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * (buckets + 1)  # the last one is +Inf
+        self.total = 0.0
 
 
-class _Children(Generic[_C]):
-    """``metric.labels(*values)``, cached by label tuple (the label sets are bounded)."""
-
-    __slots__ = ("_children", "_metric")
-
-    def __init__(self, metric: _Labelled[_C]) -> None:
-        self._metric = metric
-        self._children: dict[tuple[str, ...], _C] = {}
-
-    def __call__(self, *values: str) -> _C:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self._metric.labels(*values)
-        return child
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    name: str  # without the namespace; counters include _total
+    doc: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...] = ()  # histograms only
 
 
-class _UpstreamCollector(Collector):
-    """Families built at scrape time from the snapshot the /metrics handler just fetched."""
+REQUESTS: Final = _Spec(
+    "requests_total",
+    "Requests proxied, counted when they end, by the status the client got "
+    "(499: the client went away first).",
+    (*EMS, "status"),
+)
+DURATION: Final = _Spec(
+    "request_duration_seconds",
+    "Time from a request's arrival at the proxy to the last response byte sent.",
+    EMS,
+    REQUEST_DURATION_BUCKETS,
+)
+TTFT: Final = _Spec(
+    "time_to_first_token_seconds",
+    "Streamed responses: time from a request's arrival at the proxy to the first body chunk "
+    "from Ollama.",
+    EM,
+    TTFT_BUCKETS,
+)
+IN_FLIGHT: Final = _Spec("requests_in_flight", "Requests the proxy is handling now.", EM)
+REQUEST_BYTES: Final = _Spec(
+    "request_bytes_total", "Request body bytes received from clients.", EMS
+)
+RESPONSE_BYTES: Final = _Spec(
+    "response_bytes_total", "Response body bytes received from Ollama.", EMS
+)
+PROMPT_TOKENS: Final = _Spec(
+    "prompt_tokens_total",
+    "Prompt tokens Ollama reported (prompt_eval_count, or usage.prompt_tokens on /v1).",
+    EMS,
+)
+COMPLETION_TOKENS: Final = _Spec(
+    "completion_tokens_total",
+    "Generated tokens Ollama reported (eval_count, or usage.completion_tokens on /v1).",
+    EMS,
+)
+PROMPT_EVAL_SECONDS: Final = _Spec(
+    "prompt_eval_seconds_total",
+    "Prompt evaluation time Ollama reported (prompt_eval_duration).",
+    EM,
+)
+EVAL_SECONDS: Final = _Spec(
+    "eval_seconds_total", "Generation time Ollama reported (eval_duration).", EM
+)
+LOAD: Final = _Spec(
+    "load_duration_seconds",
+    "load_duration Ollama reported: queue wait plus model load (cold starts).",
+    ("model",),
+    LOAD_BUCKETS,
+)
+TPOT: Final = _Spec(
+    "time_per_output_token_seconds",
+    "Generation time per output token Ollama reported (eval_duration / eval_count).",
+    ("model",),
+    TPOT_BUCKETS,
+)
+DONE: Final = _Spec(
+    "done_total",
+    "Final replies by done_reason (or /v1 finish_reason): stop, length, load, unload, other.",
+    (*EM, "done_reason"),
+)
+ERRORS: Final = _Spec(
+    "request_errors_total",
+    "Requests that failed in transit, by reason (upstream_unreachable, upstream_timeout, "
+    "upstream_closed, stream_error, client_disconnect, shutdown).",
+    (*EM, "reason"),
+)
+COUNTERS: Final = (
+    REQUESTS,
+    REQUEST_BYTES,
+    RESPONSE_BYTES,
+    PROMPT_TOKENS,
+    COMPLETION_TOKENS,
+    PROMPT_EVAL_SECONDS,
+    EVAL_SECONDS,
+    DONE,
+    ERRORS,
+)
+HISTOGRAMS: Final = (DURATION, TTFT, LOAD, TPOT)
+# The "le" label values, spelt as prometheus_client spells them.
+_LE: Final[dict[_Spec, list[str]]] = {
+    spec: [floatToGoString(b) for b in spec.buckets] + ["+Inf"]  # type: ignore[no-untyped-call]
+    for spec in HISTOGRAMS
+}
 
-    def __init__(self) -> None:
-        self.up = False
-        self.models: Sequence[LoadedModel] = ()
+Key = tuple[str, ...]
+
+
+class Metrics(Collector):
+    """The metric set: request metrics updated per exchange, and the scrape-time snapshot."""
+
+    def __init__(self, registry: CollectorRegistry, version: str) -> None:
+        self._version = version
+        self._counters: dict[_Spec, dict[Key, float]] = {spec: {} for spec in COUNTERS}
+        self._histograms: dict[_Spec, dict[Key, _Histogram]] = {spec: {} for spec in HISTOGRAMS}
+        self._in_flight: dict[Key, int] = {}
+        self._up = False
+        self._models: Sequence[LoadedModel] = ()
+        registry.register(self)
+
+    # --- recording: on the event loop, once per request -----------------------------------
+
+    def request_started(self, x: Exchange) -> None:
+        key = (x.endpoint, x.model)
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        x.in_flight = True
+
+    def request_finished(self, x: Exchange) -> None:
+        """Record a finished exchange. Called exactly once per request."""
+        if x.recorded:
+            return
+        x.recorded = True
+        em = (x.endpoint, x.model)
+        ems = (x.endpoint, x.model, "true" if x.stream else "false")
+        counters = self._counters
+        if x.in_flight:
+            self._in_flight[em] -= 1
+        _add(counters[REQUESTS], (*ems, str(x.status)), 1)
+        self._observe(DURATION, ems, x.duration)
+        if x.request_bytes:
+            _add(counters[REQUEST_BYTES], ems, x.request_bytes)
+        if x.response_bytes:
+            _add(counters[RESPONSE_BYTES], ems, x.response_bytes)
+        if x.streamed and x.first_byte is not None:
+            self._observe(TTFT, em, x.first_byte - x.started)
+        if x.error is not None:
+            _add(counters[ERRORS], (*em, x.error), 1)
+        usage = x.usage
+        if usage is None:
+            return
+        if usage.tokens_reported:
+            _add(counters[PROMPT_TOKENS], ems, usage.prompt_tokens)
+            _add(counters[COMPLETION_TOKENS], ems, usage.completion_tokens)
+        if usage.prompt_eval_seconds:
+            _add(counters[PROMPT_EVAL_SECONDS], em, usage.prompt_eval_seconds)
+        if usage.eval_seconds:
+            _add(counters[EVAL_SECONDS], em, usage.eval_seconds)
+            if usage.completion_tokens:
+                self._observe(TPOT, (x.model,), usage.eval_seconds / usage.completion_tokens)
+        if usage.load_seconds is not None:
+            self._observe(LOAD, (x.model,), usage.load_seconds)
+        if usage.done_reason is not None:
+            reason = usage.done_reason if usage.done_reason in DONE_REASONS else "other"
+            _add(counters[DONE], (*em, reason), 1)
+
+    def _observe(self, spec: _Spec, key: Key, value: float) -> None:
+        series = self._histograms[spec]
+        histogram = series.get(key)
+        if histogram is None:
+            histogram = series[key] = _Histogram(len(spec.buckets))
+        # bisect_left finds the first bound >= value: Prometheus buckets are "le".
+        histogram.counts[bisect_left(spec.buckets, value)] += 1
+        histogram.total += value
+
+    def set_upstream(self, up: bool, models: Sequence[LoadedModel]) -> None:
+        """The scrape-time snapshot the next collect() exposes."""
+        self._up = up
+        self._models = models
+
+    # --- exposition: prometheus_client calls these when /metrics is scraped ---------------
 
     def describe(self) -> Iterable[Metric]:
-        return self._families()
+        return self._request_families(empty=True) + self._upstream_families(empty=True)
 
     def collect(self) -> Iterable[Metric]:
-        return self._families()
+        return self._request_families() + self._upstream_families()
 
-    def _families(self) -> list[Metric]:
+    def _request_families(self, empty: bool = False) -> list[Metric]:
+        families: list[Metric] = []
+        info = GaugeMetricFamily(
+            f"{NAMESPACE}_build_info",
+            "Always 1; the version label is the running ollama-meter version.",
+            labels=["version"],
+        )
+        if not empty:
+            info.add_metric([self._version], 1)
+        families.append(info)
+        for spec in COUNTERS:
+            counter = CounterMetricFamily(f"{NAMESPACE}_{spec.name}", spec.doc, labels=spec.labels)
+            if not empty:
+                for key, value in self._counters[spec].items():
+                    counter.add_metric(key, value)
+            families.append(counter)
+        gauge = GaugeMetricFamily(
+            f"{NAMESPACE}_{IN_FLIGHT.name}", IN_FLIGHT.doc, labels=IN_FLIGHT.labels
+        )
+        if not empty:
+            for key, count in self._in_flight.items():
+                gauge.add_metric(key, count)
+        families.append(gauge)
+        for spec in HISTOGRAMS:
+            histogram = HistogramMetricFamily(
+                f"{NAMESPACE}_{spec.name}", spec.doc, labels=spec.labels
+            )
+            if not empty:
+                bounds = _LE[spec]
+                for key, observed in self._histograms[spec].items():
+                    running = 0
+                    cumulative = []
+                    for bound, count in zip(bounds, observed.counts, strict=True):
+                        running += count
+                        cumulative.append((bound, running))
+                    histogram.add_metric(key, cumulative, observed.total)
+            families.append(histogram)
+        return families
+
+    def _upstream_families(self, empty: bool = False) -> list[Metric]:
         up = GaugeMetricFamily(
             f"{NAMESPACE}_upstream_up",
             "1 if Ollama answered GET /api/version during this scrape, else 0.",
-            value=1 if self.up else 0,
+            value=None if empty else (1 if self._up else 0),
         )
         loaded = GaugeMetricFamily(
             f"{NAMESPACE}_loaded_models",
             "Models Ollama holds in memory, from GET /api/ps during this scrape.",
-            value=len(self.models),
+            value=None if empty else len(self._models),
         )
         size = GaugeMetricFamily(
             f"{NAMESPACE}_model_size_bytes",
@@ -129,7 +328,7 @@ class _UpstreamCollector(Collector):
             "Context window a loaded model was loaded with (context_length in GET /api/ps).",
             labels=["model"],
         )
-        for model in self.models:
+        for model in () if empty else self._models:
             size.add_metric([model.name], model.size_bytes)
             vram.add_metric([model.name], model.vram_bytes)
             if model.expires_at is not None:
@@ -139,178 +338,8 @@ class _UpstreamCollector(Collector):
         return [up, loaded, size, vram, expiry, context]
 
 
-class Metrics:
-    """The metric set, registered on ``registry``."""
-
-    def __init__(self, registry: CollectorRegistry, version: str) -> None:
-        # prometheus_client's *_created series (a switch for the whole process) would add one
-        # gauge per counter and histogram series in the text format; Prometheus ignores them.
-        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
-
-        def counter(name: str, doc: str, labels: Sequence[str]) -> Counter:
-            return Counter(name, doc, labels, namespace=NAMESPACE, registry=registry)
-
-        def histogram(
-            name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]
-        ) -> Histogram:
-            return Histogram(
-                name, doc, labels, namespace=NAMESPACE, registry=registry, buckets=buckets
-            )
-
-        ems = ("endpoint", "model", "stream")
-        em = ("endpoint", "model")
-        self._requests = _Children(
-            counter(
-                "requests_total",
-                "Requests proxied, counted when they end, by the status the client got "
-                "(499: the client went away first).",
-                (*ems, "status"),
-            )
-        )
-        self._duration = _Children(
-            histogram(
-                "request_duration_seconds",
-                "Time from a request's arrival at the proxy to the last response byte sent.",
-                ems,
-                REQUEST_DURATION_BUCKETS,
-            )
-        )
-        self._ttft = _Children(
-            histogram(
-                "time_to_first_token_seconds",
-                "Streamed responses: time from a request's arrival at the proxy to the first "
-                "body chunk from Ollama.",
-                em,
-                TTFT_BUCKETS,
-            )
-        )
-        self._in_flight = _Children(
-            Gauge(
-                "requests_in_flight",
-                "Requests the proxy is handling now.",
-                em,
-                namespace=NAMESPACE,
-                registry=registry,
-            )
-        )
-        self._request_bytes = _Children(
-            counter("request_bytes_total", "Request body bytes received from clients.", ems)
-        )
-        self._response_bytes = _Children(
-            counter("response_bytes_total", "Response body bytes received from Ollama.", ems)
-        )
-        self._prompt_tokens = _Children(
-            counter(
-                "prompt_tokens_total",
-                "Prompt tokens Ollama reported (prompt_eval_count, or usage.prompt_tokens on /v1).",
-                ems,
-            )
-        )
-        self._completion_tokens = _Children(
-            counter(
-                "completion_tokens_total",
-                "Generated tokens Ollama reported (eval_count, or usage.completion_tokens on /v1).",
-                ems,
-            )
-        )
-        self._prompt_eval_seconds = _Children(
-            counter(
-                "prompt_eval_seconds_total",
-                "Prompt evaluation time Ollama reported (prompt_eval_duration).",
-                em,
-            )
-        )
-        self._eval_seconds = _Children(
-            counter("eval_seconds_total", "Generation time Ollama reported (eval_duration).", em)
-        )
-        self._load = _Children(
-            histogram(
-                "load_duration_seconds",
-                "load_duration Ollama reported: queue wait plus model load (cold starts).",
-                ("model",),
-                LOAD_BUCKETS,
-            )
-        )
-        self._tpot = _Children(
-            histogram(
-                "time_per_output_token_seconds",
-                "Generation time per output token Ollama reported (eval_duration / eval_count).",
-                ("model",),
-                TPOT_BUCKETS,
-            )
-        )
-        self._done = _Children(
-            counter(
-                "done_total",
-                "Final replies by done_reason (or /v1 finish_reason): stop, length, load, "
-                "unload, other.",
-                (*em, "done_reason"),
-            )
-        )
-        self._errors = _Children(
-            counter(
-                "request_errors_total",
-                "Requests that failed in transit, by reason (upstream_unreachable, "
-                "upstream_timeout, upstream_closed, stream_error, client_disconnect, shutdown).",
-                (*em, "reason"),
-            )
-        )
-        build_info = Gauge(
-            "build_info",
-            "Always 1; the version label is the running ollama-meter version.",
-            ("version",),
-            namespace=NAMESPACE,
-            registry=registry,
-        )
-        build_info.labels(version).set(1)
-        self._upstream = _UpstreamCollector()
-        registry.register(self._upstream)
-
-    def request_started(self, x: Exchange) -> None:
-        self._in_flight(x.endpoint, x.model).inc()
-        x.in_flight = True
-
-    def request_finished(self, x: Exchange) -> None:
-        """Record a finished exchange. Called exactly once per request."""
-        if x.recorded:
-            return
-        x.recorded = True
-        endpoint, model = x.endpoint, x.model
-        stream = "true" if x.stream else "false"
-        if x.in_flight:
-            self._in_flight(endpoint, model).dec()
-        self._requests(endpoint, model, stream, str(x.status)).inc()
-        self._duration(endpoint, model, stream).observe(x.duration)
-        if x.request_bytes:
-            self._request_bytes(endpoint, model, stream).inc(x.request_bytes)
-        if x.response_bytes:
-            self._response_bytes(endpoint, model, stream).inc(x.response_bytes)
-        if x.streamed and x.first_byte is not None:
-            self._ttft(endpoint, model).observe(x.first_byte - x.started)
-        if x.error is not None:
-            self._errors(endpoint, model, x.error).inc()
-        usage = x.usage
-        if usage is None:
-            return
-        if usage.tokens_reported:
-            self._prompt_tokens(endpoint, model, stream).inc(usage.prompt_tokens)
-            self._completion_tokens(endpoint, model, stream).inc(usage.completion_tokens)
-        if usage.prompt_eval_seconds:
-            self._prompt_eval_seconds(endpoint, model).inc(usage.prompt_eval_seconds)
-        if usage.eval_seconds:
-            self._eval_seconds(endpoint, model).inc(usage.eval_seconds)
-            if usage.completion_tokens:
-                self._tpot(model).observe(usage.eval_seconds / usage.completion_tokens)
-        if usage.load_seconds is not None:
-            self._load(model).observe(usage.load_seconds)
-        if usage.done_reason is not None:
-            reason = usage.done_reason if usage.done_reason in DONE_REASONS else "other"
-            self._done(endpoint, model, reason).inc()
-
-    def set_upstream(self, up: bool, models: Sequence[LoadedModel]) -> None:
-        """The scrape-time snapshot the next collect() exposes."""
-        self._upstream.up = up
-        self._upstream.models = models
+def _add(series: dict[Key, float], key: Key, amount: float) -> None:
+    series[key] = series.get(key, 0) + amount
 
 
 def build_registry() -> CollectorRegistry:

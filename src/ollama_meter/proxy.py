@@ -86,7 +86,7 @@ class _PassthroughResponse(web.StreamResponse):
             self.headers.popall(hdrs.SERVER, None)
 
 
-def _filtered(headers: CIMultiDictProxy[str], drop_host: bool) -> CIMultiDict[str]:
+def filtered_headers(headers: CIMultiDictProxy[str], drop_host: bool) -> CIMultiDict[str]:
     """Headers minus hop-by-hop ones and those the Connection header names."""
     drop = HOP_BY_HOP
     connection = headers.get(hdrs.CONNECTION)
@@ -133,7 +133,7 @@ class Proxy:
         self._access_log = access_log
         #: Set when the server begins its graceful shutdown: a cancellation after that is ours.
         self.shutting_down = False
-        self._tasks: set[asyncio.Task[object]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def cut_off(self) -> None:
         """Cancel every request still in flight (the shutdown deadline has passed).
@@ -148,8 +148,7 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = route_for(request.path)
         x = Exchange(request.method, route.template, perf_counter())
-        task = asyncio.current_task()
-        assert task is not None
+        task = request.task  # the handler's task (asyncio.current_task() costs a getpid())
         self._tasks.add(task)
         try:
             return await self._handle(request, route, x)
@@ -243,7 +242,7 @@ class Proxy:
         return None, _chain(chunks, content)
 
     def _request_headers(self, request: web.Request) -> CIMultiDict[str]:
-        headers = _filtered(request.headers, drop_host=not self._config.preserve_host)
+        headers = filtered_headers(request.headers, drop_host=not self._config.preserve_host)
         peer = request.remote
         if peer:
             prior = request.headers.getall(hdrs.X_FORWARDED_FOR, [])
@@ -272,7 +271,7 @@ class Proxy:
         response = _PassthroughResponse(
             status=status,
             reason=upstream.reason,
-            headers=_filtered(upstream.headers, drop_host=False),
+            headers=filtered_headers(upstream.headers, drop_host=False),
         )
         await response.prepare(request)
         content = upstream.content
