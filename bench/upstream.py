@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from typing import Final, cast
+from typing import ClassVar, Final, cast
 
 import orjson
 
@@ -106,7 +106,7 @@ def fixed_replies(models: int) -> dict[bytes, bytes]:
 class Upstream(asyncio.Protocol):
     """One connection: HTTP/1.1 keep-alive, requests answered in order."""
 
-    replies: dict[bytes, bytes] = {}
+    replies: ClassVar[dict[bytes, bytes]] = {}
 
     def __init__(self) -> None:
         self.buffer = b""

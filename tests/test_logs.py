@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import logging
+import io
+import re
 
 import aiohttp
 import orjson
 import pytest
 
-from ollama_meter.logs import ACCESS_LOGGER, JsonFormatter
+from ollama_meter.app import ACCESS_LOG
+from ollama_meter.exchange import Exchange
+from ollama_meter.logs import FLUSH_BYTES, AccessLog
 
 from .conftest import Meter, MeterFactory
 
@@ -16,31 +19,37 @@ SECRET = "the-prompt-must-not-be-logged"
 
 
 async def chat(meter: Meter) -> None:
+    """One chat through the proxy, then write out what the access log holds."""
     body = {"model": "llama3.2", "messages": [{"role": "user", "content": SECRET}]}
     async with (
         aiohttp.ClientSession() as session,
         session.post(meter.url + "/api/chat?token=" + SECRET, json=body) as response,
     ):
         await response.read()
+    meter.app[ACCESS_LOG].flush()
 
 
-async def test_one_plain_line_per_request(meter: Meter, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
-        await chat(meter)
-    [record] = [r for r in caplog.records if r.name == ACCESS_LOGGER]
-    line = record.getMessage()
-    assert line.startswith("POST endpoint=/api/chat model=llama3.2:latest stream=true status=200 ")
-    assert "prompt_tokens=34 completion_tokens=3" in line
-    assert "ttft_s=" in line
+async def test_one_plain_line_per_request(meter: Meter, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    await chat(meter)
+    [line] = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ollama_meter\.access: "
+        r"POST endpoint=/api/chat model=llama3\.2:latest stream=true status=200 "
+        r"duration_s=[\d.e-]+ ttft_s=[\d.e-]+ prompt_tokens=34 completion_tokens=3",
+        line,
+    ), line
     assert SECRET not in line
 
 
-async def test_json_lines(meter: Meter, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
-        await chat(meter)
-    [record] = [r for r in caplog.records if r.name == ACCESS_LOGGER]
-    doc = orjson.loads(JsonFormatter().format(record))
-    assert {k: doc[k] for k in ("method", "endpoint", "model", "stream", "status")} == {
+async def test_json_lines(start_meter: MeterFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    meter = await start_meter(log_format="json")
+    capsys.readouterr()
+    await chat(meter)
+    [line] = capsys.readouterr().err.splitlines()
+    doc = orjson.loads(line)
+    assert {k: doc[k] for k in ("logger", "method", "endpoint", "model", "stream", "status")} == {
+        "logger": "ollama_meter.access",
         "method": "POST",
         "endpoint": "/api/chat",
         "model": "llama3.2:latest",
@@ -49,12 +58,32 @@ async def test_json_lines(meter: Meter, caplog: pytest.LogCaptureFixture) -> Non
     }
     assert (doc["prompt_tokens"], doc["completion_tokens"]) == (34, 3)
     assert doc["level"] == "info"
-    assert doc["time"].endswith("Z")
-    assert SECRET not in orjson.dumps(doc).decode()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", doc["time"])
+    assert SECRET not in line
 
 
-async def test_no_access_log(start_meter: MeterFactory, caplog: pytest.LogCaptureFixture) -> None:
+async def test_no_access_log(start_meter: MeterFactory, capsys: pytest.CaptureFixture[str]) -> None:
     meter = await start_meter(access_log=False)
-    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
-        await chat(meter)
-    assert [r for r in caplog.records if r.name == ACCESS_LOGGER] == []
+    assert ACCESS_LOG not in meter.app
+    body = {"model": "llama3.2", "messages": []}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(meter.url + "/api/chat", json=body) as response,
+    ):
+        await response.read()
+    assert "ollama_meter.access" not in capsys.readouterr().err
+
+
+async def test_lines_are_written_in_batches() -> None:
+    stream = io.StringIO()
+    log = AccessLog("text", stream)
+    x = Exchange("GET", "/api/tags", 0.0, status=200, finished=0.001)
+    log(x)
+    assert stream.getvalue() == ""  # held until the flush timer or a full buffer
+    for _ in range(FLUSH_BYTES // 80 + 1):
+        log(x)
+    written = stream.getvalue().splitlines()
+    assert len(written) > 1
+    assert all("GET endpoint=/api/tags model=unknown" in line for line in written)
+    log.flush()
+    assert len(stream.getvalue().splitlines()) == FLUSH_BYTES // 80 + 2

@@ -20,12 +20,13 @@ from prometheus_client import CollectorRegistry
 from . import __version__
 from .config import Config
 from .labels import ModelLabels
-from .logs import log_access
+from .logs import AccessLog
 from .metrics import Metrics, exposition_handler
 from .proxy import SESSION, Proxy
 from .upstreams import Upstream
 
 METRICS: Final = web.AppKey("metrics", Metrics)
+ACCESS_LOG: Final = web.AppKey("access_log", AccessLog)
 UPSTREAM: Final = web.AppKey("upstream", Upstream)
 #: The runner of the --metrics-listen listener (its ``addresses`` say where it listens).
 METRICS_RUNNER: Final = web.AppKey("metrics_runner", web.AppRunner)
@@ -46,8 +47,11 @@ def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
     app = web.Application(handler_args=HANDLER_ARGS)
     metrics = Metrics(registry, __version__)
     labels = ModelLabels(config.max_models)
-    proxy = Proxy(config, metrics, labels, log_access if config.access_log else None)
+    access_log = AccessLog(config.log_format) if config.access_log else None
+    proxy = Proxy(config, metrics, labels, access_log)
     app[METRICS] = metrics
+    if access_log is not None:
+        app[ACCESS_LOG] = access_log
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         session = aiohttp.ClientSession(
@@ -84,6 +88,8 @@ def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
     async def on_cleanup(app: web.Application) -> None:
         for handle in deadline:
             handle.cancel()
+        if access_log is not None:
+            access_log.flush()
 
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)

@@ -145,7 +145,8 @@ def main(
             probe_timeout=probe_timeout,
             shutdown_timeout=shutdown_timeout,
             log_format=log_format,
-            access_log=access_log,
+            # Access lines are info lines: a higher log level turns them off too.
+            access_log=access_log and log_level.lower() in ("debug", "info"),
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
@@ -198,7 +199,7 @@ def run(config: Config) -> None:
             # The same as aiohttp's test server: a client that leaves cancels its handler,
             # which closes the upstream request so that Ollama stops generating.
             handler_cancellation=True,
-            access_log=None,  # logs.log_access writes one line per request instead
+            access_log=None,  # logs.AccessLog writes one line per request instead
             print=announce,
             loop=event_loop_factory()(),
         )

@@ -83,7 +83,9 @@ class _Histogram:
         self.total = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: specs are dict keys on the hot path, and identity hashing is a C call where a
+# generated __hash__ over every field is Python code (5 lookups a request).
+@dataclass(frozen=True, slots=True, eq=False)
 class _Spec:
     name: str  # without the namespace; counters include _total
     doc: str

@@ -26,7 +26,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final
+from typing import Final, NamedTuple
 
 import orjson
 
@@ -169,8 +169,7 @@ def canonical_model(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True, slots=True)
-class RequestFacts:
+class RequestFacts(NamedTuple):
     """What a request body says about itself."""
 
     model: str | None
@@ -208,25 +207,36 @@ class Framing(enum.Enum):
     SSE = "sse"  # data: / event: lines, events separated by a blank line
 
 
+_MEDIA_FRAMING: Final = {
+    "application/x-ndjson": Framing.NDJSON,
+    "text/event-stream": Framing.SSE,
+    "application/json": Framing.JSON,
+}
+# Content-Type values repeat (Ollama sends a handful): remember the answer for each.
+_FRAMING_CACHE: dict[str, Framing | None] = {}
+_FRAMING_CACHE_LIMIT: Final = 64
+
+
 def framing_for(content_type: str | None) -> Framing | None:
     """The framing of a body from its Content-Type; None for bodies we do not read."""
     if not content_type:
         return None
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media == "application/x-ndjson":
-        return Framing.NDJSON
-    if media == "text/event-stream":
-        return Framing.SSE
-    if media == "application/json":
-        return Framing.JSON
-    return None
+    try:
+        return _FRAMING_CACHE[content_type]
+    except KeyError:
+        pass
+    framing = _MEDIA_FRAMING.get(content_type.split(";", 1)[0].strip().lower())
+    if len(_FRAMING_CACHE) < _FRAMING_CACHE_LIMIT:
+        _FRAMING_CACHE[content_type] = framing
+    return framing
 
 
-#: Lines to keep per framing: enough to hold the records that carry usage and the end marker.
-#: SSE: a /v1/messages stream ends "event: message_delta / data / blank / event: message_stop /
-#: data / blank"; a /v1 chat stream ends "finish chunk / blank / usage chunk / blank / [DONE] /
-#: blank".
-_KEEP_LINES: Final = {Framing.JSON: 1, Framing.NDJSON: 1, Framing.SSE: 8}
+#: Lines to keep: enough to hold the records that carry usage and the end marker. SSE: a
+#: /v1/messages stream ends "event: message_delta / data / blank / event: message_stop / data /
+#: blank"; a /v1 chat stream ends "finish chunk / blank / usage chunk / blank / [DONE] / blank".
+#: NDJSON and JSON: the last object.
+_KEEP_SSE_LINES: Final = 8
+_KEEP_LINES: Final = 1
 
 
 class LineTail:
@@ -244,7 +254,7 @@ class LineTail:
         self._newlines = 0
         self._size = 0
         # The line starts right after the (keep+1)-th newline from the end.
-        self._keep = _KEEP_LINES[framing] + 1
+        self._keep = (_KEEP_SSE_LINES if framing is Framing.SSE else _KEEP_LINES) + 1
         self._limit = limit
         self._lost_head = False
 
@@ -278,9 +288,13 @@ class LineTail:
         return lines
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """What the upstream reported about one reply, in base units. Absent numbers are 0."""
+class Usage(NamedTuple):
+    """What the upstream reported about one reply, in base units. Absent numbers are 0.
+
+    Per-request values are NamedTuples, not frozen dataclasses: a frozen dataclass sets each
+    field through object.__setattr__, several times the cost of building a tuple (measured
+    with callgrind, bench/README.md).
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -303,8 +317,7 @@ class Ending(enum.Enum):
     ERROR = "error"  # a stream that reported an error in-band
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     ending: Ending
     usage: Usage | None = None
 
@@ -367,14 +380,33 @@ def _usage_of(kind: RouteKind, doc: dict[str, object]) -> Usage | None:
 
 
 def _native_usage(doc: dict[str, object]) -> Usage:
-    load = doc.get("load_duration")
+    get = doc.get
+    prompt = get("prompt_eval_count", 0)
+    completion = get("eval_count", 0)
+    prompt_ns = get("prompt_eval_duration", 0)
+    eval_ns = get("eval_duration", 0)
+    load_ns = get("load_duration")
+    reason = get("done_reason")
+    # The common case inline (type() is int also rules out bool); anything odd goes to _count.
+    if not (
+        type(prompt) is int
+        and type(completion) is int
+        and type(prompt_ns) is int
+        and type(eval_ns) is int
+        and prompt >= 0
+        and completion >= 0
+        and prompt_ns >= 0
+        and eval_ns >= 0
+    ):
+        prompt, completion = _count(prompt), _count(completion)
+        prompt_ns, eval_ns = _count(prompt_ns), _count(eval_ns)
     return Usage(
-        prompt_tokens=_count(doc.get("prompt_eval_count")),
-        completion_tokens=_count(doc.get("eval_count")),
-        prompt_eval_seconds=_count(doc.get("prompt_eval_duration")) / _NS_PER_S,
-        eval_seconds=_count(doc.get("eval_duration")) / _NS_PER_S,
-        load_seconds=_count(load) / _NS_PER_S if load is not None else None,
-        done_reason=_str(doc.get("done_reason")),
+        prompt,
+        completion,
+        prompt_ns / _NS_PER_S,
+        eval_ns / _NS_PER_S,
+        None if load_ns is None else _count(load_ns) / _NS_PER_S,
+        reason if type(reason) is str and reason else None,
     )
 
 
@@ -408,10 +440,8 @@ def _finish_reason(doc: dict[str, object]) -> str | None:
 
 
 def _count(value: object) -> int:
-    # bool is an int in Python; a JSON true is not a count.
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    return 0
+    # type() rather than isinstance(): bool is an int in Python, and a JSON true is no count.
+    return value if type(value) is int and value > 0 else 0
 
 
 def _str(value: object) -> str | None:
