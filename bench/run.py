@@ -1,0 +1,497 @@
+"""The benchmark suite: ``python bench/run.py [--quick] [--json FILE] [--markdown FILE]``.
+
+Every scenario runs each target in turn, round after round (alternation evens out a noisy
+machine), and reports medians and the ratio to ``direct``:
+
+- ``direct``: the load generator talks straight to the fake upstream (bench/upstream.py);
+- ``ollama-meter``: the real command, default settings (access log on, to /dev/null);
+- ``passthrough``: bench/passthrough.py, aiohttp with the same settings and no metering;
+- ``nginx``: Debian's nginx, one worker, proxy_buffering off, keep-alive upstream (if installed).
+
+Pinning (2 cores): the target under test runs alone on CPU 0; the upstream and the load
+generator share CPU 1, for every target, direct included. Load: wrk (C) for request/response
+scenarios; bench/stream_client.py (aiohttp on uvloop) for streams and uploads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PYTHON = sys.executable
+TARGET_CPU = "0"
+HARNESS_CPU = "1"
+MiB = 1024 * 1024
+
+NGINX_CONF = """
+worker_processes 1;
+worker_cpu_affinity 01;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    upstream ollama {{ server 127.0.0.1:{upstream}; keepalive 256; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://ollama;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 600s;
+            client_max_body_size 0;
+        }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def wait_listening(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def pinned(cpu: str, *argv: str) -> list[str]:
+    return ["taskset", "-c", cpu, *argv]
+
+
+def steal_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[7], sum(fields[:8])
+
+
+def rss_kib(pid: int, key: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    pid: int | None  # None for direct: nothing of ours in between
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+
+@dataclass
+class Results:
+    started: str = field(default_factory=_utc_now)
+    machine: dict[str, str] = field(default_factory=dict)
+    #: scenario -> target -> measure -> one value per round
+    scenarios: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
+    steal_percent: float = 0.0
+
+    def record(self, scenario: str, target: str, values: dict[str, float]) -> None:
+        measures = self.scenarios.setdefault(scenario, {}).setdefault(target, {})
+        for key, value in values.items():
+            measures.setdefault(key, []).append(value)
+
+    def medians(self) -> dict[str, dict[str, dict[str, float]]]:
+        return {
+            scenario: {
+                target: {k: statistics.median(v) for k, v in values.items()}
+                for target, values in targets.items()
+            }
+            for scenario, targets in self.scenarios.items()
+        }
+
+
+class Bench:
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.rounds = 2 if quick else 3
+        self.dir = Path(tempfile.mkdtemp(prefix="ollama-meter-bench-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.results = Results()
+
+    # --- processes ------------------------------------------------------------------------
+
+    def spawn(self, argv: list[str], port: int, **kwargs: Any) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs
+        )
+        self.procs.append(proc)
+        wait_listening(port)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def start_upstream(self, models: int = 3) -> str:
+        port = free_port()
+        self.spawn(
+            pinned(
+                HARNESS_CPU, PYTHON, str(HERE / "upstream.py"), str(port), "--models", str(models)
+            ),
+            port,
+        )
+        return f"http://127.0.0.1:{port}"
+
+    def start_targets(self, upstream: str) -> list[Target]:
+        upstream_port = int(upstream.rsplit(":", 1)[1])
+        targets = [Target("direct", upstream, None)]
+        port = free_port()
+        meter = self.spawn(
+            pinned(
+                TARGET_CPU,
+                PYTHON,
+                "-m",
+                "ollama_meter",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--upstream",
+                upstream,
+            ),
+            port,
+        )
+        targets.append(Target("ollama-meter", f"http://127.0.0.1:{port}", meter.pid))
+        port = free_port()
+        bare = self.spawn(
+            pinned(TARGET_CPU, PYTHON, str(HERE / "passthrough.py"), str(port), upstream), port
+        )
+        targets.append(Target("passthrough", f"http://127.0.0.1:{port}", bare.pid))
+        nginx = shutil.which("nginx")
+        if nginx:
+            port = free_port()
+            conf = self.dir / "nginx.conf"
+            conf.write_text(NGINX_CONF.format(dir=self.dir, upstream=upstream_port, port=port))
+            proc = self.spawn(pinned(TARGET_CPU, nginx, "-p", str(self.dir), "-c", str(conf)), port)
+            time.sleep(0.3)
+            workers = subprocess.run(
+                ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+            ).stdout.split()
+            targets.append(
+                Target(
+                    "nginx", f"http://127.0.0.1:{port}", int(workers[0]) if workers else proc.pid
+                )
+            )
+        return targets
+
+    # --- load generators ------------------------------------------------------------------
+
+    def wrk(
+        self, url: str, connections: int, seconds: int, latency: bool = False
+    ) -> dict[str, float]:
+        argv = pinned(
+            HARNESS_CPU,
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "-s",
+            str(HERE / "wrk" / "generate.lua"),
+        )
+        if latency:
+            argv.append("--latency")
+        out = subprocess.run(
+            [*argv, url + "/api/generate"], capture_output=True, text=True, check=True
+        ).stdout
+        result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+        if latency:
+            for pct in ("50", "99"):
+                match = re.search(rf"\s{pct}(?:\.000)?%\s+([\d.]+)(us|ms|s)\b", out)
+                assert match, out
+                value, unit = float(match.group(1)), match.group(2)
+                result[f"p{pct}_us"] = value * {"us": 1, "ms": 1000, "s": 1e6}[unit]
+        errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
+        assert errors is None, out
+        return result
+
+    def streams(self, url: str, streams: int, lines: int, delay_ms: int) -> dict[str, float]:
+        argv = pinned(
+            HARNESS_CPU,
+            PYTHON,
+            str(HERE / "stream_client.py"),
+            url,
+            str(streams),
+            str(lines),
+            str(delay_ms),
+        )
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        data: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+        assert data["lines"] == streams * lines, data
+        return data
+
+    # --- scenarios ------------------------------------------------------------------------
+
+    def alternate(
+        self, targets: list[Target], name: str, measure: Callable[[Target], dict[str, float]]
+    ) -> None:
+        for _ in range(self.rounds):
+            for target in targets:
+                self.results.record(name, target.name, measure(target))
+                last = {k: v[-1] for k, v in self.results.scenarios[name][target.name].items()}
+                print(f"  {name:22s} {target.name:13s} {last}", flush=True)
+
+    def run(self, only: set[str]) -> Results:
+        upstream = self.start_upstream()
+        targets = self.start_targets(upstream)
+        seconds = 3 if self.quick else 5
+        steal0 = steal_ticks()
+        for target in targets:  # warm-up: connections, code paths
+            self.wrk(target.url, 64, 1)
+        if "latency" in only:
+            self.alternate(
+                targets, "1 latency c=1", lambda t: self.wrk(t.url, 1, seconds, latency=True)
+            )
+        if "throughput" in only:
+            self.alternate(targets, "2 throughput c=64", lambda t: self.wrk(t.url, 64, seconds))
+        if "streaming" in only:
+            lines = 128 if self.quick else 256
+            self.alternate(
+                targets, "3a streams paced", lambda t: self.streams(t.url, 500, lines, 20)
+            )
+            self.alternate(
+                targets, "3b streams unpaced", lambda t: self.streams(t.url, 500, lines, 0)
+            )
+            self.alternate(targets, "3c burst ttfb", lambda t: self.streams(t.url, 200, 16, 0))
+        if "memory" in only:
+            for target in targets[1:]:
+                self.results.record("4 memory", target.name, asyncio.run(self.memory(target)))
+                print(
+                    f"  4 memory {target.name}: {self.results.scenarios['4 memory'][target.name]}",
+                    flush=True,
+                )
+        steal1 = steal_ticks()
+        self.results.steal_percent = 100 * (steal1[0] - steal0[0]) / max(1, steal1[1] - steal0[1])
+        if "scrape" in only:
+            self.results.record("5 scrape", "ollama-meter", asyncio.run(self.scrape()))
+        return self.results
+
+    async def memory(self, target: Target) -> dict[str, float]:
+        """RSS of the target: idle, with 1,000 open streams, and during a 2 GiB upload."""
+        assert target.pid is not None
+        idle = rss_kib(target.pid)
+        holder = await asyncio.create_subprocess_exec(
+            *pinned(
+                HARNESS_CPU,
+                PYTHON,
+                str(HERE / "stream_client.py"),
+                target.url,
+                "1000",
+                "3",
+                "2000",
+                "--hold",
+            ),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert holder.stdout is not None
+        assert holder.stdin is not None
+        await holder.stdout.readline()  # {"open": 1000}: every stream has its first line
+        open_rss = rss_kib(target.pid)
+        holder.stdin.write(b"\n")
+        await holder.stdin.drain()
+        holder.stdin.close()
+        await holder.wait()
+        size = (512 if self.quick else 2048) * MiB
+        before = rss_kib(target.pid)
+        peak = before
+        piece = b"\0" * MiB
+        sent = 0
+
+        async def body() -> Any:
+            nonlocal sent, peak
+            while sent < size:
+                yield piece
+                sent += len(piece)
+                if sent % (64 * MiB) == 0:
+                    peak = max(peak, rss_kib(target.pid))  # type: ignore[arg-type]
+
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(target.url + "/api/blobs/sha256:" + "0" * 64, data=body()) as response,
+        ):
+            assert response.status == 201, response.status
+        return {
+            "idle_mib": idle / 1024,
+            "per_stream_kib": (open_rss - idle) / 1000,
+            "upload_growth_mib": (peak - before) / 1024,
+            "upload_gib": size / 1024 / MiB,
+        }
+
+    async def scrape(self) -> dict[str, float]:
+        """GET /metrics with 100 models x every endpoint populated."""
+        upstream = self.start_upstream(models=100)
+        port = free_port()
+        proc = self.spawn(
+            pinned(TARGET_CPU, PYTHON, "-m", "ollama_meter", "--listen", f"127.0.0.1:{port}",
+                   "--upstream", upstream, "--no-access-log"),
+            port,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        sys.path.insert(0, str(ROOT / "src"))
+        from ollama_meter.ollama import ENDPOINTS
+
+        paths = [
+            e.replace("{digest}", "sha256:" + "0" * 64)
+            .replace("{model}", "m")
+            .replace("{key}", "k")
+            for e in ENDPOINTS
+        ]
+        paths = [p if p != "other" else "/elsewhere" for p in paths]
+        models = ["llama3.2"] + [f"bench-{i:03d}" for i in range(1, 100)]
+        async with aiohttp.ClientSession() as session:
+            sem = asyncio.Semaphore(32)
+
+            async def hit(path: str, model: str, stream: bool) -> None:
+                body = json.dumps({"model": model, "stream": stream, "prompt": "x"}).encode()
+                async with (
+                    sem,
+                    session.post(url + path, data=body, headers={"X-Bench-Lines": "2"}) as r,
+                ):
+                    await r.read()
+
+            await asyncio.gather(
+                *(hit(p, m, s) for p in paths for m in models for s in (True, False))
+            )
+            times = []
+            size = 0
+            for _ in range(20):
+                start = time.perf_counter()
+                async with session.get(url + "/metrics") as response:
+                    size = len(await response.read())
+                times.append((time.perf_counter() - start) * 1000)
+        series = sum(
+            1 for line in (await self._text(url)).splitlines() if line.startswith("ollama_meter_")
+        )
+        proc.terminate()
+        return {
+            "p50_ms": statistics.median(times),
+            "max_ms": max(times),
+            "bytes": size,
+            "series": series,
+        }
+
+    async def _text(self, url: str) -> str:
+        async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as response:
+            return await response.text()
+
+
+def machine() -> dict[str, str]:
+    def version(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True)
+        except FileNotFoundError:
+            return "not installed"
+        return (out.stdout + out.stderr).strip().splitlines()[0]
+
+    import aiohttp as aio
+    import prometheus_client as pc
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        uvloop_version = package_version("uvloop")
+    except PackageNotFoundError:
+        uvloop_version = "not installed"
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiohttp": aio.__version__,
+        "prometheus_client": pc.__version__ if hasattr(pc, "__version__") else "?",
+        "uvloop": uvloop_version,
+        "wrk": version(["wrk", "--version"]),
+        "nginx": version(["nginx", "-v"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, shorter runs")
+    parser.add_argument("--json", type=Path, help="write raw results here")
+    parser.add_argument("--markdown", type=Path, help="write the report (docs/benchmarks.md)")
+    parser.add_argument(
+        "--only",
+        default="latency,throughput,streaming,memory,scrape",
+        help="comma-separated scenarios",
+    )
+    args = parser.parse_args()
+    if shutil.which("wrk") is None or shutil.which("taskset") is None:
+        sys.exit("needs wrk and taskset: apt-get install wrk util-linux (and nginx to compare)")
+    bench = Bench(args.quick)
+    bench.results.machine = machine()
+    try:
+        results = bench.run(set(args.only.split(",")))
+    finally:
+        bench.stop_all()
+    medians = results.medians()
+    report = {
+        "started": results.started,
+        "machine": results.machine,
+        "steal_percent": results.steal_percent,
+        "medians": medians,
+        "raw": results.scenarios,
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        from report import render
+
+        args.markdown.write_text(render(report, " ".join(sys.argv)))
+
+
+if __name__ == "__main__":
+    main()
