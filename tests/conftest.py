@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpServer
 
-from ollama_meter.app import create_app
+from ollama_meter.app import METRICS, create_app
 from ollama_meter.config import Config
 from ollama_meter.metrics import build_registry
 
@@ -80,10 +80,13 @@ def start_meter(aiohttp_server: AiohttpServer, fake: FakeOllama) -> MeterFactory
     async def start(**overrides: Any) -> Meter:
         options: dict[str, Any] = {"listen": "127.0.0.1:0", "upstream": fake.url}
         options.update(overrides)
-        registry = build_registry()  # the production registry, process collectors included
-        app = create_app(Config.build(**options), registry)
+        app = create_app(Config.build(**options), build_registry())
         server = await aiohttp_server(app)
-        return Meter(server, registry, app)
+        # Read the app's metrics through prometheus_client's own Collector interface (the
+        # /metrics handler renders the same samples faster; tests/test_metrics.py checks that).
+        view = CollectorRegistry()
+        view.register(app[METRICS])
+        return Meter(server, view, app)
 
     return start
 

@@ -13,12 +13,13 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ollama_meter import __version__
-from ollama_meter.app import METRICS_RUNNER, create_app
-from ollama_meter.config import Config
-from ollama_meter.metrics import build_registry
+from ollama_meter.app import METRICS, METRICS_RUNNER
+from ollama_meter.exchange import Exchange
+from ollama_meter.metrics import Metrics
 
 from .conftest import Meter, MeterFactory
 from .fake_ollama import NDJSON, PS_MODEL, TAGS, FakeOllama, Reply, lines_of
@@ -70,17 +71,47 @@ async def test_exposed_families_match_the_golden_list(fake: FakeOllama, meter: M
     assert got == GOLDEN.read_text().splitlines()
 
 
-def test_production_registry_adds_process_metrics_and_no_created_series(
-    fake: FakeOllama,
+async def test_scrape_adds_process_metrics_and_no_created_series(meter: Meter) -> None:
+    text = await scrape(meter.url)
+    names = {family.name for family in text_string_to_metric_families(text)}
+    assert {"process_resident_memory_bytes", "python_info", "ollama_meter_build_info"} <= names
+    assert "_created" not in text
+
+
+async def test_fast_rendering_equals_prometheus_client_rendering(
+    fake: FakeOllama, meter: Meter
 ) -> None:
-    registry = build_registry()
-    names = {family.name for family in registry.collect()}
-    assert "process_resident_memory_bytes" in names
-    assert "python_info" in names
-    create_app(Config.build(listen="127.0.0.1:0", upstream=fake.url), registry)
-    samples = [s.name for family in registry.collect() for s in family.samples]
-    assert "ollama_meter_build_info" in samples
-    assert not any(name.endswith("_created") for name in samples)
+    await drive_traffic(fake, meter)
+    await scrape(meter.url)  # fills the scrape-time gauges too
+    metrics = meter.app[METRICS]
+    fast = text_string_to_metric_families(metrics.render())
+    registry = CollectorRegistry()
+    registry.register(metrics)
+    reference = text_string_to_metric_families(generate_latest(registry).decode())
+
+    def samples(families: object) -> list[tuple[str, str, tuple[tuple[str, str], ...], float]]:
+        return sorted(
+            (family.name, family.type, tuple(sorted(s.labels.items())), s.value)
+            for family in families  # type: ignore[attr-defined]
+            for s in family.samples
+        )
+
+    expected = samples(reference)
+    assert len(expected) > 100
+    assert samples(fast) == expected
+
+
+def test_label_values_are_escaped() -> None:
+    metrics = Metrics("1.0")
+    x = Exchange("POST", "/api/chat", 0.0, model='we"ird\\name\nx', status=200, finished=1.0)
+    metrics.request_started(x)
+    metrics.request_finished(x)
+    [family] = [
+        f
+        for f in text_string_to_metric_families(metrics.render())
+        if f.name == "ollama_meter_requests"
+    ]
+    assert family.samples[0].labels["model"] == 'we"ird\\name\nx'
 
 
 async def test_build_info_and_upstream_gauges(meter: Meter) -> None:

@@ -45,7 +45,7 @@ HANDLER_ARGS: Final = {"max_field_size": 64 * 1024, "max_line_size": 64 * 1024}
 
 def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
     app = web.Application(handler_args=HANDLER_ARGS)
-    metrics = Metrics(registry, __version__)
+    metrics = Metrics(__version__)
     labels = ModelLabels(config.max_models)
     access_log = AccessLog(config.log_format) if config.access_log else None
     proxy = Proxy(config, metrics, labels, access_log)
@@ -103,7 +103,7 @@ def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
         response: web.StreamResponse = await expose(request)
         return response
 
-    expose = exposition_handler(registry)
+    expose = exposition_handler(metrics, registry)
     if config.metrics_listen is None:
         app.router.add_get("/metrics", serve_metrics)
     else:
