@@ -40,11 +40,81 @@ def _fmt(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
 
 
+def _targets(medians: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for the goals of the benchmark issue, where measured."""
+    rows: list[tuple[str, str, bool]] = []
+
+    def get(scenario: str, target: str, key: str) -> float | None:
+        value = medians.get(scenario, {}).get(target, {}).get(key)
+        return None if value is None else float(value)
+
+    meter, direct, bare = "ollama-meter", "direct", "passthrough"
+    rps = get("2 throughput c=64", meter, "rps")
+    rps_direct = get("2 throughput c=64", direct, "rps")
+    rps_bare = get("2 throughput c=64", bare, "rps")
+    if rps and rps_direct:
+        ratio = rps / rps_direct
+        rows.append(
+            ("requests/s at 64 connections >= 0.12x direct", f"{ratio:.3f}x", ratio >= 0.12)
+        )
+    if rps and rps_bare:
+        ratio = rps / rps_bare
+        rows.append(
+            ("the same >= 0.9x the bare aiohttp passthrough", f"{ratio:.2f}x", ratio >= 0.9)
+        )
+    p50 = get("1 latency c=1", meter, "p50_us")
+    p50_direct = get("1 latency c=1", direct, "p50_us")
+    if p50 is not None and p50_direct is not None:
+        added = p50 - p50_direct
+        rows.append(("added latency p50 at 1 connection < 500 µs", f"{added:,.0f} µs", added < 500))
+    lines = get("3b streams unpaced", meter, "lines_per_s")
+    lines_direct = get("3b streams unpaced", direct, "lines_per_s")
+    if lines and lines_direct:
+        ratio = lines / lines_direct
+        rows.append(("unpaced lines/s >= 0.85x direct", f"{ratio:.2f}x", ratio >= 0.85))
+    p99 = get("3a streams paced", meter, "delay_us_p99")
+    p99_direct = get("3a streams paced", direct, "delay_us_p99")
+    if p99 is not None and p99_direct is not None:
+        added = p99 - p99_direct
+        rows.append(
+            (
+                "added line delay p99, 500 paced streams < 2 ms",
+                f"{added / 1000:.1f} ms",
+                added < 2000,
+            )
+        )
+    ttfb = get("3c burst ttfb", meter, "ttfb_ms_p99")
+    ttfb_nginx = get("3c burst ttfb", "nginx", "ttfb_ms_p99")
+    if ttfb is not None and ttfb_nginx is not None:
+        rows.append(
+            (
+                "burst TTFB p99 no worse than nginx",
+                f"{ttfb:.0f} ms vs {ttfb_nginx:.0f} ms",
+                ttfb <= ttfb_nginx,
+            )
+        )
+    per_stream = get("4 memory", meter, "per_stream_kib")
+    if per_stream is not None:
+        rows.append(("memory per open stream < 32 KiB", f"{per_stream:.1f} KiB", per_stream < 32))
+    growth = get("4 memory", meter, "upload_growth_mib")
+    if growth is not None:
+        rows.append(("flat during the upload (within 16 MiB)", f"+{growth:.1f} MiB", growth < 16))
+    return rows
+
+
 def render(report: dict[str, Any], command: str) -> str:
     medians = report["medians"]
     out = ["# Benchmarks", ""]
     out.append(f"Run {report['started']} with `{command}`; medians of alternating rounds.")
+    out.append("How the suite works and how processes are pinned: `bench/README.md`.")
     out.append("")
+    targets = _targets(medians)
+    if targets:
+        out.append("| goal | ollama-meter | met |")
+        out.append("|---|---|---|")
+        for goal, measured, met in targets:
+            out.append(f"| {goal} | {measured} | {'yes' if met else '**no**'} |")
+        out.append("")
     out.append("| machine | |")
     out.append("|---|---|")
     for key, value in report["machine"].items():
@@ -98,3 +168,12 @@ def render(report: dict[str, Any], command: str) -> str:
         )
         out.append("")
     return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    from pathlib import Path
+
+    report = json.loads(Path(sys.argv[1]).read_text())
+    print(render(report, sys.argv[2] if len(sys.argv) > 2 else "python bench/run.py"), end="")
