@@ -281,6 +281,13 @@ class Bench:
         steal0 = steal_ticks()
         for target in targets:  # warm-up: connections, code paths
             self.wrk(target.url, 64, 1)
+        if "memory" in only:  # first, while "idle" still means a fresh process
+            for target in targets[1:]:
+                self.results.record("4 memory", target.name, asyncio.run(self.memory(target)))
+                print(
+                    f"  4 memory {target.name}: {self.results.scenarios['4 memory'][target.name]}",
+                    flush=True,
+                )
         if "latency" in only:
             self.alternate(
                 targets, "1 latency c=1", lambda t: self.wrk(t.url, 1, seconds, latency=True)
@@ -296,13 +303,6 @@ class Bench:
                 targets, "3b streams unpaced", lambda t: self.streams(t.url, 500, lines, 0)
             )
             self.alternate(targets, "3c burst ttfb", lambda t: self.streams(t.url, 200, 16, 0))
-        if "memory" in only:
-            for target in targets[1:]:
-                self.results.record("4 memory", target.name, asyncio.run(self.memory(target)))
-                print(
-                    f"  4 memory {target.name}: {self.results.scenarios['4 memory'][target.name]}",
-                    flush=True,
-                )
         steal1 = steal_ticks()
         self.results.steal_percent = 100 * (steal1[0] - steal0[0]) / max(1, steal1[1] - steal0[1])
         if "scrape" in only:
