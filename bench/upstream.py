@@ -34,16 +34,20 @@ def _response(status: str, content_type: str, body: bytes) -> bytes:
 
 
 _JSON: Final = "application/json; charset=utf-8"
+# What Ollama reports at the end of a reply (ns and token counts).
+_METRICS: Final = {
+    "total_duration": 161874209,
+    "load_duration": 38412750,
+    "prompt_eval_count": 34,
+    "prompt_eval_duration": 52318000,
+}
 _FINAL: Final = {
     "model": MODEL,
     "created_at": "2026-11-22T00:00:00.000000001Z",
     "message": {"role": "assistant", "content": ""},
     "done": True,
     "done_reason": "stop",
-    "total_duration": 161874209,
-    "load_duration": 38412750,
-    "prompt_eval_count": 34,
-    "prompt_eval_duration": 52318000,
+    **_METRICS,
     "eval_count": 256,
     "eval_duration": 5120000000,
 }
@@ -54,10 +58,7 @@ GENERATE_BODY: Final = orjson.dumps(
         "response": "Rayleigh scattering.",
         "done": True,
         "done_reason": "stop",
-        "total_duration": 161874209,
-        "load_duration": 38412750,
-        "prompt_eval_count": 34,
-        "prompt_eval_duration": 52318000,
+        **_METRICS,
         "eval_count": 3,
         "eval_duration": 43104000,
     }

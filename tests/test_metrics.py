@@ -21,9 +21,8 @@ from ollama_meter.app import METRICS, METRICS_RUNNER
 from ollama_meter.exchange import Exchange
 from ollama_meter.metrics import Metrics
 
-from .conftest import Meter, MeterFactory
+from .conftest import Meter, MeterFactory, unused_port
 from .fake_ollama import NDJSON, PS_MODEL, TAGS, FakeOllama, Reply, lines_of
-from .test_proxy import closed_port
 
 GOLDEN = Path(__file__).parent / "golden" / "families.txt"
 
@@ -132,7 +131,7 @@ async def test_build_info_and_upstream_gauges(meter: Meter) -> None:
 
 
 async def test_scrape_with_upstream_down(start_meter: MeterFactory) -> None:
-    meter = await start_meter(upstream=f"http://127.0.0.1:{closed_port()}")
+    meter = await start_meter(upstream=f"http://127.0.0.1:{unused_port()}")
     await scrape(meter.url)
     assert meter.value("upstream_up") == 0
     assert meter.value("loaded_models") == 0

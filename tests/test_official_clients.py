@@ -22,7 +22,7 @@ import openai._base_client
 import pytest
 
 from .clients import Captured, recording_transport
-from .conftest import Meter, MeterFactory
+from .conftest import Meter, MeterFactory, unused_port
 from .fake_ollama import (
     EMBEDDING,
     MISSING_MODEL,
@@ -31,7 +31,6 @@ from .fake_ollama import (
     fixture,
     lines_of,
 )
-from .test_proxy import closed_port
 
 T = TypeVar("T")
 
@@ -279,7 +278,7 @@ async def test_missing_model_raises_the_same_error(fake: FakeOllama, meter: Mete
 
 
 async def test_unreachable_upstream_raises_response_error(start_meter: MeterFactory) -> None:
-    upstream = f"http://127.0.0.1:{closed_port()}"
+    upstream = f"http://127.0.0.1:{unused_port()}"
     meter = await start_meter(upstream=upstream)
     async with ollama.AsyncClient(host=meter.url) as client:
         with pytest.raises(ollama.ResponseError) as caught:

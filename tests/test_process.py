@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,16 +19,10 @@ import aiohttp
 import orjson
 import pytest
 
-from .fake_ollama import NDJSON, FakeOllama, Reply, lines_of
+from .conftest import unused_port
+from .fake_ollama import NDJSON, FakeOllama, Reply, fixture, lines_of
 
 MiB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @dataclass
@@ -64,7 +58,7 @@ async def start_process(fake: FakeOllama) -> AsyncIterator[StartProcess]:
     started: list[asyncio.subprocess.Process] = []
 
     async def start(shutdown_timeout: float = 30.0) -> Process:
-        port = free_port()
+        port = unused_port()
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -118,12 +112,13 @@ async def test_large_upload_streams_in_flat_memory(
     )
 
 
-async def test_sigterm_lets_requests_in_flight_finish(
-    fake: FakeOllama, start_process: StartProcess
-) -> None:
-    process = await start_process(shutdown_timeout=30)
+@asynccontextmanager
+async def stream_then_sigterm(
+    fake: FakeOllama, process: Process, gate: asyncio.Event
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """A chat stream through the process, held by the fake after its first line until
+    ``gate`` is set; SIGTERM is sent once the client has that first line."""
     lines = lines_of("chat_stream.ndjson")
-    gate = asyncio.Event()
     fake.script("POST", "/api/chat", Reply(content_type=NDJSON, chunks=lines, gates={1: gate}))
     chat = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]}
     async with (
@@ -132,8 +127,18 @@ async def test_sigterm_lets_requests_in_flight_finish(
     ):
         assert await response.content.readline() == lines[0]
         process.proc.send_signal(signal.SIGTERM)
+        yield response
+
+
+async def test_sigterm_lets_requests_in_flight_finish(
+    fake: FakeOllama, start_process: StartProcess
+) -> None:
+    process = await start_process(shutdown_timeout=30)
+    gate = asyncio.Event()
+    async with stream_then_sigterm(fake, process, gate) as response:
         gate.set()
-        assert lines[0] + await response.read() == b"".join(lines)
+        rest = await response.read()
+    assert lines_of("chat_stream.ndjson")[0] + rest == fixture("chat_stream.ndjson")
     access = await process.line_containing("POST endpoint=/api/chat")
     assert "status=200" in access
     assert "completion_tokens=3" in access
@@ -144,16 +149,7 @@ async def test_streams_still_open_at_the_deadline_are_cut_and_counted(
     fake: FakeOllama, start_process: StartProcess
 ) -> None:
     process = await start_process(shutdown_timeout=0.5)
-    lines = lines_of("chat_stream.ndjson")
-    never = asyncio.Event()
-    fake.script("POST", "/api/chat", Reply(content_type=NDJSON, chunks=lines, gates={1: never}))
-    chat = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(process.url + "/api/chat", data=orjson.dumps(chat)) as response,
-    ):
-        assert await response.content.readline() == lines[0]
-        process.proc.send_signal(signal.SIGTERM)
+    async with stream_then_sigterm(fake, process, asyncio.Event()) as response:
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
     access = await process.line_containing("POST endpoint=/api/chat")

@@ -24,10 +24,9 @@ import ollama
 import pytest
 import yaml
 
-from .conftest import Meter
+from .conftest import Meter, unused_port
 from .fake_ollama import NDJSON, FakeOllama, Reply, lines_of
 from .test_operator_kit import dashboard, load_yaml
-from .test_process import free_port
 
 ROOT = Path(__file__).parent.parent
 MESSAGES = [{"role": "user", "content": "Why is the sky blue?"}]
@@ -59,7 +58,7 @@ async def prometheus(prometheus_binary: str, meter: Meter, tmp_path: Path) -> As
     address = meter.url.removeprefix("http://")
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(address)))
     shutil.copytree(ROOT / "prometheus" / "rules", tmp_path / "rules")
-    port = free_port()
+    port = unused_port()
     proc = await asyncio.create_subprocess_exec(
         prometheus_binary,
         f"--config.file={tmp_path / 'prometheus.yml'}",

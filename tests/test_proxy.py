@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ import orjson
 import pytest
 from multidict import CIMultiDict
 
-from .conftest import Meter, MeterFactory
+from .conftest import Meter, MeterFactory, unused_port
 from .fake_ollama import JSON_UTF8, NDJSON, FakeOllama, Received, Reply, final_object, lines_of
 
 # Headers that differ between two responses for reasons other than the proxy.
@@ -364,17 +363,10 @@ async def test_upstream_error_status_passes_through_labelled(
     )
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def test_unreachable_upstream_is_a_502_in_ollamas_shape(
     raw: aiohttp.ClientSession, start_meter: MeterFactory
 ) -> None:
-    upstream = f"http://127.0.0.1:{closed_port()}"
+    upstream = f"http://127.0.0.1:{unused_port()}"
     meter = await start_meter(upstream=upstream)
     got = await fetch(raw, "POST", meter.url + "/api/chat", json=CHAT)
     assert got.status == 502
@@ -484,7 +476,7 @@ async def test_health_and_readiness(
 ) -> None:
     assert (await fetch(raw, "GET", meter.url + "/-/healthy")).status == 200
     assert (await fetch(raw, "GET", meter.url + "/-/ready")).status == 200
-    down = await start_meter(upstream=f"http://127.0.0.1:{closed_port()}")
+    down = await start_meter(upstream=f"http://127.0.0.1:{unused_port()}")
     assert (await fetch(raw, "GET", down.url + "/-/healthy")).status == 200
     assert (await fetch(raw, "GET", down.url + "/-/ready")).status == 503
 
