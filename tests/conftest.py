@@ -12,7 +12,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpServer
 
 from ollama_meter.app import METRICS, create_app
@@ -103,7 +102,3 @@ def start_meter(aiohttp_server: AiohttpServer, fake: FakeOllama) -> MeterFactory
 @pytest.fixture
 async def meter(start_meter: MeterFactory) -> Meter:
     return await start_meter()
-
-
-def parse_exposition(text: str) -> dict[str, Any]:
-    return {family.name: family for family in text_string_to_metric_families(text)}

@@ -44,7 +44,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .exchange import Exchange
+from .exchange import ERROR_REASONS, Exchange
 from .ollama import LoadedModel
 
 NAMESPACE: Final = "ollama_meter"
@@ -157,8 +157,7 @@ DONE: Final = _Spec(
 )
 ERRORS: Final = _Spec(
     "request_errors_total",
-    "Requests that failed in transit, by reason (upstream_unreachable, upstream_timeout, "
-    "upstream_closed, stream_error, client_disconnect, shutdown).",
+    f"Requests that failed in transit, by reason ({', '.join(ERROR_REASONS)}).",
     (*EM, "reason"),
 )
 COUNTERS: Final = (
