@@ -206,6 +206,8 @@ class FakeOllama:
     # --- What Ollama answers when nothing is scripted -------------------------------------
 
     def _default(self, method: str, path: str, received: Received) -> Reply:
+        if path.startswith("/api/blobs/"):  # raw bytes, not JSON
+            return self._blob(method, path, received)
         try:
             doc = orjson.loads(received.body) if received.body else {}
         except orjson.JSONDecodeError:
@@ -214,8 +216,6 @@ class FakeOllama:
             )
         if not isinstance(doc, dict):
             doc = {}
-        if path.startswith("/api/blobs/"):
-            return self._blob(method, path, received)
         handler = _ROUTES.get((method, path))
         if handler is None:
             return Reply.body(b"404 page not found", TEXT, 404)

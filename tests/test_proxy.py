@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -251,7 +252,8 @@ async def test_request_bodies_stream_upstream_as_they_arrive(
         await asyncio.wait_for(arrived.wait(), timeout=5)
         more.set()
         response = await request
-        assert response.status == 400  # the digest does not match: the fake checked the bytes
+        assert response.status == 400
+        assert "digest mismatch" in (await response.json())["error"]  # the fake hashed the bytes
         response.release()
 
 
@@ -487,3 +489,27 @@ async def test_upstream_base_path_is_kept(
     meter = await start_meter(upstream=fake.url + "/ollama/")
     await fetch(raw, "POST", meter.url + "/api/chat?trace=1", json=CHAT)
     assert fake.received[-1].path == "/ollama/api/chat?trace=1"
+
+
+async def test_a_slow_upload_is_not_cut_by_the_read_timeout(
+    fake: FakeOllama, start_meter: MeterFactory
+) -> None:
+    """aiohttp starts the read timeout once the request body is sent: an upload may take
+    longer than --read-timeout (a multi-GB blob on a slow link), its answer may not."""
+    read_timeout = 0.2
+    meter = await start_meter(read_timeout=read_timeout)
+    pieces = [b"a" * 1000, b"b" * 1000]
+    digest = "sha256:" + hashlib.sha256(b"".join(pieces)).hexdigest()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield pieces[0]
+        # The condition under test, not synchronisation: a pause longer than the timeout.
+        await asyncio.sleep(read_timeout * 2)
+        yield pieces[1]
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(meter.url + f"/api/blobs/{digest}", data=slow_body()) as response,
+    ):
+        assert response.status == 201
+    assert fake.last(f"/api/blobs/{digest}").size == 2000
