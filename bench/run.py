@@ -420,6 +420,9 @@ class Bench:
 
 
 def machine() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
     def version(argv: list[str]) -> str:
         try:
             out = subprocess.run(argv, capture_output=True, text=True)
@@ -428,7 +431,6 @@ def machine() -> dict[str, str]:
         return (out.stdout + out.stderr).strip().splitlines()[0]
 
     import aiohttp as aio
-    import prometheus_client as pc
 
     cpu = next(
         (
@@ -438,9 +440,6 @@ def machine() -> dict[str, str]:
         ),
         "?",
     )
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as package_version
-
     try:
         uvloop_version = package_version("uvloop")
     except PackageNotFoundError:
@@ -450,7 +449,7 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "aiohttp": aio.__version__,
-        "prometheus_client": pc.__version__ if hasattr(pc, "__version__") else "?",
+        "prometheus_client": package_version("prometheus-client"),
         "uvloop": uvloop_version,
         "wrk": version(["wrk", "--version"]),
         "nginx": version(["nginx", "-v"]),
