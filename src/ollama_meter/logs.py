@@ -58,8 +58,9 @@ def access_text(x: Exchange) -> str:
         f"stream={'true' if x.stream else 'false'} status={x.status} "
         f"duration_s={round(x.duration, 6)}"
     )
-    if x.streamed and x.first_byte is not None:
-        text += f" ttft_s={round(x.first_byte - x.started, 6)}"
+    ttfb = x.time_to_first_byte
+    if x.streamed and ttfb is not None:
+        text += f" ttft_s={round(ttfb, 6)}"
     usage = x.usage
     if usage is not None and usage.tokens_reported:
         text += f" prompt_tokens={usage.prompt_tokens} completion_tokens={usage.completion_tokens}"

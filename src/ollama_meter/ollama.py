@@ -247,9 +247,10 @@ class LineTail:
     is copied or decoded until ``lines()``.
     """
 
-    __slots__ = ("_chunks", "_keep", "_limit", "_lost_head", "_newlines", "_size")
+    __slots__ = ("_chunks", "_keep", "_limit", "_lost_head", "_newlines", "_size", "framing")
 
     def __init__(self, framing: Framing, limit: int) -> None:
+        self.framing = framing
         self._chunks: deque[tuple[bytes, int]] = deque()
         self._newlines = 0
         self._size = 0

@@ -288,9 +288,9 @@ class Proxy:
                 tail.feed(chunk)
             if content.at_eof():
                 # The last chunk: with a fixed length, the client sees the end with it.
-                self._complete(request, route, x, framing, tail, content)
+                self._complete(request, route, x, tail, content)
             await response.write(chunk)
-        self._complete(request, route, x, framing, tail, content)
+        self._complete(request, route, x, tail, content)
         await response.write_eof()
         return response
 
@@ -299,7 +299,6 @@ class Proxy:
         request: web.Request,
         route: Route,
         x: Exchange,
-        framing: Framing | None,
         tail: LineTail | None,
         content: aiohttp.StreamReader,
     ) -> None:
@@ -307,8 +306,8 @@ class Proxy:
         if x.recorded:
             return
         x.response_bytes = content.total_bytes
-        if tail is not None and framing is not None:
-            outcome = read_outcome(route.kind, framing, tail.lines())
+        if tail is not None:
+            outcome = read_outcome(route.kind, tail.framing, tail.lines())
             x.usage = outcome.usage
             if outcome.ending is Ending.ERROR:
                 x.error = ex.STREAM_ERROR
