@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import orjson
 import pytest
 
 from ollama_meter.ollama import (
@@ -21,6 +22,7 @@ from ollama_meter.ollama import (
     parse_tags,
     read_outcome,
     route_for,
+    tail_for,
 )
 
 from .fake_ollama import PS_MODEL, final_object, fixture
@@ -29,7 +31,7 @@ LIMIT = 1 << 20
 
 
 def observe(kind: RouteKind, framing: Framing, pieces: list[bytes], limit: int = LIMIT) -> Outcome:
-    tail = LineTail(framing, limit)
+    tail = tail_for(framing, limit)
     for piece in pieces:
         tail.feed(piece)
     return read_outcome(kind, framing, tail.lines())
@@ -200,6 +202,29 @@ def test_embed_reply_usage() -> None:
     assert outcome.usage == Usage(prompt_tokens=14, load_seconds=1519458 / 1e9)
 
 
+def test_a_single_object_reply_is_read_whole_even_across_lines() -> None:
+    doc = orjson.loads(fixture("embed_response.json"))
+    pretty = orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
+    assert pretty.count(b"\n") > 3
+    for pieces in splits(pretty):
+        assert observe(RouteKind.NATIVE, Framing.JSON, pieces) == observe(
+            RouteKind.NATIVE, Framing.JSON, [fixture("embed_response.json")]
+        )
+
+
+def test_a_single_object_reply_over_the_limit_reports_nothing_and_holds_nothing() -> None:
+    body = fixture("embed_response.json")
+    tail = tail_for(Framing.JSON, limit=len(body) - 1)
+    for i in range(0, len(body), 7):
+        tail.feed(body[i : i + 7])
+        assert sum(len(piece) for piece in tail.lines()) < len(body)
+    assert tail.lines() == []
+    assert read_outcome(RouteKind.NATIVE, Framing.JSON, tail.lines()) == Outcome(Ending.COMPLETE)
+    exact = tail_for(Framing.JSON, limit=len(body))
+    exact.feed(body)
+    assert read_outcome(RouteKind.NATIVE, Framing.JSON, exact.lines()).usage is not None
+
+
 def test_v1_chat_stream_usage_is_taken_from_the_empty_choices_chunk() -> None:
     expected = Outcome(Ending.COMPLETE, Usage(34, 3, done_reason="stop"))
     for pieces in splits(fixture("v1_chat_stream_usage.sse")):
@@ -286,8 +311,6 @@ def test_only_the_last_lines_are_kept() -> None:
 
 
 def test_parse_ps_and_tags() -> None:
-    import orjson
-
     [loaded] = parse_ps(orjson.dumps({"models": [PS_MODEL]})) or []
     assert loaded.name == PS_MODEL["name"]
     assert loaded.size_bytes == PS_MODEL["size"]

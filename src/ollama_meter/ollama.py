@@ -12,12 +12,13 @@ prometheus_client), so tests feed it plain bytes:
 3. Response observation. Usage numbers sit at the *end* of a body: the final NDJSON object
    (``done:true``), the single JSON object of a non-stream reply, or the last SSE events of a
    ``/v1`` stream. So the observer never parses while bytes flow: ``LineTail.feed`` only keeps
-   the last few complete lines (counting newlines in C), and ``read_outcome`` parses those few
-   lines once, when the body has ended. Memory is bounded by a byte limit; a line longer than
-   that is dropped and simply reports nothing.
+   the last few complete lines of a stream (counting newlines in C), ``WholeBody.feed`` keeps
+   the chunks of a single-object reply, and ``read_outcome`` parses what was kept once, when
+   the body has ended. Memory is bounded by a byte limit; a line (or a single-object body)
+   longer than that is dropped and simply reports nothing.
 
 Rule: nothing here may raise into the byte path. ``read_outcome`` returns an Outcome for any
-input; ``LineTail.feed`` does arithmetic only.
+input; ``feed`` does arithmetic only.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "Route",
     "RouteKind",
     "Usage",
+    "WholeBody",
     "canonical_model",
     "framing_for",
     "inspect_request",
@@ -48,6 +50,7 @@ __all__ = [
     "parse_tags",
     "read_outcome",
     "route_for",
+    "tail_for",
 ]
 
 
@@ -289,6 +292,42 @@ class LineTail:
         return lines
 
 
+class WholeBody:
+    """All of a single-object (``Framing.JSON``) body, up to a byte limit.
+
+    The one object is the whole body, so there are no lines to track: chunks are kept as they
+    come (usually there is one) and parsed once at the end. Past the limit everything is
+    dropped and the reply reports nothing.
+    """
+
+    __slots__ = ("_chunks", "_limit", "_size", "framing")
+
+    def __init__(self, framing: Framing, limit: int) -> None:
+        self.framing = framing
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+
+    def feed(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size <= self._limit:
+            self._chunks.append(chunk)
+        elif self._chunks:
+            self._chunks.clear()
+
+    def lines(self) -> list[bytes]:
+        """The body as one piece, or nothing if it was over the limit."""
+        chunks = self._chunks
+        return chunks if len(chunks) < 2 else [b"".join(chunks)]
+
+
+def tail_for(framing: Framing, limit: int) -> LineTail | WholeBody:
+    """The observer for a body of this framing, holding at most about ``limit`` bytes."""
+    if framing is Framing.JSON:
+        return WholeBody(framing, limit)
+    return LineTail(framing, limit)
+
+
 class Usage(NamedTuple):
     """What the upstream reported about one reply, in base units. Absent numbers are 0.
 
@@ -335,12 +374,12 @@ def read_outcome(kind: RouteKind, framing: Framing, lines: list[bytes]) -> Outco
         return _COMPLETE
     if framing is Framing.SSE:
         return _read_sse(kind, lines)
-    doc = _last_object(lines)
     if framing is Framing.JSON:
         # A whole body: complete by construction (a short body fails in the transport).
-        usage = _usage_of(kind, doc) if doc is not None else None
-        return Outcome(Ending.COMPLETE, usage)
+        doc = _parse_object(lines[0]) if len(lines) == 1 else None
+        return Outcome(Ending.COMPLETE, _usage_of(kind, doc) if doc is not None else None)
     # NDJSON: only the last object matters.
+    doc = _last_object(lines)
     if doc is None:
         return _UNTERMINATED
     if "error" in doc:

@@ -5,7 +5,7 @@ Rules:
 1. Bytes are never changed, added or held back. Request bodies stream upstream as they arrive,
    except the JSON body of a route that names a model, which is read whole up to
    ``max_inspect_bytes`` to learn the model and stream flag. Response chunks are written to the
-   client as they arrive. Observing them (ollama.LineTail) is a side channel that cannot fail.
+   client as they arrive. Observing them (ollama.tail_for) is a side channel that cannot fail.
 2. Headers pass unchanged except hop-by-hop ones (RFC 9110 §7.6.1), ``Host`` (the upstream's
    authority, unless --preserve-host; Ollama rejects foreign hosts on loopback) and the added
    ``X-Forwarded-For``/``X-Forwarded-Proto``. No header is added to responses either (aiohttp's
@@ -45,10 +45,12 @@ from .ollama import (
     LineTail,
     Route,
     RouteKind,
+    WholeBody,
     framing_for,
     inspect_request,
     read_outcome,
     route_for,
+    tail_for,
 )
 
 log = logging.getLogger(__name__)
@@ -266,7 +268,7 @@ class Proxy:
             and hdrs.CONTENT_ENCODING not in upstream.headers
         ):
             framing = framing_for(upstream.headers.get(hdrs.CONTENT_TYPE))
-        tail = LineTail(framing, self._config.max_inspect_bytes) if framing else None
+        tail = tail_for(framing, self._config.max_inspect_bytes) if framing else None
         x.streamed = framing in _STREAMED
         response = _PassthroughResponse(
             status=status,
@@ -299,7 +301,7 @@ class Proxy:
         request: web.Request,
         route: Route,
         x: Exchange,
-        tail: LineTail | None,
+        tail: LineTail | WholeBody | None,
         content: aiohttp.StreamReader,
     ) -> None:
         """Judge the finished body and record the exchange (once)."""
