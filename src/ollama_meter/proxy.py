@@ -202,10 +202,9 @@ class Proxy:
         clean = False
         try:
             response = await self._relay(request, route, x, upstream)
-            clean = x.error is None and (
-                not isinstance(data, aiohttp.StreamReader | AsyncIterator)
-                or request.content.is_eof()
-            )
+            # The request body must have gone out whole too: a body read to inspect it, or
+            # no body, is at its end; a streamed one only if the client finished it.
+            clean = x.error is None and request.content.is_eof()
             return response
         finally:
             # A whole exchange frees the connection for reuse; anything else closes it,
