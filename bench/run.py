@@ -98,6 +98,12 @@ def steal_ticks() -> tuple[int, int]:
     return fields[7], sum(fields[:8])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (steal is not in it)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int, key: str = "VmRSS") -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -221,8 +227,10 @@ class Bench:
     # --- load generators ------------------------------------------------------------------
 
     def wrk(
-        self, url: str, connections: int, seconds: int, latency: bool = False
+        self, target: Target, connections: int, seconds: int, latency: bool = False
     ) -> dict[str, float]:
+        """requests/s (and latency percentiles), and the target's CPU time per request."""
+        url = target.url
         argv = pinned(
             HARNESS_CPU,
             "wrk",
@@ -234,10 +242,15 @@ class Bench:
         )
         if latency:
             argv.append("--latency")
+        cpu0 = cpu_seconds(target.pid) if target.pid else 0.0
         out = subprocess.run(
             [*argv, url + "/api/generate"], capture_output=True, text=True, check=True
         ).stdout
+        cpu1 = cpu_seconds(target.pid) if target.pid else 0.0
         result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+        if target.pid:
+            requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+            result["cpu_us_per_request"] = 1e6 * (cpu1 - cpu0) / max(1, requests)
         if latency:
             for pct in ("50", "99"):
                 match = re.search(rf"\s{pct}(?:\.000)?%\s+([\d.]+)(us|ms|s)\b", out)
@@ -266,9 +279,13 @@ class Bench:
     # --- scenarios ------------------------------------------------------------------------
 
     def alternate(
-        self, targets: list[Target], name: str, measure: Callable[[Target], dict[str, float]]
+        self,
+        targets: list[Target],
+        name: str,
+        measure: Callable[[Target], dict[str, float]],
+        rounds: int | None = None,
     ) -> None:
-        for _ in range(self.rounds):
+        for _ in range(rounds or self.rounds):
             for target in targets:
                 self.results.record(name, target.name, measure(target))
                 last = {k: v[-1] for k, v in self.results.scenarios[name][target.name].items()}
@@ -277,10 +294,9 @@ class Bench:
     def run(self, only: set[str]) -> Results:
         upstream = self.start_upstream()
         targets = self.start_targets(upstream)
-        seconds = 3 if self.quick else 5
         steal0 = steal_ticks()
         for target in targets:  # warm-up: connections, code paths
-            self.wrk(target.url, 64, 1)
+            self.wrk(target, 64, 1)
         if "memory" in only:  # first, while "idle" still means a fresh process
             for target in targets[1:]:
                 self.results.record("4 memory", target.name, asyncio.run(self.memory(target)))
@@ -288,12 +304,20 @@ class Bench:
                     f"  4 memory {target.name}: {self.results.scenarios['4 memory'][target.name]}",
                     flush=True,
                 )
+        # Request/response rounds are short and many: the machine drifts by tens of percent
+        # over seconds, and the report pairs each ollama-meter round with its neighbours'.
+        short, many = (2, 3) if self.quick else (3, 7)
         if "latency" in only:
             self.alternate(
-                targets, "1 latency c=1", lambda t: self.wrk(t.url, 1, seconds, latency=True)
+                targets,
+                "1 latency c=1",
+                lambda t: self.wrk(t, 1, short, latency=True),
+                rounds=many,
             )
         if "throughput" in only:
-            self.alternate(targets, "2 throughput c=64", lambda t: self.wrk(t.url, 64, seconds))
+            self.alternate(
+                targets, "2 throughput c=64", lambda t: self.wrk(t, 64, short), rounds=many
+            )
         if "streaming" in only:
             lines = 128 if self.quick else 256
             self.alternate(
