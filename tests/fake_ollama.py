@@ -74,6 +74,9 @@ class Reply:
     cut: bool = False
     #: False: answer before reading the request body, then close (an existing blob).
     read_body: bool = True
+    #: With read_body False: keep the connection open after the answer instead (Go may, when
+    #: the unread rest of the body is small enough to drain).
+    keep_alive: bool = False
 
     @classmethod
     def body(cls, data: bytes, content_type: str | None = JSON_UTF8, status: int = 200) -> Reply:
@@ -95,6 +98,8 @@ class Received:
     body: bytes
     size: int
     sha256: str
+    #: The client port of the connection it came on (the same port: a reused connection).
+    port: int = 0
 
     def view(self) -> tuple[str, str, list[tuple[str, str]], str]:
         """What must be identical whether a request came direct or through the proxy."""
@@ -145,6 +150,8 @@ class FakeOllama:
             received = Received(
                 request.method, request.raw_path, CIMultiDict(request.headers), b"", 0, ""
             )
+        assert request.transport is not None
+        received.port = request.transport.get_extra_info("peername")[1]
         self.received.append(received)
         async with self._arrivals:
             self._arrivals.notify_all()
@@ -196,7 +203,7 @@ class FakeOllama:
             assert request.transport is not None
             request.transport.close()
             return response
-        if not reply.read_body:
+        if not reply.read_body and not reply.keep_alive:
             # Close after this answer; like Go's server, drain the unread body first rather
             # than reset the connection under the answer (aiohttp's lingering close does that).
             response.force_close()

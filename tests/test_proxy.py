@@ -432,6 +432,32 @@ async def test_existing_blob_answer_before_the_body_is_relayed(
         assert meter.value("request_errors_total", **labels, reason=reason) == 0
 
 
+async def test_answer_before_a_streamed_body_ends_closes_the_upstream_connection(
+    fake: FakeOllama, meter: Meter
+) -> None:
+    # The upstream answered while the request body was still coming, and kept the connection:
+    # it still expects the rest of that body, so the proxy must close it, never reuse it.
+    digest = "sha256:" + "2" * 64
+    early = Reply(200, None, read_body=False, keep_alive=True)
+    fake.script("POST", f"/api/blobs/{digest}", early)
+    answered = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"x" * 65536
+        await answered.wait()
+        yield b"y" * 65536
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(meter.url + f"/api/blobs/{digest}", data=body()) as response:
+            assert response.status == 200
+            assert await response.read() == b""
+            answered.set()
+        async with asyncio.timeout(10), session.get(meter.url + "/api/tags") as response:
+            assert response.status == 200
+            await response.read()
+    assert fake.last("/api/tags").port != fake.last(f"/api/blobs/{digest}").port
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 async def test_body_over_the_inspect_cap_streams_through_unlabelled(
     fake: FakeOllama, start_meter: MeterFactory, chunked: bool
