@@ -150,8 +150,8 @@ class FakeOllama:
             received = Received(
                 request.method, request.raw_path, CIMultiDict(request.headers), b"", 0, ""
             )
-        assert request.transport is not None
-        received.port = request.transport.get_extra_info("peername")[1]
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        received.port = peer[1] if peer else 0
         self.received.append(received)
         async with self._arrivals:
             self._arrivals.notify_all()
