@@ -19,7 +19,7 @@ from yarl import URL
 
 from ollama_meter.app import HANDLER_ARGS, NO_AUTO_HEADERS
 from ollama_meter.cli import event_loop_factory, tune_runtime
-from ollama_meter.proxy import filtered_headers
+from ollama_meter.inbound import HOP_BY_HOP, filtered_headers
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
@@ -40,7 +40,7 @@ def make_app(upstream: str) -> web.Application:
         await app[SESSION].close()
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        headers = filtered_headers(request.headers, drop_host=True)
+        headers = filtered_headers(request.headers, HOP_BY_HOP | {"host"})
         data = request.content if request.body_exists else None
         async with app[SESSION].request(
             request.method,
@@ -52,7 +52,7 @@ def make_app(upstream: str) -> web.Application:
             response = web.StreamResponse(
                 status=upstream_response.status,
                 reason=upstream_response.reason,
-                headers=filtered_headers(upstream_response.headers, drop_host=False),
+                headers=filtered_headers(upstream_response.headers, HOP_BY_HOP),
             )
             await response.prepare(request)
             async for chunk in upstream_response.content.iter_any():

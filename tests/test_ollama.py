@@ -18,6 +18,7 @@ from ollama_meter.ollama import (
     canonical_model,
     framing_for,
     inspect_request,
+    judge,
     parse_ps,
     parse_tags,
     read_outcome,
@@ -31,10 +32,10 @@ LIMIT = 1 << 20
 
 
 def observe(kind: RouteKind, framing: Framing, pieces: list[bytes], limit: int = LIMIT) -> Outcome:
-    tail = tail_for(framing, limit)
+    tail = tail_for(framing, limit, limit)
     for piece in pieces:
         tail.feed(piece)
-    return read_outcome(kind, framing, tail.lines())
+    return judge(kind, tail)
 
 
 def splits(data: bytes) -> list[list[bytes]]:
@@ -213,13 +214,13 @@ def test_a_single_object_reply_is_read_whole_even_across_lines() -> None:
 
 def test_a_single_object_reply_over_the_limit_reports_nothing_and_holds_nothing() -> None:
     body = fixture("embed_response.json")
-    tail = tail_for(Framing.JSON, limit=len(body) - 1)
+    tail = tail_for(Framing.JSON, len(body) - 1, LIMIT)
     for i in range(0, len(body), 7):
         tail.feed(body[i : i + 7])
         assert sum(len(piece) for piece in tail.lines()) < len(body)
     assert tail.lines() == []
     assert read_outcome(RouteKind.NATIVE, Framing.JSON, tail.lines()) == Outcome(Ending.COMPLETE)
-    exact = tail_for(Framing.JSON, limit=len(body))
+    exact = tail_for(Framing.JSON, len(body), LIMIT)
     exact.feed(body)
     assert read_outcome(RouteKind.NATIVE, Framing.JSON, exact.lines()).usage is not None
 

@@ -9,23 +9,33 @@ torn down in reverse, and only if their setup finished.
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 
 from . import __version__
-from .config import Config
+from .config import Config, is_loopback_listener
+from .hosts import HostCheck
+from .inbound import Refusal, target_of
 from .labels import ModelLabels
 from .logs import AccessLog
 from .metrics import Metrics, exposition_handler
 from .proxy import SESSION, Proxy
 from .upstreams import Upstream
 
+log = logging.getLogger(__name__)
+
 METRICS: Final = web.AppKey("metrics", Metrics)
+PROXY: Final = web.AppKey("proxy", Proxy)
+#: Whether Ollama answered /api/tags at start-up (cli.py warns once listening if not).
+UPSTREAM_ANSWERED: Final = web.AppKey("upstream_answered", bool)
 ACCESS_LOG: Final = web.AppKey("access_log", AccessLog)
 UPSTREAM: Final = web.AppKey("upstream", Upstream)
 #: The runner of the --metrics-listen listener (its ``addresses`` say where it listens).
@@ -39,17 +49,27 @@ NO_AUTO_HEADERS: Final = (
     aiohttp.hdrs.CONTENT_TYPE,
 )
 
-# Ollama (Go net/http) takes up to 1 MB of headers; aiohttp's default field limit is 8 KiB.
-HANDLER_ARGS: Final = {"max_field_size": 64 * 1024, "max_line_size": 64 * 1024}
+# What the server side accepts. Request bodies pass as the client encoded them (aiohttp would
+# inflate gzip and deflate bodies itself). Request heads are bounded in total, as Ollama's Go
+# server bounds them (1 MB): a request line, then at most 64 header fields of at most 16 KiB
+# each (name and value), about 1 MiB in all.
+HANDLER_ARGS: Final = {
+    "auto_decompress": False,
+    "max_line_size": 16 * 1024,
+    "max_field_size": 16 * 1024,
+    "max_headers": 64,
+}
 
 
 def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
     app = web.Application(handler_args=HANDLER_ARGS)
+    app.on_response_prepare.append(_no_server_header)
     metrics = Metrics(__version__)
     labels = ModelLabels(config.max_models)
     access_log = AccessLog(config.log_format) if config.access_log else None
     proxy = Proxy(config, metrics, labels, access_log)
     app[METRICS] = metrics
+    app[PROXY] = proxy
     if access_log is not None:
         app[ACCESS_LOG] = access_log
 
@@ -68,26 +88,45 @@ def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
         )
         app[SESSION] = session
         upstream = app[UPSTREAM] = Upstream(session, config.upstream, config.probe_timeout)
-        names = await upstream.tags()
-        if names is not None:
-            labels.set_known(names)
-        yield
-        await session.close()
+        try:
+            names = await upstream.tags()
+            if names is not None:
+                labels.set_known(names)
+            app[UPSTREAM_ANSWERED] = names is not None
+            yield
+        finally:
+            await session.close()
 
     app.cleanup_ctx.append(upstream_session)
 
     deadline: list[asyncio.TimerHandle] = []
+    draining = [0, 0]  # requests in flight when shutdown began, and how many were cut
 
     async def on_shutdown(app: web.Application) -> None:
         # New connections are refused from here on; requests in flight get shutdown_timeout
         # seconds to finish, then are cut (and counted with reason "shutdown").
         proxy.shutting_down = True
+        draining[0] = proxy.in_flight
+        if draining[0]:
+            log.info(
+                "shutting down: %d requests in flight get %gs to finish",
+                draining[0],
+                config.shutdown_timeout,
+            )
         loop = asyncio.get_running_loop()
-        deadline.append(loop.call_later(config.shutdown_timeout, proxy.cut_off))
+        deadline.append(loop.call_later(config.shutdown_timeout, cut_off))
+
+    def cut_off() -> None:
+        draining[1] = proxy.cut_off()
+        if draining[1]:
+            log.warning("shutdown deadline: cutting %d requests still in flight", draining[1])
 
     async def on_cleanup(app: web.Application) -> None:
         for handle in deadline:
             handle.cancel()
+        in_flight, cut = draining
+        if in_flight:
+            log.info("stopped: %d requests finished during shutdown, %d cut", in_flight - cut, cut)
         if access_log is not None:
             access_log.flush()
 
@@ -95,7 +134,8 @@ def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
     app.on_cleanup.append(on_cleanup)
 
     async def serve_metrics(request: web.Request) -> web.StreamResponse:
-        # Ask Ollama now, so the scrape shows the state at scrape time; never fails.
+        # Ask Ollama now (or share a probe not a second old), so the scrape shows the state at
+        # scrape time; never fails.
         state = await app[UPSTREAM].state()
         if state.tags is not None:
             labels.set_known(state.tags)
@@ -105,7 +145,7 @@ def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
 
     expose = exposition_handler(metrics, registry)
     if config.metrics_listen is None:
-        app.router.add_get("/metrics", serve_metrics)
+        app.router.add_get("/metrics", _host_checked(proxy.host_check, serve_metrics))
     else:
         app.cleanup_ctx.append(_metrics_listener(config, serve_metrics))
 
@@ -115,12 +155,36 @@ def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
     async def ready(request: web.Request) -> web.StreamResponse:
         if await app[UPSTREAM].is_up():
             return web.Response(text="ollama-meter is ready.\n")
-        return web.Response(status=503, text=f"upstream {config.upstream} is not answering.\n")
+        return web.Response(status=503, text="upstream is not answering.\n")
 
+    # /-/healthy answers any Host: probes (Docker, Kubernetes) use whatever address they have.
     app.router.add_get("/-/healthy", healthy)
-    app.router.add_get("/-/ready", ready)
+    app.router.add_get("/-/ready", _host_checked(proxy.host_check, ready))
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
+
+
+async def _no_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """No ``Server`` header of ours on any reply (the proxied ones keep the upstream's)."""
+    if response.headers.get(hdrs.SERVER) == SERVER_SOFTWARE:
+        del response.headers[hdrs.SERVER]
+
+
+def _host_checked(check: HostCheck | None, handler: Handler) -> Handler:
+    """One of our own endpoints, behind the same Host rule as the proxied routes."""
+    if check is None:
+        return handler
+
+    async def checked(request: web.Request) -> web.StreamResponse:
+        try:
+            _, host = target_of(request)
+        except Refusal as refusal:
+            return web.Response(status=refusal.status, text=refusal.message)
+        if not check.allows(host):
+            return web.Response(status=403)
+        return await handler(request)
+
+    return checked
 
 
 def _metrics_listener(
@@ -131,8 +195,14 @@ def _metrics_listener(
     assert where is not None
 
     async def listener(app: web.Application) -> AsyncIterator[None]:
-        metrics_app = web.Application()
-        metrics_app.router.add_get("/metrics", handler)
+        metrics_app = web.Application(handler_args=HANDLER_ARGS)
+        metrics_app.on_response_prepare.append(_no_server_header)
+        check = (
+            HostCheck(socket.gethostname(), config.allowed_hosts)
+            if is_loopback_listener(where)
+            else None
+        )
+        metrics_app.router.add_get("/metrics", _host_checked(check, handler))
         runner = web.AppRunner(metrics_app, access_log=None, handler_cancellation=True)
         await runner.setup()
         app[METRICS_RUNNER] = runner

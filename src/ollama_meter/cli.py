@@ -18,7 +18,7 @@ import click
 from aiohttp import web
 
 from . import __version__
-from .app import create_app
+from .app import UPSTREAM_ANSWERED, create_app
 from .config import Config, ConfigError, LogFormat
 from .logs import setup_logging
 from .metrics import build_registry
@@ -68,11 +68,46 @@ def _option(name: str, **kwargs: Any) -> Callable[[_F], _F]:
     "with model 'unknown'.",
 )
 @_option(
+    "--max-inspect-total",
+    default=256 * _MiB,
+    type=click.IntRange(min=0),
+    help="Request bodies held to learn their model, all requests together; past it, bodies "
+    "stream through with model 'unknown'.",
+)
+@_option(
+    "--max-response-tail",
+    default=1 * _MiB,
+    type=click.IntRange(min=0),
+    help="How much of a stream's end is kept to read its usage; a final line longer than "
+    "this reports none (usage_missing_total reason too_large).",
+)
+@_option(
     "--max-models",
     default=100,
     type=click.IntRange(min=0),
     help="Model label values allowed beyond those Ollama lists in /api/tags; later ones are "
     "'other'.",
+)
+@_option(
+    "--allowed-hosts",
+    default="",
+    metavar="NAME,...",
+    help="On a loopback listener, Host names accepted beyond Ollama's own rule (localhost, "
+    "private addresses, .local, ...); '.example.com' allows every name under it.",
+)
+@_option(
+    "--trusted-proxies",
+    default="",
+    metavar="CIDR,...",
+    help="Peers whose X-Forwarded-Proto/-Host/-Port are passed on; from anyone else they are "
+    "replaced or removed.",
+)
+@_option(
+    "--openai-stream-usage/--no-openai-stream-usage",
+    default=False,
+    help="Add stream_options.include_usage to /v1/chat/completions streams that lack it and "
+    "hide the usage event from the client, so their tokens are counted. Rewrites those "
+    "request bodies.",
 )
 @_option(
     "--connect-timeout",
@@ -99,6 +134,13 @@ def _option(name: str, **kwargs: Any) -> Callable[[_F], _F]:
     type=click.FloatRange(min=0),
     help="On SIGTERM/SIGINT, seconds requests in flight may take to finish before they are cut.",
 )
+@_option(
+    "--keepalive-timeout",
+    default=10.0,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds an idle client connection is kept open, and a request head may take to "
+    "arrive in full (a client trickling one is cut off).",
+)
 @_option("--log-format", default="text", type=click.Choice(["text", "json"]), help="Log format.")
 @_option(
     "--log-level",
@@ -118,11 +160,17 @@ def main(
     metrics_listen: str | None,
     preserve_host: bool,
     max_inspect_bytes: int,
+    max_inspect_total: int,
+    max_response_tail: int,
     max_models: int,
+    allowed_hosts: str,
+    trusted_proxies: str,
+    openai_stream_usage: bool,
     connect_timeout: float,
     read_timeout: float,
     probe_timeout: float,
     shutdown_timeout: float,
+    keepalive_timeout: float,
     log_format: LogFormat,
     log_level: str,
     access_log: bool,
@@ -139,11 +187,17 @@ def main(
             metrics_listen=metrics_listen,
             preserve_host=preserve_host,
             max_inspect_bytes=max_inspect_bytes,
+            max_inspect_total=max_inspect_total,
+            max_response_tail=max_response_tail,
             max_models=max_models,
+            allowed_hosts=allowed_hosts,
+            trusted_proxies=trusted_proxies,
+            openai_stream_usage=openai_stream_usage,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             probe_timeout=probe_timeout,
             shutdown_timeout=shutdown_timeout,
+            keepalive_timeout=keepalive_timeout,
             log_format=log_format,
             # Access lines are info lines: a higher log level turns them off too.
             access_log=access_log and log_level.lower() in ("debug", "info"),
@@ -178,6 +232,8 @@ def run(config: Config) -> None:
     """Serve until SIGTERM/SIGINT, then drain for up to ``shutdown_timeout`` seconds."""
     metrics_at = config.metrics_listen.url if config.metrics_listen else config.listen.url
 
+    app = create_app(config, build_registry())
+
     def announce(_: str) -> None:
         log.info(
             "ollama-meter %s listening on %s, forwarding to %s; metrics at %s/metrics",
@@ -186,11 +242,16 @@ def run(config: Config) -> None:
             config.upstream,
             metrics_at,
         )
+        if not app.get(UPSTREAM_ANSWERED, False):
+            log.warning(
+                "Ollama at %s does not answer: requests will get 502 until it does",
+                config.upstream,
+            )
 
     tune_runtime()
     try:
         web.run_app(
-            create_app(config, build_registry()),
+            app,
             host=config.listen.host,
             port=config.listen.port,
             # The app cuts requests at shutdown_timeout itself (see Proxy.cut_off); aiohttp's
@@ -199,6 +260,7 @@ def run(config: Config) -> None:
             # The same as aiohttp's test server: a client that leaves cancels its handler,
             # which closes the upstream request so that Ollama stops generating.
             handler_cancellation=True,
+            keepalive_timeout=config.keepalive_timeout,
             access_log=None,  # logs.AccessLog writes one line per request instead
             print=announce,
             loop=event_loop_factory()(),

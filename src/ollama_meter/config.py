@@ -11,6 +11,7 @@ Must not know about click or the environment: cli.py reads those and calls ``Con
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -24,6 +25,7 @@ _UNSPECIFIED: Final = frozenset({"", "0.0.0.0", "::"})
 _DEFAULT_UPSTREAM: Final = URL("http://127.0.0.1:11434")
 
 LogFormat = Literal["text", "json"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(ValueError):
@@ -100,6 +102,41 @@ def parse_upstream(text: str) -> URL:
         raise ConfigError(f"upstream: {text!r} is not a valid address ({exc})") from None
 
 
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+_HOST_NAME: Final = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+
+
+def parse_allowed_hosts(text: str) -> tuple[str, ...]:
+    """``meter.example.com,.example.org``: host names (a leading dot: every name under it)."""
+    hosts = []
+    for item in _items(text.lower()):
+        if not _HOST_NAME.fullmatch(item.removeprefix(".")):
+            raise ConfigError(f"allowed-hosts: {item!r} is not a host name")
+        hosts.append(item)
+    return tuple(hosts)
+
+
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
+    """``10.0.0.0/8,127.0.0.1``: addresses or CIDR networks."""
+    networks = []
+    for item in _items(text):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"trusted-proxies: {item!r} is not an IP address or network"
+            ) from None
+    return tuple(networks)
+
+
+def is_loopback_listener(listen: HostPort) -> bool:
+    """Does this listener take connections only from this machine? (Then the Host rule applies.)"""
+    return _is_loopback(listen.host)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost" or host.endswith(".localhost"):
         return True
@@ -129,12 +166,25 @@ class Config:
     metrics_listen: HostPort | None = None
     preserve_host: bool = False
     max_inspect_bytes: int = 64 * 1024 * 1024
+    #: All request bodies being read to inspect them at once, together; past it, bodies stream
+    #: through unlabelled.
+    max_inspect_total: int = 256 * 1024 * 1024
+    #: How much of a stream's end is kept to read its usage (the final line or events).
+    max_response_tail: int = 1024 * 1024
     max_models: int = 100
+    #: Host names accepted on a loopback listener beyond Ollama's own rule (lowercase).
+    allowed_hosts: tuple[str, ...] = ()
+    #: Peers whose X-Forwarded-Proto/-Host/-Port are believed.
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    #: Add include_usage to /v1/chat/completions streams and hide the usage event it adds.
+    openai_stream_usage: bool = False
     connect_timeout: float = 10.0
     #: Longest silence from the upstream, headers included; None: wait forever.
     read_timeout: float | None = 600.0
     probe_timeout: float = 2.0
     shutdown_timeout: float = 30.0
+    #: Idle keep-alive connections, and request heads still incomplete, are closed after this.
+    keepalive_timeout: float = 10.0
     log_format: LogFormat = "text"
     access_log: bool = True
 
@@ -147,11 +197,17 @@ class Config:
         metrics_listen: str | None = None,
         preserve_host: bool = False,
         max_inspect_bytes: int = 64 * 1024 * 1024,
+        max_inspect_total: int = 256 * 1024 * 1024,
+        max_response_tail: int = 1024 * 1024,
         max_models: int = 100,
+        allowed_hosts: str = "",
+        trusted_proxies: str = "",
+        openai_stream_usage: bool = False,
         connect_timeout: float = 10.0,
         read_timeout: float = 600.0,
         probe_timeout: float = 2.0,
         shutdown_timeout: float = 30.0,
+        keepalive_timeout: float = 10.0,
         log_format: LogFormat = "text",
         access_log: bool = True,
     ) -> Config:
@@ -159,6 +215,7 @@ class Config:
         for name, value in (
             ("connect-timeout", connect_timeout),
             ("probe-timeout", probe_timeout),
+            ("keepalive-timeout", keepalive_timeout),
         ):
             if not value > 0:
                 raise ConfigError(f"{name}: must be more than 0 seconds, got {value}")
@@ -168,8 +225,13 @@ class Config:
             raise ConfigError(f"shutdown-timeout: must be 0 or more, got {shutdown_timeout}")
         if max_inspect_bytes < 0:
             raise ConfigError(f"max-inspect-bytes: must be 0 or more, got {max_inspect_bytes}")
-        if max_models < 0:
-            raise ConfigError(f"max-models: must be 0 or more, got {max_models}")
+        for name, size in (
+            ("max-inspect-total", max_inspect_total),
+            ("max-response-tail", max_response_tail),
+            ("max-models", max_models),
+        ):
+            if size < 0:
+                raise ConfigError(f"{name}: must be 0 or more, got {size}")
         config = cls(
             listen=parse_listen(listen),
             upstream=parse_upstream(upstream),
@@ -178,11 +240,17 @@ class Config:
             else None,
             preserve_host=preserve_host,
             max_inspect_bytes=max_inspect_bytes,
+            max_inspect_total=max_inspect_total,
+            max_response_tail=max_response_tail,
             max_models=max_models,
+            allowed_hosts=parse_allowed_hosts(allowed_hosts),
+            trusted_proxies=parse_networks(trusted_proxies),
+            openai_stream_usage=openai_stream_usage,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout or None,
             probe_timeout=probe_timeout,
             shutdown_timeout=shutdown_timeout,
+            keepalive_timeout=keepalive_timeout,
             log_format=log_format,
             access_log=access_log,
         )

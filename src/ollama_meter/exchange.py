@@ -40,6 +40,7 @@ class Exchange:
     started: float  # loop.time() at arrival
     model: str = "unknown"
     stream: bool = False
+    inference: bool = False  # the route runs a model on a prompt (ollama.Route.inference)
     status: int = 0  # what the client received (or 499/503 as above)
     first_byte: float | None = None  # loop.time() of the first response body chunk
     finished: float | None = None
@@ -47,6 +48,8 @@ class Exchange:
     request_bytes: int = 0
     response_bytes: int = 0
     usage: Usage | None = None
+    usage_oversized: bool = False  # the final record was too long to read its usage
+    records: int = 0  # NDJSON lines or SSE data lines of a streamed body
     error: str | None = None  # one of ERROR_REASONS
     in_flight: bool = False  # counted in requests_in_flight (the model label was known)
     recorded: bool = False  # metrics taken (exactly once)

@@ -69,6 +69,10 @@ TPOT_BUCKETS: Final = (
 )  # fmt: skip
 
 DONE_REASONS: Final = frozenset({"stop", "length", "load", "unload"})
+#: Why a stream carried no usage: how it ended (ERROR_REASONS), or
+#: not_requested (a /v1 stream without include_usage), too_large (its final record was longer
+#: than --max-response-tail), not_reported (it ended well and still had none).
+USAGE_MISSING_REASONS: Final = (*ERROR_REASONS, "not_requested", "too_large", "not_reported")
 
 EMS: Final = ("endpoint", "model", "stream")
 EM: Final = ("endpoint", "model")
@@ -108,8 +112,8 @@ DURATION: Final = _Spec(
 )
 TTFT: Final = _Spec(
     "time_to_first_token_seconds",
-    "Streamed responses: time from a request's arrival at the proxy to the first body chunk "
-    "from Ollama.",
+    "Streamed inference responses (not pulls or creates): time from a request's arrival at "
+    "the proxy to the first body chunk from Ollama.",
     EM,
     TTFT_BUCKETS,
 )
@@ -160,6 +164,19 @@ ERRORS: Final = _Spec(
     f"Requests that failed in transit, by reason ({', '.join(ERROR_REASONS)}).",
     (*EM, "reason"),
 )
+USAGE_MISSING: Final = _Spec(
+    "usage_missing_total",
+    "Inference streams that ended without a usage report, so their tokens are counted nowhere, "
+    f"by reason ({', '.join(USAGE_MISSING_REASONS)}).",
+    (*EM, "reason"),
+)
+UNMETERED_CHUNKS: Final = _Spec(
+    "unmetered_chunks_total",
+    "An approximation: the NDJSON lines or SSE data lines that streams counted in "
+    "usage_missing_total delivered. A chunk is often one token, but not always (thinking and "
+    "tool-call parsers release several at once).",
+    EM,
+)
 COUNTERS: Final = (
     REQUESTS,
     REQUEST_BYTES,
@@ -170,6 +187,8 @@ COUNTERS: Final = (
     EVAL_SECONDS,
     DONE,
     ERRORS,
+    USAGE_MISSING,
+    UNMETERED_CHUNKS,
 )
 HISTOGRAMS: Final = (DURATION, TTFT, LOAD, TPOT)
 # The "le" label values, spelt as prometheus_client spells them.
@@ -216,11 +235,16 @@ class Metrics(Collector):
             _add(counters[REQUEST_BYTES], ems, x.request_bytes)
         if x.response_bytes:
             _add(counters[RESPONSE_BYTES], ems, x.response_bytes)
-        if x.streamed and x.first_byte is not None:
-            self._observe(TTFT, em, x.first_byte - x.started)
+        usage = x.usage
+        if x.streamed and x.inference:
+            if x.first_byte is not None:
+                self._observe(TTFT, em, x.first_byte - x.started)
+            if usage is None or not usage.tokens_reported:
+                _add(counters[USAGE_MISSING], (*em, _missing_reason(x)), 1)
+                if x.records:
+                    _add(counters[UNMETERED_CHUNKS], em, x.records)
         if x.error is not None:
             _add(counters[ERRORS], (*em, x.error), 1)
-        usage = x.usage
         if usage is None:
             return
         if usage.tokens_reported:
@@ -387,6 +411,14 @@ class Metrics(Collector):
             if model.context_length is not None:
                 context.add_metric([model.name], model.context_length)
         return [up, loaded, size, vram, expiry, context]
+
+
+def _missing_reason(x: Exchange) -> str:
+    if x.error is not None:
+        return x.error
+    if x.usage_oversized:
+        return "too_large"
+    return "not_requested" if x.usage is not None else "not_reported"
 
 
 def _add(series: dict[Key, float], key: Key, amount: float) -> None:

@@ -44,8 +44,10 @@ __all__ = [
     "Usage",
     "WholeBody",
     "canonical_model",
+    "final_marker",
     "framing_for",
     "inspect_request",
+    "judge",
     "parse_ps",
     "parse_tags",
     "read_outcome",
@@ -81,6 +83,16 @@ class Route:
     @property
     def inspects_body(self) -> bool:
         return bool(self.model_keys)
+
+    @property
+    def inference(self) -> bool:
+        """A route that runs a model on a prompt (not model management, not plain reads)."""
+        return self.kind in _INFERENCE
+
+
+_INFERENCE: Final = frozenset(
+    {RouteKind.NATIVE, RouteKind.OPENAI, RouteKind.RESPONSES, RouteKind.MESSAGES}
+)
 
 
 _MODEL: Final = ("model",)
@@ -250,7 +262,17 @@ class LineTail:
     is copied or decoded until ``lines()``.
     """
 
-    __slots__ = ("_chunks", "_keep", "_limit", "_lost_head", "_newlines", "_size", "framing")
+    __slots__ = (
+        "_chunks",
+        "_keep",
+        "_limit",
+        "_lost_head",
+        "_newlines",
+        "_since_overflow",
+        "_size",
+        "framing",
+        "records",
+    )
 
     def __init__(self, framing: Framing, limit: int) -> None:
         self.framing = framing
@@ -261,9 +283,17 @@ class LineTail:
         self._keep = (_KEEP_SSE_LINES if framing is Framing.SSE else _KEEP_LINES) + 1
         self._limit = limit
         self._lost_head = False
+        #: Newlines since a line was dropped for its size (-1: none was).
+        self._since_overflow = -1
+        #: Records seen so far: NDJSON lines, or SSE ``data:`` lines (an approximation of the
+        #: content chunks a stream delivered; see usage_missing in metrics).
+        self.records = 0
 
     def feed(self, chunk: bytes) -> None:
         count = chunk.count(b"\n")
+        self.records += chunk.count(_DATA) if self.framing is Framing.SSE else count
+        if self._since_overflow >= 0:
+            self._since_overflow += count
         chunks = self._chunks
         chunks.append((chunk, count))
         self._newlines += count
@@ -281,6 +311,12 @@ class LineTail:
             self._newlines = 0
             self._size = 0
             self._lost_head = True
+            self._since_overflow = 0
+
+    @property
+    def last_line_too_long(self) -> bool:
+        """The body's last complete line was dropped for its size: its usage is unknown."""
+        return 0 <= self._since_overflow <= 1
 
     def lines(self) -> list[bytes]:
         """Complete lines kept, then the unterminated end (``b""`` if the body ended in \\n)."""
@@ -321,11 +357,29 @@ class WholeBody:
         return chunks if len(chunks) < 2 else [b"".join(chunks)]
 
 
-def tail_for(framing: Framing, limit: int) -> LineTail | WholeBody:
-    """The observer for a body of this framing, holding at most about ``limit`` bytes."""
+def tail_for(framing: Framing, whole_limit: int, tail_limit: int) -> LineTail | WholeBody:
+    """The observer for a body of this framing: a single object is kept up to
+    ``whole_limit`` bytes, the end of a stream up to about ``tail_limit``."""
     if framing is Framing.JSON:
-        return WholeBody(framing, limit)
-    return LineTail(framing, limit)
+        return WholeBody(framing, whole_limit)
+    return LineTail(framing, tail_limit)
+
+
+#: Bytes that can only appear in the record that ends a successful stream of each kind (JSON
+#: escapes quotes inside strings, so ``"done":true`` is a key; a tool call's arguments object
+#: could hold one too, which is why the finding is checked by parsing before it counts).
+_FINAL_MARKERS: Final = {
+    (RouteKind.NATIVE, Framing.NDJSON): b'"done":true',
+    (RouteKind.PROGRESS, Framing.NDJSON): b'"status":"success"',
+    (RouteKind.OPENAI, Framing.SSE): b"[DONE]",
+    (RouteKind.RESPONSES, Framing.SSE): b"response.completed",
+    (RouteKind.MESSAGES, Framing.SSE): b"message_stop",
+}
+
+
+def final_marker(kind: RouteKind, framing: Framing) -> bytes | None:
+    """What to look for in a chunk to learn that a stream's final record may have passed."""
+    return _FINAL_MARKERS.get((kind, framing))
 
 
 class Usage(NamedTuple):
@@ -360,12 +414,22 @@ class Ending(enum.Enum):
 class Outcome(NamedTuple):
     ending: Ending
     usage: Usage | None = None
+    #: The final record was longer than the tail kept: complete, usage unknown.
+    oversized: bool = False
 
 
 _COMPLETE: Final = Outcome(Ending.COMPLETE)
+_OVERSIZED: Final = Outcome(Ending.COMPLETE, oversized=True)
 _UNTERMINATED: Final = Outcome(Ending.UNTERMINATED)
 _ERROR: Final = Outcome(Ending.ERROR)
 _NS_PER_S: Final = 1e9
+
+
+def judge(kind: RouteKind, tail: LineTail | WholeBody) -> Outcome:
+    """Judge a finished (or cut) body of a successful reply from what its observer kept."""
+    if isinstance(tail, LineTail) and tail.last_line_too_long:
+        return _OVERSIZED
+    return read_outcome(kind, tail.framing, tail.lines())
 
 
 def read_outcome(kind: RouteKind, framing: Framing, lines: list[bytes]) -> Outcome:

@@ -3,40 +3,59 @@ response back, byte for byte, while an ``Exchange`` record is filled for metrics
 
 Rules:
 1. Bytes are never changed, added or held back. Request bodies stream upstream as they arrive,
-   except the JSON body of a route that names a model, which is read whole up to
-   ``max_inspect_bytes`` to learn the model and stream flag. Response chunks are written to the
-   client as they arrive. Observing them (ollama.tail_for) is a side channel that cannot fail.
-2. Headers pass unchanged except hop-by-hop ones (RFC 9110 §7.6.1), ``Host`` (the upstream's
-   authority, unless --preserve-host; Ollama rejects foreign hosts on loopback) and the added
-   ``X-Forwarded-For``/``X-Forwarded-Proto``. No header is added to responses either (aiohttp's
-   ``Server`` header is taken out again when the upstream sent none).
+   except the JSON body of a route that names a model, which is read whole (up to
+   ``max_inspect_bytes`` each, and ``max_inspect_total`` for all requests together) to learn
+   the model and stream flag; an encoded (``Content-Encoding``) body is never read. Response
+   chunks are written to the client as they arrive. Observing them (ollama.tail_for) is a
+   side channel that cannot fail. (The one opt-in exception: stream_usage.py.)
+2. What a client may send and what goes upstream in the head is inbound.py's: refusals there
+   are answered here, in the route's error shape, before anything goes upstream.
 3. A request is recorded exactly once, and before the client can see the end of its response:
-   before ``write_eof`` for chunked bodies, before the last write for fixed-length ones.
-4. Failures: before the response starts, an upstream failure becomes a 502/504 in Ollama's
-   ``{"error": ...}`` shape. After it starts, the status cannot change: the client connection
-   is closed without the end of the body, so the client sees the same truncation the proxy saw.
-   A client that goes away cancels this handler (handler_cancellation), which closes the
-   upstream connection, which makes Ollama stop generating.
+   when the final record of a stream passes (before it is written), else before
+   ``write_eof`` for chunked bodies and before the last write for fixed-length ones. A client
+   that leaves after its stream's final record has been delivered got a complete answer: it
+   is recorded as such, with its usage.
+4. Failures: before the response starts, an upstream failure becomes a 502/504. After it
+   starts, the status cannot change: the client connection is closed without the end of the
+   body, so the client sees the same truncation the proxy saw. A client that goes away
+   cancels this handler (handler_cancellation), which closes the upstream connection, which
+   makes Ollama stop generating.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from time import perf_counter
 from typing import Final
 
 import aiohttp
-import orjson
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from . import exchange as ex
-from .config import Config
-from .errors import UpstreamClosed, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .config import Config, is_loopback_listener
+from .errors import (
+    UpstreamClosed,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    error_body,
+)
 from .exchange import Exchange
+from .hosts import HostCheck
+from .inbound import (
+    HOP_BY_HOP,
+    HeadWriter,
+    Refusal,
+    check_base_path,
+    check_transfer_coding,
+    filtered_headers,
+    target_of,
+)
 from .labels import ModelLabels
 from .metrics import Metrics
 from .ollama import (
@@ -46,33 +65,24 @@ from .ollama import (
     Route,
     RouteKind,
     WholeBody,
+    final_marker,
     framing_for,
     inspect_request,
-    read_outcome,
+    judge,
     route_for,
     tail_for,
 )
+from .stream_usage import HiddenUsage, with_include_usage
 
 log = logging.getLogger(__name__)
 
 SESSION: Final = web.AppKey("upstream_session", aiohttp.ClientSession)
 
-HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-
 _STREAMED: Final = (Framing.NDJSON, Framing.SSE)
 _JSON_ERROR: Final = "application/json; charset=utf-8"
+_RESPONSE_DROP: Final = HOP_BY_HOP
+_V1_CHAT: Final = "/v1/chat/completions"
+_IDENTITY: Final = frozenset({"", "identity"})
 
 
 class _PassthroughResponse(web.StreamResponse):
@@ -86,21 +96,6 @@ class _PassthroughResponse(web.StreamResponse):
         await super()._prepare_headers()
         if not self._upstream_server:
             self.headers.popall(hdrs.SERVER, None)
-
-
-def filtered_headers(headers: CIMultiDictProxy[str], drop_host: bool) -> CIMultiDict[str]:
-    """Headers minus hop-by-hop ones and those the Connection header names."""
-    drop = HOP_BY_HOP
-    connection = headers.get(hdrs.CONNECTION)
-    if connection:
-        drop = drop | {token.strip().lower() for token in connection.split(",")}
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in drop or (drop_host and lower == "host"):
-            continue
-        out.add(name, value)
-    return out
 
 
 async def _chain(head: list[bytes], rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
@@ -117,6 +112,26 @@ _UPSTREAM_READ_ERRORS: Final = (
     asyncio.TimeoutError,
 )
 
+Body = bytes | aiohttp.StreamReader | AsyncIterator[bytes] | None
+
+
+class InspectBudget:
+    """Bytes of request bodies held to inspect them, all requests together, bounded."""
+
+    __slots__ = ("_left",)
+
+    def __init__(self, total: int) -> None:
+        self._left = total
+
+    def take(self, size: int) -> bool:
+        if size > self._left:
+            return False
+        self._left -= size
+        return True
+
+    def give(self, size: int) -> None:
+        self._left += size
+
 
 class Proxy:
     """The catch-all request handler."""
@@ -129,31 +144,47 @@ class Proxy:
         access_log: Callable[[Exchange], None] | None,
     ) -> None:
         self._base = str(config.upstream).rstrip("/")
+        self._has_base_path = bool(config.upstream.path.strip("/"))
         self._config = config
         self._metrics = metrics
         self._labels = labels
         self._access_log = access_log
+        self._head = HeadWriter(config.preserve_host, config.trusted_proxies)
+        self.host_check = (
+            HostCheck(socket.gethostname(), config.allowed_hosts)
+            if is_loopback_listener(config.listen)
+            else None
+        )
+        self._budget = InspectBudget(config.max_inspect_total)
         #: Set when the server begins its graceful shutdown: a cancellation after that is ours.
         self.shutting_down = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def cut_off(self) -> None:
-        """Cancel every request still in flight (the shutdown deadline has passed).
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    def cut_off(self) -> int:
+        """Cancel every request still in flight (the shutdown deadline has passed); how many.
 
         aiohttp's own graceful shutdown cannot do this on time: it only fails reads of the
         request body, which a handler streaming a response is not doing, and then waits the
         shutdown timeout a second time before cancelling.
         """
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        return len(tasks)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = route_for(request.path)
-        x = Exchange(request.method, route.template, perf_counter())
+        x = Exchange(request.method, route.template, perf_counter(), inference=route.inference)
         task = request.task  # the handler's task (asyncio.current_task() costs a getpid())
         self._tasks.add(task)
         try:
             return await self._handle(request, route, x)
+        except Refusal as refusal:
+            return self._refuse(request, x, refusal)
         except asyncio.CancelledError:
             if self.shutting_down:
                 x.error = ex.SHUTDOWN
@@ -171,6 +202,16 @@ class Proxy:
             self._tasks.discard(task)
             self._record(request, x)
 
+    def admit(self, request: web.BaseRequest) -> str:
+        """The target to send upstream, or a Refusal (inbound.py's rules, and the Host rule)."""
+        target, host = target_of(request)
+        if self.host_check is not None and not self.host_check.allows(host):
+            raise Refusal(403, None)
+        if self._has_base_path:
+            check_base_path(target)
+        check_transfer_coding(request.headers)
+        return target
+
     def _record(self, request: web.Request, x: Exchange) -> None:
         if x.recorded:
             return
@@ -181,27 +222,40 @@ class Proxy:
             self._access_log(x)
 
     async def _handle(self, request: web.Request, route: Route, x: Exchange) -> web.StreamResponse:
-        body, data = await self._read_body(request, route)
-        facts = inspect_request(route, body)
-        model = facts.model
-        if route.model_in_path:
-            model = request.path[len("/v1/models/") :] or None
-        x.model = self._labels.label(model)
-        x.stream = facts.stream
-        self._metrics.request_started(x)
+        target = self.admit(request)
+        headers = self._head.headers(request)
+        body, data, held = await self._read_body(request, route)
+        hidden: HiddenUsage | None = None
         try:
-            upstream = await request.app[SESSION].request(
-                request.method,
-                URL(self._base + request.raw_path, encoded=True),
-                headers=self._request_headers(request),
-                data=data,
-                allow_redirects=False,
-            )
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            return self._fail(request, x, self._translate(exc))
+            facts = inspect_request(route, body)
+            model = facts.model
+            if route.model_in_path:
+                model = request.path[len("/v1/models/") :] or None
+            x.model = self._labels.label(model)
+            x.stream = facts.stream
+            if self._config.openai_stream_usage and body is not None and route.template == _V1_CHAT:
+                asking = with_include_usage(body)
+                if asking is not None:
+                    data, hidden = asking, HiddenUsage()
+                    headers.popall(hdrs.CONTENT_LENGTH, None)
+            body = None
+            self._metrics.request_started(x)
+            try:
+                upstream = await request.app[SESSION].request(
+                    request.method,
+                    URL(self._base + target, encoded=True),
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                )
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                return self._fail(request, x, self._translate(exc))
+        finally:
+            self._budget.give(held)
+        data = None
         clean = False
         try:
-            response = await self._relay(request, route, x, upstream)
+            response = await self._relay(request, route, x, upstream, hidden)
             # The request body must have gone out whole too: a body read to inspect it, or
             # no body, is at its end; a streamed one only if the client finished it.
             clean = x.error is None and request.content.is_eof()
@@ -216,41 +270,44 @@ class Proxy:
 
     async def _read_body(
         self, request: web.Request, route: Route
-    ) -> tuple[bytes | None, bytes | aiohttp.StreamReader | AsyncIterator[bytes] | None]:
-        """(the whole body if it was read to inspect it, what to send upstream)."""
+    ) -> tuple[bytes | None, Body, int]:
+        """(the whole body if it was read to inspect it, what to send upstream, bytes taken
+        from the inspection budget, to give back once the body has gone upstream)."""
         if not request.body_exists:
-            return None, None
+            return None, None, 0
         content = request.content
-        if not route.inspects_body:
-            return None, content
+        encoding = request.headers.get(hdrs.CONTENT_ENCODING)
+        if not route.inspects_body or (encoding is not None and encoding.lower() not in _IDENTITY):
+            return None, content, 0
         cap = self._config.max_inspect_bytes
+        budget = self._budget
         length = request.content_length
         if length is not None:
-            if length > cap:
-                return None, content
-            body = await content.read()
-            return body, body
+            if length > cap or not budget.take(length):
+                return None, content, 0
+            try:
+                body = await content.read()
+            except BaseException:
+                budget.give(length)
+                raise
+            return body, body, length
         # Unknown length (chunked): read up to the cap, then stream the rest behind it.
         chunks: list[bytes] = []
         size = 0
-        while size <= cap:
-            chunk = await content.readany()
-            if not chunk:
-                body = b"".join(chunks)
-                return body, body
-            chunks.append(chunk)
-            size += len(chunk)
-        return None, _chain(chunks, content)
-
-    def _request_headers(self, request: web.Request) -> CIMultiDict[str]:
-        headers = filtered_headers(request.headers, drop_host=not self._config.preserve_host)
-        peer = request.remote
-        if peer:
-            prior = request.headers.getall(hdrs.X_FORWARDED_FOR, [])
-            headers[hdrs.X_FORWARDED_FOR] = ", ".join([*prior, peer])
-        if hdrs.X_FORWARDED_PROTO not in headers:
-            headers[hdrs.X_FORWARDED_PROTO] = request.scheme
-        return headers
+        try:
+            while size <= cap:
+                chunk = await content.readany()
+                if not chunk:
+                    body = b"".join(chunks)
+                    return body, body, size
+                chunks.append(chunk)
+                if not budget.take(len(chunk)):
+                    break
+                size += len(chunk)
+        except BaseException:
+            budget.give(size)
+            raise
+        return None, _chain(chunks, content), size
 
     async def _relay(
         self,
@@ -258,6 +315,7 @@ class Proxy:
         route: Route,
         x: Exchange,
         upstream: aiohttp.ClientResponse,
+        hidden: HiddenUsage | None,
     ) -> web.StreamResponse:
         x.status = status = upstream.status
         framing: Framing | None = None
@@ -267,30 +325,55 @@ class Proxy:
             and hdrs.CONTENT_ENCODING not in upstream.headers
         ):
             framing = framing_for(upstream.headers.get(hdrs.CONTENT_TYPE))
-        tail = tail_for(framing, self._config.max_inspect_bytes) if framing else None
+        config = self._config
+        tail = (
+            tail_for(framing, config.max_inspect_bytes, config.max_response_tail)
+            if framing
+            else None
+        )
+        marker = final_marker(route.kind, framing) if framing else None
+        if framing is not Framing.SSE:
+            hidden = None
         x.streamed = framing in _STREAMED
         response = _PassthroughResponse(
             status=status,
             reason=upstream.reason,
-            headers=filtered_headers(upstream.headers, drop_host=False),
+            headers=filtered_headers(upstream.headers, _RESPONSE_DROP),
         )
         await response.prepare(request)
         content = upstream.content
-        while True:
-            try:
-                chunk = await content.readany()
-            except _UPSTREAM_READ_ERRORS as exc:
-                return self._broken(request, response, x, exc)
-            if not chunk:
-                break
-            if x.first_byte is None:
-                x.first_byte = perf_counter()
-            if tail is not None:
-                tail.feed(chunk)
-            if content.at_eof():
-                # The last chunk: with a fixed length, the client sees the end with it.
-                self._complete(request, route, x, tail, content)
-            await response.write(chunk)
+        watching = False
+        try:
+            while True:
+                try:
+                    chunk = await content.readany()
+                except _UPSTREAM_READ_ERRORS as exc:
+                    return await self._broken(request, response, x, exc, content, hidden)
+                if not chunk:
+                    break
+                if x.first_byte is None:
+                    x.first_byte = perf_counter()
+                if tail is not None:
+                    tail.feed(chunk)
+                    if marker is not None and (watching or marker in chunk):
+                        # Maybe the final record: if so, record now, before it is written.
+                        watching = not self._complete(request, route, x, tail, content, True)
+                if content.at_eof():
+                    # The last chunk: with a fixed length, the client sees the end with it.
+                    self._complete(request, route, x, tail, content)
+                if hidden is not None:
+                    chunk = hidden.feed(chunk)
+                    if not chunk:
+                        continue
+                await response.write(chunk)
+        except (asyncio.CancelledError, ConnectionError):
+            # Judge what was delivered: a stream whose final record went out is complete.
+            if marker is not None:
+                self._complete(request, route, x, tail, content, True)
+            x.response_bytes = content.total_bytes
+            raise
+        if hidden is not None and (rest := hidden.flush()):
+            await response.write(rest)
         self._complete(request, route, x, tail, content)
         await response.write_eof()
         return response
@@ -302,38 +385,55 @@ class Proxy:
         x: Exchange,
         tail: LineTail | WholeBody | None,
         content: aiohttp.StreamReader,
-    ) -> None:
-        """Judge the finished body and record the exchange (once)."""
+        final_only: bool = False,
+    ) -> bool:
+        """Judge the body and record the exchange (once). With ``final_only``, only if the
+        stream's final record has passed; returns whether the exchange is recorded."""
         if x.recorded:
-            return
+            return True
         x.response_bytes = content.total_bytes
         if tail is not None:
-            outcome = read_outcome(route.kind, tail.framing, tail.lines())
+            outcome = judge(route.kind, tail)
+            if final_only and (outcome.ending is not Ending.COMPLETE or outcome.oversized):
+                return False
             x.usage = outcome.usage
+            x.usage_oversized = outcome.oversized
+            if isinstance(tail, LineTail):
+                x.records = tail.records
             if outcome.ending is Ending.ERROR:
                 x.error = ex.STREAM_ERROR
             elif outcome.ending is Ending.UNTERMINATED:
                 x.error = ex.UPSTREAM_CLOSED
+        elif final_only:
+            return False
         self._record(request, x)
+        return True
 
-    def _broken(
+    async def _broken(
         self,
         request: web.Request,
         response: web.StreamResponse,
         x: Exchange,
         exc: BaseException,
+        content: aiohttp.StreamReader,
+        hidden: HiddenUsage | None,
     ) -> web.StreamResponse:
         """The upstream failed mid-body: count it, and cut the client off the same way."""
-        x.error = (
-            ex.UPSTREAM_TIMEOUT if isinstance(exc, asyncio.TimeoutError) else ex.UPSTREAM_CLOSED
-        )
+        if not x.recorded:
+            x.error = (
+                ex.UPSTREAM_TIMEOUT if isinstance(exc, asyncio.TimeoutError) else ex.UPSTREAM_CLOSED
+            )
+            x.response_bytes = content.total_bytes
         log.warning(
-            "%s %s: upstream broke off the response: %s",
+            "%s %s: upstream %s broke off the response: %s",
             request.method,
             x.endpoint,
-            self._translate(exc),
+            self._base,
+            self._translate(exc).detail,
         )
         self._record(request, x)
+        if hidden is not None and (rest := hidden.flush()):
+            await response.write(rest)
         # Flush what was written, then close without the end of the body: never a clean end.
         response.force_close()
         if request.transport is not None:
@@ -343,13 +443,28 @@ class Proxy:
     def _fail(self, request: web.Request, x: Exchange, error: UpstreamError) -> web.Response:
         x.status = error.status
         x.error = error.reason
-        log.warning("%s %s: %s", x.method, x.endpoint, error)
+        log.warning("%s %s: upstream %s: %s", x.method, x.endpoint, self._base, error.detail)
         self._record(request, x)
         return web.Response(
             status=error.status,
-            body=orjson.dumps({"error": f"ollama-meter: upstream {self._base}: {error}"}),
+            body=error_body(x.endpoint, error.status, f"ollama-meter: upstream: {error}"),
             headers={hdrs.CONTENT_TYPE: _JSON_ERROR},
         )
+
+    def _refuse(self, request: web.Request, x: Exchange, refusal: Refusal) -> web.Response:
+        x.status = refusal.status
+        if refusal.message is None:
+            response = web.Response(status=refusal.status)
+        else:
+            response = web.Response(
+                status=refusal.status,
+                body=error_body(x.endpoint, refusal.status, refusal.message),
+                headers={hdrs.CONTENT_TYPE: _JSON_ERROR},
+            )
+        if refusal.status == 501:
+            # The body's framing is in doubt: never read another request on this connection.
+            response.force_close()
+        return response
 
     def _translate(self, exc: BaseException) -> UpstreamError:
         """The one place where aiohttp's client exceptions become ours."""
@@ -359,14 +474,14 @@ class Proxy:
         if isinstance(exc, asyncio.TimeoutError):
             return UpstreamTimeout(f"no data for {config.read_timeout or 0:g}s")
         if isinstance(exc, aiohttp.ClientConnectorDNSError):
-            return UpstreamUnavailable(f"cannot resolve host {exc.host}")
+            return UpstreamUnavailable("cannot resolve its host name", detail=str(exc))
         if isinstance(exc, aiohttp.ClientConnectorError):
             if isinstance(exc.os_error, ConnectionRefusedError):
                 return UpstreamUnavailable("connection refused")
-            reason = exc.os_error.strerror or str(exc.os_error)
-            return UpstreamUnavailable(reason.lower())
+            reason = (exc.os_error.strerror or "cannot connect").lower()
+            return UpstreamUnavailable(reason, detail=str(exc))
         if isinstance(exc, aiohttp.ServerDisconnectedError):
             return UpstreamClosed("connection closed before the response was complete")
         if isinstance(exc, aiohttp.ClientPayloadError):
-            return UpstreamClosed("response body cut short")
-        return UpstreamClosed(str(exc) or type(exc).__name__)
+            return UpstreamClosed("response body cut short", detail=str(exc))
+        return UpstreamClosed("invalid response", detail=str(exc) or type(exc).__name__)

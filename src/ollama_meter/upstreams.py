@@ -3,7 +3,9 @@
 The proxy path never comes here. This module asks the upstream three questions, each with a
 short timeout so that a slow Ollama can neither fail nor stall a Prometheus scrape:
 ``/api/version`` (is it up), ``/api/ps`` (which models are loaded) and ``/api/tags`` (which
-model names exist, so that their labels are always allowed).
+model names exist, so that their labels are always allowed). Scrapes share one probe: those
+that come while a probe is under way wait for it, and an answer younger than ``MAX_AGE`` is
+reused, so however many scrapers there are, Ollama is asked at most once a second.
 
 It must not know about metrics or labels: it returns a plain ``UpstreamState``.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -24,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # Errors that mean "no answer" for a probe. A probe never raises.
 _PROBE_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+#: Seconds an upstream state is reused for.
+MAX_AGE: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +43,20 @@ class UpstreamState:
 class Upstream:
     """Health and inventory probes against one Ollama server."""
 
-    def __init__(self, session: aiohttp.ClientSession, base: URL, timeout: float) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base: URL,
+        timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._session = session
         self._base = str(base).rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._clock = clock
+        self._probe: asyncio.Future[UpstreamState] | None = None
+        self._last: UpstreamState | None = None
+        self._last_at = 0.0
 
     async def _get(self, path: str) -> bytes | None:
         """Body of a 2xx answer to GET path, or None."""
@@ -63,6 +79,21 @@ class Upstream:
         return None if body is None else parse_tags(body)
 
     async def state(self) -> UpstreamState:
+        """The upstream's state: fresh, shared with a probe under way, or under MAX_AGE old."""
+        if self._last is not None and self._clock() - self._last_at < MAX_AGE:
+            return self._last
+        if self._probe is None:
+            self._probe = asyncio.ensure_future(self._ask())
+            self._probe.add_done_callback(self._remember)
+        # A scrape that gives up must not cancel the probe the others wait for.
+        return await asyncio.shield(self._probe)
+
+    def _remember(self, probe: asyncio.Future[UpstreamState]) -> None:
+        self._probe = None
+        if not probe.cancelled() and probe.exception() is None:
+            self._last, self._last_at = probe.result(), self._clock()
+
+    async def _ask(self) -> UpstreamState:
         version, ps, tags = await asyncio.gather(
             self._get("/api/version"), self._get("/api/ps"), self._get("/api/tags")
         )

@@ -1,0 +1,61 @@
+"""Which ``Host`` a loopback listener answers: Ollama's own defence against DNS rebinding.
+
+A web page on evil.example can make a browser resolve evil.example to 127.0.0.1 and then talk
+to anything listening on loopback, with ``Host: evil.example``. Ollama refuses that on a
+loopback listener (its ``allowedHostsMiddleware``); the proxy sets ``Host`` to the upstream's
+own authority, so that check can never fire behind it, and the proxy applies the same rule on
+its own listener instead:
+
+- on a listener that is not on loopback every host is accepted (as in Ollama: that listener is
+  meant to be reached by name from elsewhere);
+- on a loopback listener a host is accepted when it is empty, ``localhost``, this machine's
+  hostname, a name under ``.localhost``, ``.local`` or ``.internal``, a loopback, private or
+  unspecified IP address, or one of the operator's extra names (``--allowed-hosts``; a
+  leading dot allows every name under it). Anything else is answered 403 with an empty body,
+  as Ollama answers it.
+
+Ollama also accepts the address of any local network interface; the standard library cannot
+list those, so such an address needs ``--allowed-hosts`` (a private one is accepted anyway).
+
+Pure: the hostname is passed in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Final
+
+_LOCAL_SUFFIXES: Final = (".localhost", ".local", ".internal")
+
+
+def host_name(host: str) -> str:
+    """The name or address of a ``Host`` value, without port or IPv6 brackets, lowercase."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        return host.partition(":")[0]
+    return host
+
+
+class HostCheck:
+    """Ollama's Host rule for a loopback listener, plus the operator's extra names."""
+
+    __slots__ = ("_exact", "_hostname", "_suffixes")
+
+    def __init__(self, hostname: str, extra: tuple[str, ...] = ()) -> None:
+        self._hostname = hostname.lower()
+        self._exact = frozenset(name for name in extra if not name.startswith("."))
+        self._suffixes = (*_LOCAL_SUFFIXES, *(name for name in extra if name.startswith(".")))
+
+    def allows(self, host: str) -> bool:
+        name = host_name(host)
+        if not name or name == "localhost" or name == self._hostname or name in self._exact:
+            return True
+        if name.endswith(self._suffixes):
+            return True
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return address.is_loopback or address.is_private or address.is_unspecified

@@ -1,0 +1,147 @@
+"""The client's side of a request: which request heads are accepted, and the head sent upstream.
+
+Rules:
+1. A request target passes as the client wrote it (origin-form), except an absolute-form
+   target (``GET http://host/path``, which servers must accept, RFC 9112 §3.2.2): only its
+   path and query go upstream, and its authority is the request's host.
+2. With a base path in ``--upstream``, a target with dot segments (``/../admin``, also
+   percent-encoded) is refused: appended to the base path, it would leave it.
+3. Headers pass unchanged except: hop-by-hop ones (RFC 9110 §7.6.1) and those ``Connection``
+   names; ``Expect`` (the proxy's server answers ``100-continue`` itself, so the upstream must
+   not be asked to answer it a second time); ``Host`` (the upstream's, unless
+   --preserve-host); ``X-Forwarded-For`` (the peer is appended); ``X-Forwarded-Proto``,
+   ``-Host`` and ``-Port``, believed only from a trusted proxy (--trusted-proxies), replaced
+   (Proto) or removed (Host, Port) for anyone else.
+4. What cannot be forwarded intact is refused rather than changed: a header value that is not
+   UTF-8 (the client's HTTP writer can only send text), and a transfer coding other than
+   ``chunked`` (RFC 9112 §6.1: 501).
+
+Every refusal is a ``Refusal`` carrying its status; proxy.py renders it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Final
+
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .config import IPNetwork
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Answered or replaced by the proxy itself, never forwarded as the client sent them.
+_REQUEST_ONLY: Final = HOP_BY_HOP | {"expect"}
+_UNTRUSTED: Final = frozenset({"x-forwarded-host", "x-forwarded-port"})
+
+_DOT_SEGMENT: Final = re.compile(r"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+
+
+class Refusal(Exception):
+    """A request the proxy answers itself, before anything goes upstream.
+
+    ``message`` None means an empty body (Ollama's own 403 for a foreign Host has none).
+    """
+
+    def __init__(self, status: int, message: str | None) -> None:
+        super().__init__(message or str(status))
+        self.status = status
+        self.message = message
+
+
+def target_of(request: web.BaseRequest) -> tuple[str, str]:
+    """(the target to append to the upstream's base, the host the request is for)."""
+    target = request.raw_path
+    if target.startswith("/"):
+        return target, request.headers.get(hdrs.HOST, "")
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        raise Refusal(400, "ollama-meter: the request target must be a path")
+    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    authority, path = rest[:end], rest[end:]
+    if not path.startswith("/"):
+        path = "/" + path
+    return path, authority
+
+
+def check_base_path(target: str) -> None:
+    """Refuse dot segments, which would climb out of the upstream's base path."""
+    path = target.partition("?")[0]
+    if _DOT_SEGMENT.search(path):
+        raise Refusal(400, "ollama-meter: dot segments are not allowed in the path")
+
+
+def filtered_headers(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """Headers minus ``drop`` (lowercase names) and those the Connection header names."""
+    connection = headers.get(hdrs.CONNECTION)
+    if connection:
+        drop = drop | {token.strip().lower() for token in connection.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    return out
+
+
+def _check_text(headers: CIMultiDictProxy[str]) -> None:
+    # aiohttp decodes header bytes that are not UTF-8 as surrogates, and its writer drops
+    # them: forwarding would silently change the value.
+    for name, value in headers.items():
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise Refusal(400, f"ollama-meter: header {name!r} is not valid UTF-8") from None
+
+
+def check_transfer_coding(headers: CIMultiDictProxy[str]) -> None:
+    coding = headers.get(hdrs.TRANSFER_ENCODING)
+    if coding is not None and coding.strip().lower() != "chunked":
+        raise Refusal(501, "ollama-meter: only the chunked transfer coding is supported")
+
+
+class HeadWriter:
+    """Builds the request head sent upstream (rule 3)."""
+
+    __slots__ = ("_drop", "_trusted")
+
+    def __init__(self, preserve_host: bool, trusted: tuple[IPNetwork, ...]) -> None:
+        self._drop = _REQUEST_ONLY if preserve_host else _REQUEST_ONLY | {"host"}
+        self._trusted = trusted
+
+    def headers(self, request: web.BaseRequest) -> CIMultiDict[str]:
+        _check_text(request.headers)
+        headers = filtered_headers(request.headers, self._drop)
+        peer = request.remote
+        if peer:
+            prior = request.headers.getall(hdrs.X_FORWARDED_FOR, [])
+            headers[hdrs.X_FORWARDED_FOR] = ", ".join([*prior, peer])
+        if not self._is_trusted(peer):
+            headers[hdrs.X_FORWARDED_PROTO] = request.scheme
+            for name in _UNTRUSTED:
+                headers.popall(name, None)
+        elif hdrs.X_FORWARDED_PROTO not in headers:
+            headers[hdrs.X_FORWARDED_PROTO] = request.scheme
+        return headers
+
+    def _is_trusted(self, peer: str | None) -> bool:
+        if not self._trusted or not peer:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
