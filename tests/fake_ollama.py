@@ -34,6 +34,13 @@ JSON: Final = "application/json"
 SSE: Final = "text/event-stream"
 TEXT: Final = "text/plain; charset=utf-8"
 
+GO_SERVER_ARGS: Final = {
+    "auto_decompress": False,
+    "max_line_size": 1 << 20,
+    "max_field_size": 1 << 20,
+    "max_headers": 10_000,
+}
+
 #: What the fake lists in /api/tags.
 TAGS: Final = ("llama3.2:latest", "qwen3:8b", "nomic-embed-text:latest")
 #: Bodies up to this size are kept whole in Received.body; larger ones only hashed.
@@ -123,7 +130,9 @@ class FakeOllama:
         self._arrivals = asyncio.Condition()
         self.blobs: set[str] = set()
         self._scripts: dict[tuple[str, str], deque[Reply]] = {}
-        self.app = web.Application()
+        # Like Ollama: request bodies as they come (never inflate a gzip body), and heads up
+        # to Go's 1 MB.
+        self.app = web.Application(handler_args=GO_SERVER_ARGS)
         self.app.router.add_route("*", "/{tail:.*}", self._handle)
 
     def script(self, method: str, path: str, *replies: Reply) -> None:

@@ -26,6 +26,11 @@ import ipaddress
 from typing import Final
 
 _LOCAL_SUFFIXES: Final = (".localhost", ".local", ".internal")
+# Go's netip IsPrivate (RFC 1918, RFC 4193); Python's is_private also takes in documentation and
+# other reserved ranges, which Ollama does not.
+_PRIVATE: Final = tuple(
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+)
 
 
 def host_name(host: str) -> str:
@@ -58,4 +63,6 @@ class HostCheck:
             address = ipaddress.ip_address(name)
         except ValueError:
             return False
-        return address.is_loopback or address.is_private or address.is_unspecified
+        if address.is_loopback or address.is_unspecified:
+            return True
+        return any(address in network for network in _PRIVATE)

@@ -98,6 +98,18 @@ class _PassthroughResponse(web.StreamResponse):
             self.headers.popall(hdrs.SERVER, None)
 
 
+# aiohttp warns about writing larger bytes bodies in one piece; they go out in slices instead
+# (with the client's Content-Length still in the headers, the framing does not change).
+_WHOLE_BODY_WRITE: Final = 1024 * 1024
+_SLICE: Final = 256 * 1024
+
+
+async def _slices(body: bytes) -> AsyncIterator[bytes]:
+    view = memoryview(body)
+    for start in range(0, len(view), _SLICE):
+        yield view[start : start + _SLICE].tobytes()
+
+
 async def _chain(head: list[bytes], rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
     for chunk in head:
         yield chunk
@@ -131,6 +143,13 @@ class InspectBudget:
 
     def give(self, size: int) -> None:
         self._left += size
+
+
+def _took(x: Exchange, tail: LineTail | WholeBody | None, content: aiohttp.StreamReader) -> None:
+    """What the response body amounted to, however it ended."""
+    x.response_bytes = content.total_bytes
+    if isinstance(tail, LineTail):
+        x.records = tail.records
 
 
 class Proxy:
@@ -238,6 +257,8 @@ class Proxy:
                 if asking is not None:
                     data, hidden = asking, HiddenUsage()
                     headers.popall(hdrs.CONTENT_LENGTH, None)
+            if isinstance(data, bytes) and len(data) > _WHOLE_BODY_WRITE:
+                data = _slices(data)
             body = None
             self._metrics.request_started(x)
             try:
@@ -348,7 +369,7 @@ class Proxy:
                 try:
                     chunk = await content.readany()
                 except _UPSTREAM_READ_ERRORS as exc:
-                    return await self._broken(request, response, x, exc, content, hidden)
+                    return await self._broken(request, response, x, exc, tail, content, hidden)
                 if not chunk:
                     break
                 if x.first_byte is None:
@@ -368,9 +389,8 @@ class Proxy:
                 await response.write(chunk)
         except (asyncio.CancelledError, ConnectionError):
             # Judge what was delivered: a stream whose final record went out is complete.
-            if marker is not None:
-                self._complete(request, route, x, tail, content, True)
-            x.response_bytes = content.total_bytes
+            if marker is None or not self._complete(request, route, x, tail, content, True):
+                _took(x, tail, content)
             raise
         if hidden is not None and (rest := hidden.flush()):
             await response.write(rest)
@@ -391,21 +411,19 @@ class Proxy:
         stream's final record has passed; returns whether the exchange is recorded."""
         if x.recorded:
             return True
-        x.response_bytes = content.total_bytes
         if tail is not None:
             outcome = judge(route.kind, tail)
             if final_only and (outcome.ending is not Ending.COMPLETE or outcome.oversized):
                 return False
             x.usage = outcome.usage
             x.usage_oversized = outcome.oversized
-            if isinstance(tail, LineTail):
-                x.records = tail.records
             if outcome.ending is Ending.ERROR:
                 x.error = ex.STREAM_ERROR
             elif outcome.ending is Ending.UNTERMINATED:
                 x.error = ex.UPSTREAM_CLOSED
         elif final_only:
             return False
+        _took(x, tail, content)
         self._record(request, x)
         return True
 
@@ -415,6 +433,7 @@ class Proxy:
         response: web.StreamResponse,
         x: Exchange,
         exc: BaseException,
+        tail: LineTail | WholeBody | None,
         content: aiohttp.StreamReader,
         hidden: HiddenUsage | None,
     ) -> web.StreamResponse:
@@ -423,7 +442,7 @@ class Proxy:
             x.error = (
                 ex.UPSTREAM_TIMEOUT if isinstance(exc, asyncio.TimeoutError) else ex.UPSTREAM_CLOSED
             )
-            x.response_bytes = content.total_bytes
+            _took(x, tail, content)
         log.warning(
             "%s %s: upstream %s broke off the response: %s",
             request.method,

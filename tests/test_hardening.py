@@ -1,0 +1,393 @@
+"""What a hostile client or an odd request can do to the proxy, over real loopback sockets.
+
+Each test states the defect it guards against (the hardening issue's item) and fails without
+the fix: encoded bodies, unbounded labels, the Host rule, absolute-form targets, bytes that
+cannot pass intact, ``Expect: 100-continue``, dot segments under a base path, error texts.
+Requests that must be byte-exact on the wire are written on a raw socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import zlib
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from .conftest import Meter, MeterFactory
+from .fake_ollama import FakeOllama
+
+CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+
+
+def address(url: str) -> tuple[str, int]:
+    host, _, port = url.removeprefix("http://").rpartition(":")
+    return host, int(port)
+
+
+async def raw_request(url: str, data: bytes) -> bytes:
+    """Write ``data`` on a new connection; everything the server sent until it closed."""
+    reader, writer = await asyncio.open_connection(*address(url))
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(-1), timeout=10)
+    finally:
+        writer.close()
+
+
+def status_of(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1])
+
+
+def body_of(reply: bytes) -> bytes:
+    return reply.partition(b"\r\n\r\n")[2]
+
+
+async def post(url: str, data: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as session,
+        session.post(url, data=data, headers=headers) as response,
+    ):
+        return response.status, await response.read()
+
+
+# --- 1. Encoded request bodies pass encoded --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("encoding", "encode"),
+    [("gzip", gzip.compress), ("deflate", zlib.compress), ("GZIP", gzip.compress)],
+)
+async def test_an_encoded_body_reaches_ollama_as_sent_and_is_labelled_unknown(
+    fake: FakeOllama, meter: Meter, encoding: str, encode: Any
+) -> None:
+    body = encode(orjson.dumps(CHAT))
+    status, _ = await post(
+        meter.url + "/api/chat", body, {"Content-Encoding": encoding, "Content-Type": "x"}
+    )
+    received = fake.last("/api/chat")
+    assert (received.body, received.headers["Content-Encoding"]) == (body, encoding)
+    assert status == 400  # the fake, like Ollama, cannot read an encoded body
+    labels = {"endpoint": "/api/chat", "stream": "true", "status": "400"}
+    assert meter.value("requests_total", model="unknown", **labels) == 1
+
+
+# --- 2, 3. Bounded model labels ------------------------------------------------------------
+
+
+async def test_huge_model_names_become_other_and_keep_the_exposition_small(
+    fake: FakeOllama, meter: Meter
+) -> None:
+    names = [
+        "m" * 1024 * 1024,  # a 1 MiB name
+        "llama3.2" + " " * 1024 * 1024,  # a known name, padded: never kept
+        "bad\nname",
+        'quote"name',
+    ]
+    async with aiohttp.ClientSession() as session:
+        for name in names:
+            body = io.BytesIO(orjson.dumps({**CHAT, "model": name}))
+            async with session.post(meter.url + "/api/chat", data=body) as r:
+                await r.read()
+        async with session.get(meter.url + "/v1/models/" + "x" * 60_000) as r:
+            await r.read()
+        async with session.get(meter.url + "/metrics") as r:
+            exposition = await r.text()
+    assert len(exposition) < 200_000
+    models = {labels["model"] for labels in meter.series("requests_total")}
+    assert models == {"other"}
+    assert meter.value("requests_total", endpoint="/api/chat", model="other", stream="false",
+                       status="200") == len(names)  # fmt: skip
+
+
+# --- 4. Ollama's Host rule on a loopback listener -----------------------------------------
+
+ALLOWED = [
+    "localhost",
+    "localhost:11435",
+    "LOCALHOST",
+    "127.0.0.1:1",
+    "[::1]:11435",
+    "10.1.2.3",
+    "192.168.0.7:80",
+    "0.0.0.0",
+    "box.local",
+    "web.internal:8080",
+    "app.localhost",
+    "",
+]
+FOREIGN = [
+    "evil.example",
+    "evil.example:11435",
+    "8.8.8.8",
+    "localhost.evil.example",
+    "[2001:db8::1]",
+]
+
+
+@pytest.mark.parametrize("host", ALLOWED)
+async def test_a_local_host_is_answered(meter: Meter, host: str) -> None:
+    reply = await raw_request(
+        meter.url,
+        f"GET /api/version HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert status_of(reply) == 200
+
+
+@pytest.mark.parametrize("host", FOREIGN)
+async def test_a_foreign_host_is_refused_as_ollama_refuses_it(
+    fake: FakeOllama, meter: Meter, host: str
+) -> None:
+    for path in ("/api/tags", "/metrics", "/-/ready"):
+        reply = await raw_request(
+            meter.url, f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert status_of(reply) == 403, path
+        assert body_of(reply) == b""
+    assert fake.count("/api/tags") == 1  # only the proxy's own start-up call
+    assert meter.value("requests_total", endpoint="/api/tags", model="unknown", stream="false",
+                       status="403") == 1  # fmt: skip
+
+
+async def test_probes_and_extra_names_and_public_listeners(
+    fake: FakeOllama, start_meter: MeterFactory
+) -> None:
+    meter = await start_meter(allowed_hosts="meter.example.com,.corp.example")
+    for host, status in [
+        ("meter.example.com", 200),
+        ("a.b.corp.example:443", 200),
+        ("corp.example", 403),
+        ("evil.example", 403),
+    ]:
+        reply = await raw_request(
+            meter.url, f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert status_of(reply) == status, host
+    reply = await raw_request(
+        meter.url, b"GET /-/healthy HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+    )
+    assert status_of(reply) == 200
+    # On a listener that is not on loopback, any host (the operator chose to be reachable).
+    public = await start_meter(listen="0.0.0.0:0")
+    reply = await raw_request(
+        public.url, b"GET / HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+    )
+    assert status_of(reply) == 200
+
+
+# --- 6. Absolute-form targets --------------------------------------------------------------
+
+
+async def test_an_absolute_form_target_is_judged_by_its_authority(
+    fake: FakeOllama, start_meter: MeterFactory
+) -> None:
+    meter = await start_meter()
+    request = (
+        b"GET http://evil.example/api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    assert status_of(await raw_request(meter.url, request)) == 403
+    public = await start_meter(listen="0.0.0.0:0")
+    reply = await raw_request(
+        public.url,
+        b"GET http://evil.example/api/version?x=1 HTTP/1.1\r\nHost: evil.example\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    assert status_of(reply) == 200
+    assert body_of(reply) == b'{"version":"0.33.0"}'
+    assert fake.received[-1].path == "/api/version?x=1"
+    statuses = {labels["status"] for labels in public.series("requests_total")}
+    assert statuses == {"200"}
+
+
+# --- 7. What cannot pass intact is refused -------------------------------------------------
+
+
+async def test_a_header_that_is_not_utf8_is_refused_not_changed(
+    fake: FakeOllama, meter: Meter
+) -> None:
+    before = len(fake.received)
+    reply = await raw_request(
+        meter.url,
+        b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nX-U: caf\xe9\r\nConnection: close\r\n\r\n",
+    )
+    assert status_of(reply) == 400
+    assert orjson.loads(body_of(reply)) == {
+        "error": "ollama-meter: header 'X-U' is not valid UTF-8"
+    }
+    assert len(fake.received) == before
+    # UTF-8 passes as it is.
+    await raw_request(
+        meter.url,
+        "GET /api/tags HTTP/1.1\r\nHost: localhost\r\nX-U: café\r\n"
+        "Connection: close\r\n\r\n".encode(),
+    )
+    assert fake.last("/api/tags").headers["X-U"] == "café"
+
+
+async def test_a_transfer_coding_other_than_chunked_is_501(fake: FakeOllama, meter: Meter) -> None:
+    before = len(fake.received)
+    reply = await raw_request(
+        meter.url,
+        b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\n",
+    )
+    assert status_of(reply) == 501
+    assert b"Connection: close" in reply.partition(b"\r\n\r\n")[0]
+    assert len(fake.received) == before
+
+
+# --- 8. Expect: 100-continue is answered once ----------------------------------------------
+
+
+async def test_expect_continue_is_answered_by_the_proxy_alone(
+    fake: FakeOllama, meter: Meter
+) -> None:
+    body = orjson.dumps(CHAT)
+    reader, writer = await asyncio.open_connection(*address(meter.url))
+    try:
+        writer.write(
+            b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(-1), timeout=5)
+    finally:
+        writer.close()
+    assert status_of(reply) == 200
+    assert b"100 Continue" not in reply
+    received = fake.last("/api/chat")
+    assert "Expect" not in received.headers
+    assert received.body == body
+
+
+# --- Dot segments under a base path --------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/../admin", "/api/../../admin", "/%2e%2e/admin", "/./x", "/.."])
+async def test_dot_segments_cannot_leave_the_base_path(
+    fake: FakeOllama, start_meter: MeterFactory, path: str
+) -> None:
+    meter = await start_meter(upstream=fake.url + "/base")
+    before = len(fake.received)
+    reply = await raw_request(
+        meter.url, f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert status_of(reply) == 400
+    assert len(fake.received) == before
+
+
+async def test_without_a_base_path_dot_segments_pass_as_written(
+    fake: FakeOllama, meter: Meter
+) -> None:
+    await raw_request(
+        meter.url, b"GET /x/../api/tags HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    assert fake.received[-1].path == "/x/../api/tags"
+
+
+# --- Errors say what the client needs, no more ---------------------------------------------
+
+
+async def garbage_upstream() -> tuple[asyncio.Server, str]:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SECRET-GARBAGE \x00\x01 not http\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
+
+
+async def test_error_replies_name_no_address_quote_no_upstream_bytes_and_send_no_server_header(
+    start_meter: MeterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, upstream = await garbage_upstream()
+    async with server:
+        meter = await start_meter(upstream=upstream)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(meter.url + "/api/chat", json=CHAT) as response:
+                assert response.status == 502
+                text = await response.text()
+                assert "Server" not in response.headers
+            assert orjson.loads(text) == {"error": "ollama-meter: upstream: invalid response"}
+            for method, path in [
+                ("GET", "/-/healthy"),
+                ("POST", "/-/healthy"),
+                ("GET", "/metrics"),
+            ]:
+                async with session.request(method, meter.url + path) as response:
+                    assert "Server" not in response.headers, (method, path)
+    assert "SECRET-GARBAGE" not in text
+    assert "127.0.0.1" not in text
+    assert upstream in caplog.text  # the operator's log names it
+
+
+async def test_errors_on_v1_routes_are_in_openais_shape(meter: Meter) -> None:
+    reply = await raw_request(
+        meter.url,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nX-U: \xff\r\n"
+        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    assert status_of(reply) == 400
+    assert orjson.loads(body_of(reply)) == {
+        "error": {
+            "message": "ollama-meter: header 'X-U' is not valid UTF-8",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
+
+
+# --- Request heads are bounded in total ----------------------------------------------------
+
+
+async def test_request_heads_are_bounded_in_total(fake: FakeOllama, meter: Meter) -> None:
+    before = len(fake.received)
+    field = "v" * (16 * 1024 - 16)
+    fits = "".join(f"X-H{i}: {field}\r\n" for i in range(60))
+    reply = await raw_request(
+        meter.url, f"GET / HTTP/1.1\r\nHost: localhost\r\n{fits}Connection: close\r\n\r\n".encode()
+    )
+    assert status_of(reply) == 200
+    too_many = "".join(f"X-H{i}: {field}\r\n" for i in range(100))
+    reply = await raw_request(
+        meter.url,
+        f"GET / HTTP/1.1\r\nHost: localhost\r\n{too_many}Connection: close\r\n\r\n".encode(),
+    )
+    assert status_of(reply) in (400, 431)
+    too_long = "v" * (64 * 1024)
+    reply = await raw_request(
+        meter.url, f"GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: {too_long}\r\n\r\n".encode()
+    )
+    assert status_of(reply) in (400, 431)
+    assert len(fake.received) == before + 1
+
+
+# --- Shared scrape probes ------------------------------------------------------------------
+
+
+async def test_concurrent_scrapes_share_one_probe(fake: FakeOllama, meter: Meter) -> None:
+    before = fake.count("/api/ps")
+    async with aiohttp.ClientSession() as session:
+
+        async def scrape() -> None:
+            async with session.get(meter.url + "/metrics") as response:
+                assert response.status == 200
+                await response.read()
+
+        await asyncio.gather(*(scrape() for _ in range(20)))
+        await scrape()  # well under a second later: the same answer
+    assert fake.count("/api/ps") == before + 1
