@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import string
+import time
 from asyncio.subprocess import PIPE, STDOUT
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import aiohttp
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from ollama_meter import __version__
@@ -211,3 +215,57 @@ async def test_promtool_accepts_a_real_scrape(fake: FakeOllama, meter: Meter) ->
     )
     output, _ = await process.communicate(text.encode())
     assert process.returncode == 0, output.decode()
+
+
+#: What Prometheus 3 sends when it scrapes (its default scrape_protocols).
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+    "application/openmetrics-text;version=0.0.1;q=0.5,"
+    "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+)
+
+
+async def test_openmetrics_with_created_times_when_prometheus_asks(
+    fake: FakeOllama, meter: Meter
+) -> None:
+    started = time.time()
+    await drive_traffic(fake, meter)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(meter.url + "/metrics", headers={"Accept": PROMETHEUS_ACCEPT}) as r:
+            assert r.headers["Content-Type"].startswith(
+                "application/openmetrics-text; version=1.0.0"
+            )
+            openmetrics = await r.text()
+        text = await scrape(meter.url)
+    assert openmetrics.endswith("# EOF\n")
+    # The strict OpenMetrics parser reads it, and it holds the text format's samples...
+    parsed = list(openmetrics_families(openmetrics))  # type: ignore[no-untyped-call]
+    ours = [f for f in parsed if f.name.startswith("ollama_meter_")]
+    plain = {
+        (s.name, tuple(sorted(s.labels.items())), s.value)
+        for f in text_string_to_metric_families(text)
+        if f.name.startswith("ollama_meter_")
+        for s in f.samples
+    }
+    samples = {
+        (s.name, tuple(sorted(s.labels.items())), s.value)
+        for f in ours
+        for s in f.samples
+        if not s.name.endswith("_created")
+    }
+    assert samples == plain
+    # ...and a creation time for every counter and histogram series.
+    for family in ours:
+        if family.type not in ("counter", "histogram"):
+            continue
+        series = {tuple(sorted(s.labels.items())) for s in family.samples if s.name.endswith(
+            ("_total", "_count"))}  # fmt: skip
+        created = {
+            tuple(sorted(s.labels.items())): s.value
+            for s in family.samples
+            if s.name.endswith("_created")
+        }
+        assert set(created) == series, family.name
+        assert all(started - 1 <= value <= time.time() for value in created.values())
+    assert any(f.name == "ollama_meter_requests" and f.samples for f in ours)
+    assert any(f.name == "process_resident_memory_bytes" for f in parsed)

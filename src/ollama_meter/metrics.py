@@ -22,6 +22,7 @@ Rules:
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -79,13 +81,33 @@ EM: Final = ("endpoint", "model")
 
 
 class _Histogram:
-    """Observations of one histogram series: a count per bucket (not cumulative) and a sum."""
+    """Observations of one histogram series: a count per bucket (not cumulative), a sum, and
+    when the series was created (Unix seconds, for OpenMetrics' ``_created``)."""
 
-    __slots__ = ("counts", "total")
+    __slots__ = ("counts", "created", "total")
 
     def __init__(self, buckets: int) -> None:
         self.counts = [0] * (buckets + 1)  # the last one is +Inf
         self.total = 0.0
+        self.created = time.time()
+
+
+class _Series(dict[tuple[str, ...], float]):
+    """The values of one counter by label values, and when each series was created.
+
+    A series is created by its first increment (``series[key] += n``): ``__missing__`` runs
+    only then, so the common case stays one C-level dict update.
+    """
+
+    __slots__ = ("created",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created: dict[tuple[str, ...], float] = {}
+
+    def __missing__(self, key: tuple[str, ...]) -> float:
+        self.created[key] = time.time()
+        return 0
 
 
 # eq=False: specs are dict keys on the hot path, and identity hashing is a C call where a
@@ -206,7 +228,7 @@ class Metrics(Collector):
     def __init__(self, version: str) -> None:
         self._version = version
         self._label_text: dict[Key, str] = {}  # escaped label strings, one per series
-        self._counters: dict[_Spec, dict[Key, float]] = {spec: {} for spec in COUNTERS}
+        self._counters: dict[_Spec, _Series] = {spec: _Series() for spec in COUNTERS}
         self._histograms: dict[_Spec, dict[Key, _Histogram]] = {spec: {} for spec in HISTOGRAMS}
         self._in_flight: dict[Key, int] = {}
         self._up = False
@@ -278,8 +300,11 @@ class Metrics(Collector):
 
     # --- exposition ----------------------------------------------------------------------
 
-    def render(self) -> str:
-        """Every family in the Prometheus text format (0.0.4), in one pass.
+    def render(self, openmetrics: bool = False) -> str:
+        """Every family in the Prometheus text format (0.0.4), in one pass; with
+        ``openmetrics``, in OpenMetrics 1.0 instead, with the ``_created`` time of every
+        counter and histogram series (so Prometheus can tell a new series' first increase),
+        and without the closing ``# EOF`` (the caller appends the registry's families).
 
         The same samples as ``collect()`` (a test holds the two equal), written directly: going
         through prometheus_client's Metric objects and generate_latest costs about 10 us a
@@ -290,20 +315,31 @@ class Metrics(Collector):
         out: list[str] = []
         write = out.append
         label = self._labels_of
-        write(_head(f"{NAMESPACE}_build_info", "gauge", _BUILD_INFO_DOC))
+        head = _om_head if openmetrics else _head
+        write(head(f"{NAMESPACE}_build_info", "gauge", _BUILD_INFO_DOC))
         write(f'{NAMESPACE}_build_info{{version="{_escape(self._version)}"}} 1\n')
         for spec in COUNTERS:
             name = f"{NAMESPACE}_{spec.name}"
-            write(_head(name, "counter", spec.doc))
-            for key, value in self._counters[spec].items():
-                write(f"{name}{{{label(spec, key)}}} {_number(value)}\n")
+            series = self._counters[spec]
+            if openmetrics:
+                base = name.removesuffix("_total")
+                write(head(base, "counter", spec.doc))
+                created = series.created
+                for key, value in series.items():
+                    labels = label(spec, key)
+                    write(f"{name}{{{labels}}} {_number(value)}\n")
+                    write(f"{base}_created{{{labels}}} {_number(created[key])}\n")
+            else:
+                write(head(name, "counter", spec.doc))
+                for key, value in series.items():
+                    write(f"{name}{{{label(spec, key)}}} {_number(value)}\n")
         name = f"{NAMESPACE}_{IN_FLIGHT.name}"
-        write(_head(name, "gauge", IN_FLIGHT.doc))
+        write(head(name, "gauge", IN_FLIGHT.doc))
         for key, count in self._in_flight.items():
             write(f"{name}{{{label(IN_FLIGHT, key)}}} {count}\n")
         for spec in HISTOGRAMS:
             name = f"{NAMESPACE}_{spec.name}"
-            write(_head(name, "histogram", spec.doc))
+            write(head(name, "histogram", spec.doc))
             bounds = _LE[spec]
             for key, observed in self._histograms[spec].items():
                 labels = label(spec, key)
@@ -313,8 +349,10 @@ class Metrics(Collector):
                     write(f'{name}_bucket{{{labels},le="{bound}"}} {running}\n')
                 write(f"{name}_count{{{labels}}} {running}\n")
                 write(f"{name}_sum{{{labels}}} {_number(observed.total)}\n")
+                if openmetrics:
+                    write(f"{name}_created{{{labels}}} {_number(observed.created)}\n")
         for family in self._upstream_families():
-            write(_head(family.name, family.type, family.documentation))
+            write(head(family.name, family.type, family.documentation))
             for sample in family.samples:
                 pairs = ",".join(f'{k}="{_escape(v)}"' for k, v in sample.labels.items())
                 write(f"{sample.name}{{{pairs}}} {_number(sample.value)}\n")
@@ -421,8 +459,8 @@ def _missing_reason(x: Exchange) -> str:
     return "not_requested" if x.usage is not None else "not_reported"
 
 
-def _add(series: dict[Key, float], key: Key, amount: float) -> None:
-    series[key] = series.get(key, 0) + amount
+def _add(series: _Series, key: Key, amount: float) -> None:
+    series[key] += amount
 
 
 _BUILD_INFO_DOC: Final = "Always 1; the version label is the running ollama-meter version."
@@ -433,6 +471,12 @@ def _head(name: str, kind: str, doc: str) -> str:
     shown = f"{name}_total" if kind == "counter" and not name.endswith("_total") else name
     help_text = doc.replace("\\", "\\\\").replace("\n", "\\n")
     return f"# HELP {shown} {help_text}\n# TYPE {shown} {kind}\n"
+
+
+def _om_head(name: str, kind: str, doc: str) -> str:
+    # OpenMetrics names a counter family without _total, and escapes quotes in HELP too.
+    help_text = doc.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
 
 
 def _escape(value: str) -> str:
@@ -455,11 +499,17 @@ TEXT_FORMAT: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def exposition_handler(metrics: Metrics, registry: CollectorRegistry) -> Handler:
-    """GET /metrics: our families (Metrics.render) and the registry's (process, platform)."""
+    """GET /metrics: our families (Metrics.render) and the registry's (process, platform), in
+    OpenMetrics when the scraper asks for it (Prometheus does), else in the text format."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        text = metrics.render() + generate_latest(registry).decode()
-        response = web.Response(text=text, headers={hdrs.CONTENT_TYPE: TEXT_FORMAT})
+        encoder, content_type = choose_encoder(request.headers.get(hdrs.ACCEPT, ""))
+        if content_type.startswith("application/openmetrics-text"):
+            text = metrics.render(openmetrics=True) + encoder(registry).decode()
+        else:
+            content_type = TEXT_FORMAT
+            text = metrics.render() + generate_latest(registry).decode()
+        response = web.Response(text=text, headers={hdrs.CONTENT_TYPE: content_type})
         response.enable_compression()  # gzip when Prometheus asks for it (it does)
         return response
 
