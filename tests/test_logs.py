@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import logging
 import re
 
 import aiohttp
@@ -11,9 +13,10 @@ import pytest
 
 from ollama_meter.app import ACCESS_LOG
 from ollama_meter.exchange import Exchange
-from ollama_meter.logs import FLUSH_BYTES, AccessLog
+from ollama_meter.logs import FLUSH_BYTES, FLUSH_SECONDS, AccessLog, setup_logging
 
 from .conftest import Meter, MeterFactory
+from .fake_ollama import NDJSON, FakeOllama, Reply, lines_of
 
 SECRET = "the-prompt-must-not-be-logged"
 
@@ -87,3 +90,69 @@ async def test_lines_are_written_in_batches() -> None:
     assert all("GET endpoint=/api/tags model=unknown" in line for line in written)
     log.flush()
     assert len(stream.getvalue().splitlines()) == FLUSH_BYTES // 80 + 2
+
+
+async def test_text_lines_cannot_be_forged() -> None:
+    stream = io.StringIO()
+    log = AccessLog("text", stream)
+    forged = "x 200\n2026-01-01 00:00:00,000 INFO ollama_meter.access: GET endpoint=/ model=y"
+    log(Exchange("POST", "/api/chat", 0.0, model=forged, status=200, finished=0.001))
+    log.flush()
+    [line] = stream.getvalue().splitlines()
+    assert "model=x 200\\n2026-01-01" in line
+
+
+def test_other_text_log_messages_are_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        setup_logging("text")
+        logging.getLogger("ollama_meter.proxy").warning("upstream sent %r", "a\r\nFAKE LINE")
+        logging.getLogger("ollama_meter.proxy").warning("raw %s", "a\nFAKE LINE\x1b[2J")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert lines[1].endswith("raw a\\nFAKE LINE\\x1b[2J")
+
+
+class Signalling(io.StringIO):
+    """A stream that says when something was written to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = asyncio.Event()
+
+    def write(self, text: str) -> int:
+        self.written.set()
+        return super().write(text)
+
+
+async def test_a_lone_line_is_written_by_the_timer() -> None:
+    stream = Signalling()
+    log = AccessLog("text", stream)
+    log(Exchange("GET", "/api/tags", 0.0, status=200, finished=0.001))
+    assert stream.getvalue() == ""
+    # Nothing else calls flush: only the timer can write it.
+    await asyncio.wait_for(stream.written.wait(), timeout=FLUSH_SECONDS * 20)
+    assert "GET endpoint=/api/tags" in stream.getvalue()
+
+
+async def test_a_stream_the_client_abandons_gets_its_line(
+    fake: FakeOllama, meter: Meter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gate = asyncio.Event()
+    lines = lines_of("chat_stream.ndjson")
+    fake.script("POST", "/api/chat", Reply(content_type=NDJSON, chunks=lines, gates={1: gate}))
+    capsys.readouterr()
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]}
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(meter.url + "/api/chat", json=body)
+        await response.content.readline()
+        response.close()
+    await asyncio.wait_for(fake.cancelled.wait(), timeout=5)
+    meter.app[ACCESS_LOG].flush()
+    [line] = capsys.readouterr().err.splitlines()
+    assert "status=499" in line
+    assert "error=client_disconnect" in line

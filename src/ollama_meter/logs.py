@@ -11,6 +11,11 @@ write and flush per line cost about 120k instructions a request, a sixth of the 
 formatted cheaply, kept in memory, and written to stderr in one call at most ``FLUSH_SECONDS``
 later, or sooner once ``FLUSH_BYTES`` have gathered; whatever is left is written at shutdown.
 The line format is the one the ``logging`` formatters below give every other log line.
+
+A text line can be forged by a value with a line break in it, so every logged value is
+escaped (``escape_controls``): access-line values here, and the message of every other text
+log line in ``TextFormatter`` (a message may quote what an upstream sent). JSON lines are
+escaped by JSON itself.
 """
 
 from __future__ import annotations
@@ -51,10 +56,23 @@ def access_fields(x: Exchange) -> dict[str, object]:
     return fields
 
 
+def escape_controls(text: str) -> str:
+    """``text`` with every character that is not printable (line breaks, tabs, escapes, other
+    control and separator characters) written as a ``\\x``/``\\u`` escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
+def _escaped(char: str) -> str:
+    return repr(char)[1:-1] if ord(char) < 128 else f"\\u{ord(char):04x}"
+
+
 def access_text(x: Exchange) -> str:
     """The message of a plain access-log line: ``POST endpoint=/api/chat model=... ...``."""
+    clean = escape_controls
     text = (
-        f"{x.method} endpoint={x.endpoint} model={x.model} "
+        f"{clean(x.method)} endpoint={clean(x.endpoint)} model={clean(x.model)} "
         f"stream={'true' if x.stream else 'false'} status={x.status} "
         f"duration_s={round(x.duration, 6)}"
     )
@@ -121,6 +139,14 @@ class AccessLog:
         self._size = 0
 
 
+class TextFormatter(logging.Formatter):
+    """The plain format, with control characters in messages escaped (tracebacks stay)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC), level, logger, message, and access fields."""
 
@@ -147,7 +173,7 @@ def setup_logging(log_format: str, level: str = "INFO") -> None:
     if log_format == "json":
         formatter: logging.Formatter = JsonFormatter()
     else:
-        formatter = logging.Formatter(_TEXT_FORMAT)
+        formatter = TextFormatter(_TEXT_FORMAT)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
