@@ -124,11 +124,15 @@ def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
     async def on_cleanup(app: web.Application) -> None:
         for handle in deadline:
             handle.cancel()
-        in_flight, cut = draining
-        if in_flight:
-            log.info("stopped: %d requests finished during shutdown, %d cut", in_flight - cut, cut)
         if access_log is not None:
             access_log.flush()
+        in_flight, cut = draining
+        if in_flight:
+            log.info(
+                "stopped: %d requests finished during shutdown, %d cut",
+                max(in_flight - cut, 0),
+                cut,
+            )
 
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
