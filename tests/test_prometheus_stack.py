@@ -133,6 +133,18 @@ async def _drive(fake: FakeOllama, client: ollama.AsyncClient) -> None:
     with pytest.raises(ollama.ResponseError):
         async for _ in await client.chat(model="llama3.2", messages=MESSAGES, stream=True):
             pass
+    # `ollama pull` of a mistyped name: model management failing with an in-band error.
+    with pytest.raises(ollama.ResponseError):
+        async for _ in await client.pull("no-such-model", stream=True):
+            pass
+
+
+async def drive_and_scrape(fake: FakeOllama, meter: Meter) -> None:
+    """Two rounds of traffic with scrapes between them, so every counter and histogram has
+    increased between two samples and rates are not zero."""
+    for _ in range(2):
+        await drive(fake, meter)
+        await asyncio.wait_for(fake.wait_for(SCRAPE, fake.count(SCRAPE) + 2), timeout=30)
 
 
 async def query(session: aiohttp.ClientSession, base: str, expr: str) -> list[dict[str, Any]]:
@@ -145,6 +157,19 @@ async def query(session: aiohttp.ClientSession, base: str, expr: str) -> list[di
 
 def has_number(result: list[dict[str, Any]]) -> bool:
     return any(math.isfinite(float(sample["value"][1])) for sample in result)
+
+
+async def without_data(
+    session: aiohttp.ClientSession, base: str, fake: FakeOllama, records: list[str]
+) -> list[str]:
+    """Recording rules run on their own clock: give them scrapes until each has a number.
+    Returns those that still have none."""
+    for _ in range(20):
+        missing = [r for r in records if not has_number(await query(session, base, r))]
+        if not missing:
+            break
+        await asyncio.wait_for(fake.wait_for(SCRAPE, fake.count(SCRAPE) + 1), timeout=30)
+    return missing
 
 
 def substitute(expr: str, model: str = ".*") -> str:
@@ -161,11 +186,7 @@ def substitute(expr: str, model: str = ".*") -> str:
 async def test_dashboard_and_rules_work_on_real_data(
     fake: FakeOllama, meter: Meter, prometheus: str
 ) -> None:
-    # Two rounds of traffic with scrapes between them, so every counter and histogram has
-    # increased between two samples and rates are not zero.
-    for _ in range(2):
-        await drive(fake, meter)
-        await asyncio.wait_for(fake.wait_for(SCRAPE, fake.count(SCRAPE) + 2), timeout=30)
+    await drive_and_scrape(fake, meter)
 
     panels = [p for p in dashboard()["panels"] if p["type"] != "row"]
     rules = load_yaml("prometheus/rules/ollama-meter.yml")
@@ -173,16 +194,7 @@ async def test_dashboard_and_rules_work_on_real_data(
     alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
 
     async with aiohttp.ClientSession() as session:
-        # Recording rules run on their own clock: give them scrapes until each has a number.
-        for _ in range(20):
-            missing = [
-                r["record"]
-                for r in records
-                if not has_number(await query(session, prometheus, r["record"]))
-            ]
-            if not missing:
-                break
-            await asyncio.wait_for(fake.wait_for(SCRAPE, fake.count(SCRAPE) + 1), timeout=30)
+        missing = await without_data(session, prometheus, fake, [r["record"] for r in records])
         assert missing == [], f"recording rules without data: {missing}"
 
         async with session.get(prometheus + "/api/v1/rules") as response:
@@ -242,3 +254,31 @@ async def test_dashboard_and_rules_work_on_real_data(
         )
         == 2
     )
+
+
+async def test_cancellations_and_model_management_are_not_inference_errors(
+    fake: FakeOllama, meter: Meter, prometheus: str
+) -> None:
+    await drive_and_scrape(fake, meter)
+    panels = {p["title"]: p for p in dashboard()["panels"] if p["type"] != "row"}
+
+    async def panel_labels(session: aiohttp.ClientSession, title: str, *names: str) -> set[Any]:
+        [target] = panels[title]["targets"]
+        result = await query(session, prometheus, substitute(target["expr"]))
+        return {tuple(s["metric"][n] for n in names) for s in result if float(s["value"][1]) > 0}
+
+    async with aiohttp.ClientSession() as session:
+        # The abandoned chat stream is a cancellation, on its own panel, in no error ratio.
+        assert await panel_labels(session, "Error ratio by reason", "reason") == {("stream_error",)}
+        assert await panel_labels(session, "Cancellations", "endpoint", "model") == {
+            ("/api/chat", "llama3.2:latest")
+        }
+        # The failed pull is a model-management failure...
+        assert await panel_labels(session, "Model-management failures", "endpoint", "reason") == {
+            ("/api/pull", "stream_error")
+        }
+        # ...and no inference stream breaking off: only the chat that died mid-stream is.
+        ratio = "ollama_meter:stream_error_ratio:rate10m"
+        assert await without_data(session, prometheus, fake, [ratio]) == []
+        result = await query(session, prometheus, ratio)
+        assert {s["metric"]["model"] for s in result} == {"llama3.2:latest"}
