@@ -21,6 +21,7 @@ import yaml
 
 from ollama_meter.cli import main
 from ollama_meter.config import Config, parse_listen
+from ollama_meter.ollama import ENDPOINTS
 
 ROOT = Path(__file__).parent.parent
 COMPOSE_FILES = ["compose.yaml", "compose.gpu.yaml", "compose.host-ollama.yaml"]
@@ -214,6 +215,54 @@ def test_every_alert_has_a_unit_test_that_fires_it() -> None:
             if "alert" in rule:
                 assert rule.get("for"), rule["alert"]
                 assert {"summary", "description", "runbook"} <= set(rule["annotations"])
+
+
+#: Routes that run a model: what stream errors and time to first token are about.
+INFERENCE_ROUTES = {
+    "/api/generate",
+    "/api/chat",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/messages",
+}
+#: Routes that manage models.
+MODEL_MANAGEMENT_ROUTES = {
+    "/api/pull",
+    "/api/push",
+    "/api/create",
+    "/api/delete",
+    "/api/copy",
+    "/api/blobs/{digest}",
+}
+SELECTOR = re.compile(r"\b(ollama_meter_[a-z0-9_]+)(\{[^}]*\})?")
+ENDPOINT_MATCHER = re.compile(r'endpoint=~"([^"$]*)"')
+
+
+def selected_routes(expr: str) -> list[set[str]]:
+    """For each ollama_meter_* selector of expr: the endpoint labels its fixed endpoint
+    matchers let through (every endpoint when it has none)."""
+    selected = []
+    for _, matchers in SELECTOR.findall(expr):
+        routes = set(ENDPOINTS)
+        for pattern in ENDPOINT_MATCHER.findall(matchers):
+            routes &= {e for e in ENDPOINTS if re.fullmatch(pattern, e)}
+        selected.append(routes)
+    return selected
+
+
+def test_inference_rules_and_panels_select_exactly_their_routes() -> None:
+    rules = load_yaml("prometheus/rules/ollama-meter.yml")
+    exprs = {r.get("record") or r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
+    for record in (
+        "ollama_meter:stream_error_ratio:rate10m",
+        "ollama_meter:time_to_first_token_seconds_bucket:rate5m",
+    ):
+        selected = selected_routes(exprs[record])
+        assert selected, record
+        assert all(routes == INFERENCE_ROUTES for routes in selected), (record, selected)
+    [panel] = [p for p in dashboard()["panels"] if p["title"] == "Model-management failures"]
+    assert selected_routes(panel["targets"][0]["expr"]) == [MODEL_MANAGEMENT_ROUTES]
 
 
 # --- Grafana ---------------------------------------------------------------------------------
