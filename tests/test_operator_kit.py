@@ -97,6 +97,8 @@ def test_compose_stack_is_wired_together() -> None:
     # Prometheus scrapes the service on its listen port and loads our rules, read-only.
     prometheus = services["prometheus"]
     assert "./prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    # Counters that start between two scrapes count from 0 (ollama-meter's _created samples).
+    assert "--enable-feature=created-timestamp-zero-ingestion" in prometheus["command"]
     scrape = load_yaml("prometheus/prometheus.yml")
     [job] = [j for j in scrape["scrape_configs"] if j["job_name"] == "ollama-meter"]
     assert job["static_configs"][0]["targets"] == [f"ollama-meter:{config.listen.port}"]

@@ -2,7 +2,8 @@
 
 Prometheus (Debian's ``prometheus`` package, which .ci/run installs) runs with the shipped
 prometheus/prometheus.yml and rules, changed only in the target address and, to keep the test
-short, the scrape and evaluation intervals (1 s). Traffic comes from the official ``ollama``
+short, the scrape and evaluation intervals (1 s), and with the feature flags compose.yaml gives
+it, those this Prometheus knows. Traffic comes from the official ``ollama``
 client: streamed and not, several models, an error and a cancelled stream. Progress is followed
 by events, not sleeps: every scrape makes ollama-meter ask the fake Ollama for /api/ps, so the
 test waits for those arrivals.
@@ -15,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,28 @@ def prometheus_binary() -> str:
     return found
 
 
+@pytest.fixture
+def prometheus_features(prometheus_binary: str) -> list[str]:
+    """The --enable-feature values of compose.yaml's Prometheus that this one knows. Debian
+    12's 2.42 predates created-timestamp-zero-ingestion (read from OpenMetrics since 2.55)."""
+    command = load_yaml("compose.yaml")["services"]["prometheus"]["command"]
+    wanted = [
+        name
+        for arg in command
+        if arg.startswith("--enable-feature=")
+        for name in arg.partition("=")[2].split(",")
+    ]
+    result = subprocess.run(
+        [prometheus_binary, "--help"], capture_output=True, text=True, check=True
+    )
+    text = " ".join((result.stdout + result.stderr).split())
+    known = {
+        name.strip() for name in text.partition("Valid options:")[2].split(". See")[0].split(",")
+    }
+    assert "exemplar-storage" in known, "the feature list of prometheus --help was not found"
+    return [name for name in wanted if name in known]
+
+
 def prometheus_config(meter_address: str) -> dict[str, Any]:
     """prometheus/prometheus.yml with the target and intervals changed, nothing else."""
     config: dict[str, Any] = load_yaml("prometheus/prometheus.yml")
@@ -54,16 +78,20 @@ def prometheus_config(meter_address: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def prometheus(prometheus_binary: str, meter: Meter, tmp_path: Path) -> AsyncIterator[str]:
+async def prometheus(
+    prometheus_binary: str, prometheus_features: list[str], meter: Meter, tmp_path: Path
+) -> AsyncIterator[str]:
     address = meter.url.removeprefix("http://")
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(address)))
     shutil.copytree(ROOT / "prometheus" / "rules", tmp_path / "rules")
     port = unused_port()
+    features = [f"--enable-feature={','.join(prometheus_features)}"] if prometheus_features else []
     proc = await asyncio.create_subprocess_exec(
         prometheus_binary,
         f"--config.file={tmp_path / 'prometheus.yml'}",
         f"--storage.tsdb.path={tmp_path / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}",
+        *features,
         stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
