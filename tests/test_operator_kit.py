@@ -73,7 +73,7 @@ def test_compose_stack_is_wired_together() -> None:
     compose = load_yaml("compose.yaml")
     assert "version" not in compose  # the Compose Specification has no version key
     services = compose["services"]
-    assert set(services) == {"ollama", "ollama-meter", "prometheus", "grafana"}
+    assert set(services) == {"ollama", "ollama-meter", "prometheus", "alertmanager", "grafana"}
     for name, service in services.items():
         if "image" in service and "build" not in service:
             repo, _, tag = service["image"].rpartition(":")
@@ -102,6 +102,17 @@ def test_compose_stack_is_wired_together() -> None:
     scrape = load_yaml("prometheus/prometheus.yml")
     [job] = [j for j in scrape["scrape_configs"] if j["job_name"] == "ollama-meter"]
     assert job["static_configs"][0]["targets"] == [f"ollama-meter:{config.listen.port}"]
+
+    # Prometheus sends alerts to the Alertmanager service, which reads our config, read-only.
+    alertmanager = services["alertmanager"]
+    [alerting] = scrape["alerting"]["alertmanagers"]
+    assert alerting["static_configs"][0]["targets"] == ["alertmanager:9093"]
+    assert "alertmanager" in prometheus["depends_on"]
+    [published] = alertmanager["ports"]
+    assert published == "127.0.0.1:9093:9093"  # loopback only, like Prometheus and Grafana
+    assert "./alertmanager:/etc/alertmanager:ro" in alertmanager["volumes"]
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in alertmanager["command"]
+    assert (ROOT / "alertmanager" / "alertmanager.yml").is_file()
 
     # Grafana: provisioned datasource and dashboards, password from the environment.
     grafana = services["grafana"]
@@ -193,6 +204,29 @@ def test_promtool_checks_config_and_rules() -> None:
     ):
         result = run(promtool, *args)
         assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}"
+
+
+def test_amtool_checks_the_alertmanager_config_and_its_examples(tmp_path: Path) -> None:
+    amtool = tool("amtool")
+    shipped = (ROOT / "alertmanager" / "alertmanager.yml").read_text()
+    result = run(amtool, "check-config", "alertmanager/alertmanager.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = yaml.safe_load(shipped)
+    # The default receiver does nothing: no notifications until someone says where to.
+    [default] = [r for r in config["receivers"] if r["name"] == config["route"]["receiver"]]
+    assert set(default) == {"name"}
+
+    # The commented receivers (webhook, email, Slack) are valid once uncommented.
+    examples = re.sub(r"(?m)^  # (- name:|  )", r"  \1", shipped)
+    names = [r["name"] for r in yaml.safe_load(examples)["receivers"]]
+    assert names == ["none", "webhook", "email", "slack"]
+    (tmp_path / "examples.yml").write_text(examples)
+    result = run(amtool, "check-config", str(tmp_path / "examples.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    # The check can fail: a route to a receiver that is not defined.
+    (tmp_path / "broken.yml").write_text(shipped.replace("receiver: none", "receiver: nobody"))
+    assert run(amtool, "check-config", str(tmp_path / "broken.yml")).returncode != 0
 
 
 def test_every_alert_has_a_unit_test_that_fires_it() -> None:

@@ -2,8 +2,9 @@
 
 Prometheus (Debian's ``prometheus`` package, which .ci/run installs) runs with the shipped
 prometheus/prometheus.yml and rules, changed only in the target address and, to keep the test
-short, the scrape and evaluation intervals (1 s), and with the feature flags compose.yaml gives
-it, those this Prometheus knows. Traffic comes from the official ``ollama``
+short, the scrape and evaluation intervals (1 s), without its alerting section (the stack's
+Alertmanager is not there), and with the feature flags compose.yaml gives it, those this
+Prometheus knows. Traffic comes from the official ``ollama``
 client: streamed and not, several models, an error and a cancelled stream. Progress is followed
 by events, not sleeps: every scrape makes ollama-meter ask the fake Ollama for /api/ps, so the
 test waits for those arrivals.
@@ -68,8 +69,10 @@ def prometheus_features(prometheus_binary: str) -> list[str]:
 
 
 def prometheus_config(meter_address: str) -> dict[str, Any]:
-    """prometheus/prometheus.yml with the target and intervals changed, nothing else."""
+    """prometheus/prometheus.yml with the target and intervals changed, and without the
+    compose stack's Alertmanager (no alert fires in this test), nothing else."""
     config: dict[str, Any] = load_yaml("prometheus/prometheus.yml")
+    del config["alerting"]
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     [job] = [j for j in config["scrape_configs"] if j["job_name"] == "ollama-meter"]
     job["static_configs"][0]["targets"] = [meter_address]
