@@ -1,4 +1,5 @@
-"""examples/systemd/ollama-meter.service, checked by systemd's own tools and run confined.
+"""examples/systemd/: the ollama-meter unit, checked by systemd's own tools and run confined,
+and the drop-in that binds a host's Ollama to the Docker bridge.
 
 ``systemd-analyze verify`` needs the ExecStart binary to exist, so the unit is copied with
 ExecStart pointing at this environment's ``ollama-meter`` script, nothing else changed.
@@ -22,7 +23,7 @@ from ollama_meter.config import Config
 
 from .conftest import unused_port
 from .fake_ollama import FakeOllama
-from .test_operator_kit import ROOT, cli_envvars, run, tool
+from .test_operator_kit import ROOT, cli_envvars, load_yaml, run, tool
 
 UNIT = ROOT / "examples" / "systemd" / "ollama-meter.service"
 SCRIPT = Path(sys.executable).parent / "ollama-meter"  # what pip installs, like ExecStart's
@@ -171,3 +172,36 @@ async def test_proxy_runs_without_writable_executable_memory(fake: FakeOllama) -
         if proc.returncode is None:
             proc.terminate()
             await proc.wait()
+
+
+DROP_IN = ROOT / "examples" / "systemd" / "ollama.service.d" / "docker-bridge.conf"
+
+
+def test_docker_bridge_drop_in_binds_ollama_where_the_container_looks(tmp_path: Path) -> None:
+    """The drop-in for compose.host-ollama.yaml, on a stand-in ollama.service."""
+    analyze = tool("systemd-analyze")
+    text = DROP_IN.read_text()
+    for key in ("After", "Wants"):
+        assert values(key, text) == ["docker.service"], key
+    [setting] = values("Environment", text)
+    name, _, address = setting.partition("=")
+    assert name == "OLLAMA_HOST"
+    host, _, port = address.rpartition(":")
+    assert host.startswith("172.17.")  # docker0 by Docker's default, not 0.0.0.0 or loopback
+    upstream = load_yaml("compose.host-ollama.yaml")["services"]["ollama-meter"]["environment"]
+    config = Config.build(listen="0.0.0.0:11435", upstream=upstream["OLLAMA_METER_UPSTREAM"])
+    assert (config.upstream.host, config.upstream.port) == ("host.docker.internal", int(port))
+
+    def verify(drop_in: str) -> str:
+        (tmp_path / "ollama.service.d").mkdir(exist_ok=True)
+        (tmp_path / "ollama.service.d" / DROP_IN.name).write_text(drop_in)
+        (tmp_path / "ollama.service").write_text(
+            f"[Unit]\nDescription=Ollama\n[Service]\nExecStart={SCRIPT}\n"
+        )
+        result = run(analyze, "verify", str(tmp_path / "ollama.service"))
+        assert result.returncode == 0, result.stderr
+        return result.stdout + result.stderr
+
+    assert verify(text) == ""
+    # The drop-in is read: a misspelt key in it is reported.
+    assert "Wnats" in verify(text.replace("Wants=", "Wnats="))
