@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import click
 import pytest
 import yaml
@@ -22,6 +23,9 @@ import yaml
 from ollama_meter.cli import main
 from ollama_meter.config import Config, parse_listen
 from ollama_meter.ollama import ENDPOINTS
+
+from .conftest import Meter
+from .fake_ollama import FakeOllama
 
 ROOT = Path(__file__).parent.parent
 COMPOSE_FILES = ["compose.yaml", "compose.gpu.yaml", "compose.host-ollama.yaml"]
@@ -44,6 +48,16 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def load_yaml(name: str) -> Any:
     return yaml.safe_load((ROOT / name).read_text())
+
+
+def readme() -> str:
+    """README.md with its lines joined: prose is checked whatever its line breaks."""
+    return " ".join((ROOT / "README.md").read_text().split())
+
+
+def cli_default(name: str) -> Any:
+    [default] = [param.default for param in main.params if param.name == name]
+    return default
 
 
 def cli_envvars() -> dict[str, str]:
@@ -365,3 +379,59 @@ def test_dashboard_and_rules_use_only_metrics_that_exist() -> None:
     used = {name for expr in exprs for name in SERIES_NAME.findall(expr)}
     assert used - known == set()
     assert len(used) > 20
+
+
+# --- README ----------------------------------------------------------------------------------
+
+
+def test_readme_says_how_a_refused_start_exits() -> None:
+    text = readme()
+    assert "`Usage: ollama-meter [OPTIONS]`" in text
+    assert "and it exits with status 2" in text
+    assert "one line, `Error: ...`, and it exits with status 1" in text
+    ollama_meter = (str(Path(sys.executable).parent / "ollama-meter"),)  # the installed script
+    # A value click rejects: its usage text, status 2.
+    for args in (("--read-timeout", "soon"), ("--log-format", "xml")):
+        rejected = run(*ollama_meter, *args)
+        assert rejected.returncode == 2, args
+        assert rejected.stderr.startswith("Usage: ollama-meter [OPTIONS]\n"), rejected.stderr
+        assert "Error: Invalid value for" in rejected.stderr
+    # A start that cannot work: one line, status 1.
+    loop = run(*ollama_meter, "--listen", "127.0.0.1:11434", "--upstream", "localhost")
+    assert loop.returncode == 1
+    assert loop.stderr.startswith("Error: ")
+    assert len(loop.stderr.splitlines()) == 1, loop.stderr
+
+
+async def test_readme_curl_pull_is_a_metered_pull(fake: FakeOllama, meter: Meter) -> None:
+    [(url, body)] = re.findall(r"curl (http://\S+) -d '([^']+)'", readme())
+    address, _, path = url.removeprefix("http://").partition("/")
+    assert address == cli_default("listen")
+    # What curl -d sends: the body as given, labelled as a form.
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{meter.url}/{path}", data=body.encode(), headers=headers) as response,
+    ):
+        assert response.status == 200
+        lines = [json.loads(line) async for line in response.content]
+    assert lines[-1] == {"status": "success"}
+    labels = {"endpoint": "/api/pull", "model": "llama3.2:latest", "stream": "true"}
+    assert meter.value("requests_total", **labels, status="200") == 1
+
+
+def test_readme_dashboard_import_and_open_webui_agree_with_the_kit() -> None:
+    text = readme()
+    # The dashboard asks for nothing on import: its data source is a variable.
+    assert "asks for the data source" not in text
+    assert "The import asks for nothing: the dashboard has a *Data source* variable" in text
+    doc = dashboard()
+    assert "__inputs" not in doc
+    [source] = [v for v in doc["templating"]["list"] if v["type"] == "datasource"]
+    assert (source["label"], source["query"]) == ("Data source", "prometheus")
+    # Open WebUI goes through the proxy port, or the proxy service inside the compose stack.
+    port = parse_listen(cli_default("listen")).port
+    meter = load_yaml("compose.yaml")["services"]["ollama-meter"]
+    in_stack = parse_listen(meter["environment"]["OLLAMA_METER_LISTEN"]).port
+    assert f"`OLLAMA_BASE_URL=http://<proxy>:{port}`" in text
+    assert f"`http://ollama-meter:{in_stack}`" in text
