@@ -29,6 +29,10 @@ def rate_by(by: str, metric: str, filters: str = F_ALL) -> str:
 
 
 TOKENS_PER_S: Final = "suffix: tok/s"
+# A client that went away first (pressing Stop) is a cancellation, never a failure.
+NOT_CANCELLED: Final = 'reason!="client_disconnect"'
+# Routes that manage models rather than run them.
+MODEL_MANAGEMENT: Final = 'endpoint=~"/api/(pull|push|create|delete|copy|blobs/.*)"'
 # Keeps only the process_* series of ollama-meter targets, whatever their job is called.
 OF_METER: Final = f" * on (job, instance) group_left () ollama_meter_build_info{{{F_INST}}}"
 
@@ -139,15 +143,56 @@ def rows() -> list[tuple[str, list[Panel]]]:
                 ),
                 panel(
                     "Error ratio by reason",
-                    "Share of requests that failed in transit, by reason.",
+                    "Share of requests that failed in transit, by reason. Cancellations "
+                    "(client_disconnect) are not failures: they have a panel of their own.",
                     "percentunit",
                     [
                         (
-                            rate_by("reason", "ollama_meter_request_errors_total")
+                            rate_by(
+                                "reason",
+                                "ollama_meter_request_errors_total",
+                                f"{F_ALL}, {NOT_CANCELLED}",
+                            )
                             + " / scalar("
                             + rate_by("", "ollama_meter_requests_total")
                             + ")",
                             "{{reason}}",
+                        )
+                    ],
+                    width=12,
+                ),
+                panel(
+                    "Cancellations",
+                    "Requests whose client went away before the reply ended (Stop pressed, a "
+                    "closed tab, a client timeout): reason client_disconnect, status 499. "
+                    "Ollama stops generating; no error ratio or alert counts them.",
+                    "reqps",
+                    [
+                        (
+                            rate_by(
+                                "endpoint, model",
+                                "ollama_meter_request_errors_total",
+                                f'{F_ALL}, reason="client_disconnect"',
+                            ),
+                            "{{model}} {{endpoint}}",
+                        )
+                    ],
+                    width=12,
+                ),
+                panel(
+                    "Model-management failures",
+                    "Pulls, pushes, creates, deletes, copies and blob uploads that failed "
+                    "in transit (an in-band error such as a mistyped model name, or a cut "
+                    "stream), by route and reason. Kept apart from inference errors.",
+                    "reqps",
+                    [
+                        (
+                            rate_by(
+                                "endpoint, reason",
+                                "ollama_meter_request_errors_total",
+                                f"{F_ALL}, {MODEL_MANAGEMENT}, {NOT_CANCELLED}",
+                            ),
+                            "{{endpoint}} {{reason}}",
                         )
                     ],
                     width=12,

@@ -15,12 +15,17 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import click
 import pytest
 import yaml
 
 from ollama_meter.cli import main
 from ollama_meter.config import Config, parse_listen
+from ollama_meter.ollama import ENDPOINTS
+
+from .conftest import Meter
+from .fake_ollama import FakeOllama
 
 ROOT = Path(__file__).parent.parent
 COMPOSE_FILES = ["compose.yaml", "compose.gpu.yaml", "compose.host-ollama.yaml"]
@@ -43,6 +48,16 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def load_yaml(name: str) -> Any:
     return yaml.safe_load((ROOT / name).read_text())
+
+
+def readme() -> str:
+    """README.md with its lines joined: prose is checked whatever its line breaks."""
+    return " ".join((ROOT / "README.md").read_text().split())
+
+
+def cli_default(name: str) -> Any:
+    [default] = [param.default for param in main.params if param.name == name]
+    return default
 
 
 def cli_envvars() -> dict[str, str]:
@@ -72,7 +87,7 @@ def test_compose_stack_is_wired_together() -> None:
     compose = load_yaml("compose.yaml")
     assert "version" not in compose  # the Compose Specification has no version key
     services = compose["services"]
-    assert set(services) == {"ollama", "ollama-meter", "prometheus", "grafana"}
+    assert set(services) == {"ollama", "ollama-meter", "prometheus", "alertmanager", "grafana"}
     for name, service in services.items():
         if "image" in service and "build" not in service:
             repo, _, tag = service["image"].rpartition(":")
@@ -96,9 +111,22 @@ def test_compose_stack_is_wired_together() -> None:
     # Prometheus scrapes the service on its listen port and loads our rules, read-only.
     prometheus = services["prometheus"]
     assert "./prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    # Counters that start between two scrapes count from 0 (ollama-meter's _created samples).
+    assert "--enable-feature=created-timestamp-zero-ingestion" in prometheus["command"]
     scrape = load_yaml("prometheus/prometheus.yml")
     [job] = [j for j in scrape["scrape_configs"] if j["job_name"] == "ollama-meter"]
     assert job["static_configs"][0]["targets"] == [f"ollama-meter:{config.listen.port}"]
+
+    # Prometheus sends alerts to the Alertmanager service, which reads our config, read-only.
+    alertmanager = services["alertmanager"]
+    [alerting] = scrape["alerting"]["alertmanagers"]
+    assert alerting["static_configs"][0]["targets"] == ["alertmanager:9093"]
+    assert "alertmanager" in prometheus["depends_on"]
+    [published] = alertmanager["ports"]
+    assert published == "127.0.0.1:9093:9093"  # loopback only, like Prometheus and Grafana
+    assert "./alertmanager:/etc/alertmanager:ro" in alertmanager["volumes"]
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in alertmanager["command"]
+    assert (ROOT / "alertmanager" / "alertmanager.yml").is_file()
 
     # Grafana: provisioned datasource and dashboards, password from the environment.
     grafana = services["grafana"]
@@ -192,6 +220,29 @@ def test_promtool_checks_config_and_rules() -> None:
         assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}"
 
 
+def test_amtool_checks_the_alertmanager_config_and_its_examples(tmp_path: Path) -> None:
+    amtool = tool("amtool")
+    shipped = (ROOT / "alertmanager" / "alertmanager.yml").read_text()
+    result = run(amtool, "check-config", "alertmanager/alertmanager.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = yaml.safe_load(shipped)
+    # The default receiver does nothing: no notifications until someone says where to.
+    [default] = [r for r in config["receivers"] if r["name"] == config["route"]["receiver"]]
+    assert set(default) == {"name"}
+
+    # The commented receivers (webhook, email, Slack) are valid once uncommented.
+    examples = re.sub(r"(?m)^  # (- name:|  )", r"  \1", shipped)
+    names = [r["name"] for r in yaml.safe_load(examples)["receivers"]]
+    assert names == ["none", "webhook", "email", "slack"]
+    (tmp_path / "examples.yml").write_text(examples)
+    result = run(amtool, "check-config", str(tmp_path / "examples.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    # The check can fail: a route to a receiver that is not defined.
+    (tmp_path / "broken.yml").write_text(shipped.replace("receiver: none", "receiver: nobody"))
+    assert run(amtool, "check-config", str(tmp_path / "broken.yml")).returncode != 0
+
+
 def test_every_alert_has_a_unit_test_that_fires_it() -> None:
     rules = load_yaml("prometheus/rules/ollama-meter.yml")
     alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
@@ -214,6 +265,54 @@ def test_every_alert_has_a_unit_test_that_fires_it() -> None:
             if "alert" in rule:
                 assert rule.get("for"), rule["alert"]
                 assert {"summary", "description", "runbook"} <= set(rule["annotations"])
+
+
+#: Routes that run a model: what stream errors and time to first token are about.
+INFERENCE_ROUTES = {
+    "/api/generate",
+    "/api/chat",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/messages",
+}
+#: Routes that manage models.
+MODEL_MANAGEMENT_ROUTES = {
+    "/api/pull",
+    "/api/push",
+    "/api/create",
+    "/api/delete",
+    "/api/copy",
+    "/api/blobs/{digest}",
+}
+SELECTOR = re.compile(r"\b(ollama_meter_[a-z0-9_]+)(\{[^}]*\})?")
+ENDPOINT_MATCHER = re.compile(r'endpoint=~"([^"$]*)"')
+
+
+def selected_routes(expr: str) -> list[set[str]]:
+    """For each ollama_meter_* selector of expr: the endpoint labels its fixed endpoint
+    matchers let through (every endpoint when it has none)."""
+    selected = []
+    for _, matchers in SELECTOR.findall(expr):
+        routes = set(ENDPOINTS)
+        for pattern in ENDPOINT_MATCHER.findall(matchers):
+            routes &= {e for e in ENDPOINTS if re.fullmatch(pattern, e)}
+        selected.append(routes)
+    return selected
+
+
+def test_inference_rules_and_panels_select_exactly_their_routes() -> None:
+    rules = load_yaml("prometheus/rules/ollama-meter.yml")
+    exprs = {r.get("record") or r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
+    for record in (
+        "ollama_meter:stream_error_ratio:rate10m",
+        "ollama_meter:time_to_first_token_seconds_bucket:rate5m",
+    ):
+        selected = selected_routes(exprs[record])
+        assert selected, record
+        assert all(routes == INFERENCE_ROUTES for routes in selected), (record, selected)
+    [panel] = [p for p in dashboard()["panels"] if p["title"] == "Model-management failures"]
+    assert selected_routes(panel["targets"][0]["expr"]) == [MODEL_MANAGEMENT_ROUTES]
 
 
 # --- Grafana ---------------------------------------------------------------------------------
@@ -280,3 +379,59 @@ def test_dashboard_and_rules_use_only_metrics_that_exist() -> None:
     used = {name for expr in exprs for name in SERIES_NAME.findall(expr)}
     assert used - known == set()
     assert len(used) > 20
+
+
+# --- README ----------------------------------------------------------------------------------
+
+
+def test_readme_says_how_a_refused_start_exits() -> None:
+    text = readme()
+    assert "`Usage: ollama-meter [OPTIONS]`" in text
+    assert "and it exits with status 2" in text
+    assert "one line, `Error: ...`, and it exits with status 1" in text
+    ollama_meter = (str(Path(sys.executable).parent / "ollama-meter"),)  # the installed script
+    # A value click rejects: its usage text, status 2.
+    for args in (("--read-timeout", "soon"), ("--log-format", "xml")):
+        rejected = run(*ollama_meter, *args)
+        assert rejected.returncode == 2, args
+        assert rejected.stderr.startswith("Usage: ollama-meter [OPTIONS]\n"), rejected.stderr
+        assert "Error: Invalid value for" in rejected.stderr
+    # A start that cannot work: one line, status 1.
+    loop = run(*ollama_meter, "--listen", "127.0.0.1:11434", "--upstream", "localhost")
+    assert loop.returncode == 1
+    assert loop.stderr.startswith("Error: ")
+    assert len(loop.stderr.splitlines()) == 1, loop.stderr
+
+
+async def test_readme_curl_pull_is_a_metered_pull(fake: FakeOllama, meter: Meter) -> None:
+    [(url, body)] = re.findall(r"curl (http://\S+) -d '([^']+)'", readme())
+    address, _, path = url.removeprefix("http://").partition("/")
+    assert address == cli_default("listen")
+    # What curl -d sends: the body as given, labelled as a form.
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{meter.url}/{path}", data=body.encode(), headers=headers) as response,
+    ):
+        assert response.status == 200
+        lines = [json.loads(line) async for line in response.content]
+    assert lines[-1] == {"status": "success"}
+    labels = {"endpoint": "/api/pull", "model": "llama3.2:latest", "stream": "true"}
+    assert meter.value("requests_total", **labels, status="200") == 1
+
+
+def test_readme_dashboard_import_and_open_webui_agree_with_the_kit() -> None:
+    text = readme()
+    # The dashboard asks for nothing on import: its data source is a variable.
+    assert "asks for the data source" not in text
+    assert "The import asks for nothing: the dashboard has a *Data source* variable" in text
+    doc = dashboard()
+    assert "__inputs" not in doc
+    [source] = [v for v in doc["templating"]["list"] if v["type"] == "datasource"]
+    assert (source["label"], source["query"]) == ("Data source", "prometheus")
+    # Open WebUI goes through the proxy port, or the proxy service inside the compose stack.
+    port = parse_listen(cli_default("listen")).port
+    meter = load_yaml("compose.yaml")["services"]["ollama-meter"]
+    in_stack = parse_listen(meter["environment"]["OLLAMA_METER_LISTEN"]).port
+    assert f"`OLLAMA_BASE_URL=http://<proxy>:{port}`" in text
+    assert f"`http://ollama-meter:{in_stack}`" in text

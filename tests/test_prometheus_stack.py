@@ -2,7 +2,9 @@
 
 Prometheus (Debian's ``prometheus`` package, which .ci/run installs) runs with the shipped
 prometheus/prometheus.yml and rules, changed only in the target address and, to keep the test
-short, the scrape and evaluation intervals (1 s). Traffic comes from the official ``ollama``
+short, the scrape and evaluation intervals (1 s), without its alerting section (the stack's
+Alertmanager is not there), and with the feature flags compose.yaml gives it, those this
+Prometheus knows. Traffic comes from the official ``ollama``
 client: streamed and not, several models, an error and a cancelled stream. Progress is followed
 by events, not sleeps: every scrape makes ollama-meter ask the fake Ollama for /api/ps, so the
 test waits for those arrivals.
@@ -15,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -43,9 +46,33 @@ def prometheus_binary() -> str:
     return found
 
 
+@pytest.fixture
+def prometheus_features(prometheus_binary: str) -> list[str]:
+    """The --enable-feature values of compose.yaml's Prometheus that this one knows. Debian
+    12's 2.42 predates created-timestamp-zero-ingestion (read from OpenMetrics since 2.55)."""
+    command = load_yaml("compose.yaml")["services"]["prometheus"]["command"]
+    wanted = [
+        name
+        for arg in command
+        if arg.startswith("--enable-feature=")
+        for name in arg.partition("=")[2].split(",")
+    ]
+    result = subprocess.run(
+        [prometheus_binary, "--help"], capture_output=True, text=True, check=True
+    )
+    text = " ".join((result.stdout + result.stderr).split())
+    known = {
+        name.strip() for name in text.partition("Valid options:")[2].split(". See")[0].split(",")
+    }
+    assert "exemplar-storage" in known, "the feature list of prometheus --help was not found"
+    return [name for name in wanted if name in known]
+
+
 def prometheus_config(meter_address: str) -> dict[str, Any]:
-    """prometheus/prometheus.yml with the target and intervals changed, nothing else."""
+    """prometheus/prometheus.yml with the target and intervals changed, and without the
+    compose stack's Alertmanager (no alert fires in this test), nothing else."""
     config: dict[str, Any] = load_yaml("prometheus/prometheus.yml")
+    del config["alerting"]
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     [job] = [j for j in config["scrape_configs"] if j["job_name"] == "ollama-meter"]
     job["static_configs"][0]["targets"] = [meter_address]
@@ -54,16 +81,20 @@ def prometheus_config(meter_address: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def prometheus(prometheus_binary: str, meter: Meter, tmp_path: Path) -> AsyncIterator[str]:
+async def prometheus(
+    prometheus_binary: str, prometheus_features: list[str], meter: Meter, tmp_path: Path
+) -> AsyncIterator[str]:
     address = meter.url.removeprefix("http://")
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(address)))
     shutil.copytree(ROOT / "prometheus" / "rules", tmp_path / "rules")
     port = unused_port()
+    features = [f"--enable-feature={','.join(prometheus_features)}"] if prometheus_features else []
     proc = await asyncio.create_subprocess_exec(
         prometheus_binary,
         f"--config.file={tmp_path / 'prometheus.yml'}",
         f"--storage.tsdb.path={tmp_path / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}",
+        *features,
         stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
@@ -133,6 +164,18 @@ async def _drive(fake: FakeOllama, client: ollama.AsyncClient) -> None:
     with pytest.raises(ollama.ResponseError):
         async for _ in await client.chat(model="llama3.2", messages=MESSAGES, stream=True):
             pass
+    # `ollama pull` of a mistyped name: model management failing with an in-band error.
+    with pytest.raises(ollama.ResponseError):
+        async for _ in await client.pull("no-such-model", stream=True):
+            pass
+
+
+async def drive_and_scrape(fake: FakeOllama, meter: Meter) -> None:
+    """Two rounds of traffic with scrapes between them, so every counter and histogram has
+    increased between two samples and rates are not zero."""
+    for _ in range(2):
+        await drive(fake, meter)
+        await asyncio.wait_for(fake.wait_for(SCRAPE, fake.count(SCRAPE) + 2), timeout=30)
 
 
 async def query(session: aiohttp.ClientSession, base: str, expr: str) -> list[dict[str, Any]]:
@@ -145,6 +188,19 @@ async def query(session: aiohttp.ClientSession, base: str, expr: str) -> list[di
 
 def has_number(result: list[dict[str, Any]]) -> bool:
     return any(math.isfinite(float(sample["value"][1])) for sample in result)
+
+
+async def without_data(
+    session: aiohttp.ClientSession, base: str, fake: FakeOllama, records: list[str]
+) -> list[str]:
+    """Recording rules run on their own clock: give them scrapes until each has a number.
+    Returns those that still have none."""
+    for _ in range(20):
+        missing = [r for r in records if not has_number(await query(session, base, r))]
+        if not missing:
+            break
+        await asyncio.wait_for(fake.wait_for(SCRAPE, fake.count(SCRAPE) + 1), timeout=30)
+    return missing
 
 
 def substitute(expr: str, model: str = ".*") -> str:
@@ -161,11 +217,7 @@ def substitute(expr: str, model: str = ".*") -> str:
 async def test_dashboard_and_rules_work_on_real_data(
     fake: FakeOllama, meter: Meter, prometheus: str
 ) -> None:
-    # Two rounds of traffic with scrapes between them, so every counter and histogram has
-    # increased between two samples and rates are not zero.
-    for _ in range(2):
-        await drive(fake, meter)
-        await asyncio.wait_for(fake.wait_for(SCRAPE, fake.count(SCRAPE) + 2), timeout=30)
+    await drive_and_scrape(fake, meter)
 
     panels = [p for p in dashboard()["panels"] if p["type"] != "row"]
     rules = load_yaml("prometheus/rules/ollama-meter.yml")
@@ -173,16 +225,7 @@ async def test_dashboard_and_rules_work_on_real_data(
     alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
 
     async with aiohttp.ClientSession() as session:
-        # Recording rules run on their own clock: give them scrapes until each has a number.
-        for _ in range(20):
-            missing = [
-                r["record"]
-                for r in records
-                if not has_number(await query(session, prometheus, r["record"]))
-            ]
-            if not missing:
-                break
-            await asyncio.wait_for(fake.wait_for(SCRAPE, fake.count(SCRAPE) + 1), timeout=30)
+        missing = await without_data(session, prometheus, fake, [r["record"] for r in records])
         assert missing == [], f"recording rules without data: {missing}"
 
         async with session.get(prometheus + "/api/v1/rules") as response:
@@ -242,3 +285,31 @@ async def test_dashboard_and_rules_work_on_real_data(
         )
         == 2
     )
+
+
+async def test_cancellations_and_model_management_are_not_inference_errors(
+    fake: FakeOllama, meter: Meter, prometheus: str
+) -> None:
+    await drive_and_scrape(fake, meter)
+    panels = {p["title"]: p for p in dashboard()["panels"] if p["type"] != "row"}
+
+    async def panel_labels(session: aiohttp.ClientSession, title: str, *names: str) -> set[Any]:
+        [target] = panels[title]["targets"]
+        result = await query(session, prometheus, substitute(target["expr"]))
+        return {tuple(s["metric"][n] for n in names) for s in result if float(s["value"][1]) > 0}
+
+    async with aiohttp.ClientSession() as session:
+        # The abandoned chat stream is a cancellation, on its own panel, in no error ratio.
+        assert await panel_labels(session, "Error ratio by reason", "reason") == {("stream_error",)}
+        assert await panel_labels(session, "Cancellations", "endpoint", "model") == {
+            ("/api/chat", "llama3.2:latest")
+        }
+        # The failed pull is a model-management failure...
+        assert await panel_labels(session, "Model-management failures", "endpoint", "reason") == {
+            ("/api/pull", "stream_error")
+        }
+        # ...and no inference stream breaking off: only the chat that died mid-stream is.
+        ratio = "ollama_meter:stream_error_ratio:rate10m"
+        assert await without_data(session, prometheus, fake, [ratio]) == []
+        result = await query(session, prometheus, ratio)
+        assert {s["metric"]["model"] for s in result} == {"llama3.2:latest"}
