@@ -64,6 +64,16 @@ def test_version() -> None:
     assert result.output.startswith("ollama-meter, version ")
 
 
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port something already listens on. A refused start is always given it to listen on,
+    so that were a check to fail to refuse, the start fails at once instead of serving."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -71,22 +81,28 @@ def test_version() -> None:
         (["--upstream", "gpu-box:99999"], "port '99999' is not a number"),
         (["--listen", "127.0.0.1:x"], "listen address: port 'x' is not a number"),
         (
-            ["--listen", "127.0.0.1:11434", "--upstream", "localhost"],
-            "upstream http://localhost:11434 is this proxy's own listen address",
+            ["--listen", "127.0.0.1:{port}", "--upstream", "localhost:{port}"],
+            "upstream http://localhost:{port} is this proxy's own listen address",
         ),
         (
-            ["--listen", "0.0.0.0:9000", "--upstream", "127.0.0.1:9000"],
+            ["--listen", "0.0.0.0:{port}", "--upstream", "127.0.0.1:{port}"],
             "requests would loop",
         ),
-        (["--metrics-listen", "127.0.0.1:11435"], "is the proxy's listen address"),
+        (["--metrics-listen", "127.0.0.1:{port}"], "is the proxy's listen address"),
         (["--connect-timeout", "0"], "Invalid value for '--connect-timeout'"),
+        (["--trusted-proxies", "10.0.0.0/99"], "trusted-proxies: '10.0.0.0/99' is not"),
+        (["--allowed-hosts", "a b"], "allowed-hosts: 'a b' is not a host name"),
     ],
 )
-def test_refused_start_is_one_clear_line(args: list[str], message: str) -> None:
+def test_refused_start_is_one_clear_line(args: list[str], message: str, taken_port: int) -> None:
+    args = [arg.format(port=taken_port) for arg in args]
+    if "--listen" not in args:
+        args += ["--listen", f"127.0.0.1:{taken_port}"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0
-    assert message in result.output
+    assert message.format(port=taken_port) in result.output
     assert "Traceback" not in result.output
+    assert "cannot start" not in result.output  # refused by the check, not by the taken port
 
 
 def test_options_come_from_the_environment() -> None:

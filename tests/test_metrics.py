@@ -23,7 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ollama_meter import __version__
 from ollama_meter.app import METRICS, METRICS_RUNNER
 from ollama_meter.exchange import Exchange
-from ollama_meter.metrics import Metrics
+from ollama_meter.metrics import REQUEST_DURATION_BUCKETS, Metrics
+from ollama_meter.ollama import Usage
 
 from .conftest import Meter, MeterFactory, unused_port
 from .fake_ollama import NDJSON, PS_MODEL, TAGS, FakeOllama, Reply, lines_of
@@ -269,3 +270,38 @@ async def test_openmetrics_with_created_times_when_prometheus_asks(
         assert all(started - 1 <= value <= time.time() for value in created.values())
     assert any(f.name == "ollama_meter_requests" and f.samples for f in ours)
     assert any(f.name == "process_resident_memory_bytes" for f in parsed)
+
+
+def finished(**fields: object) -> Metrics:
+    metrics = Metrics("1.0")
+    x = Exchange("POST", "/api/chat", 0.0, model="m", status=200, **fields)  # type: ignore[arg-type]
+    metrics.request_started(x)
+    metrics.request_finished(x)
+    return metrics
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    registry = CollectorRegistry()
+    registry.register(metrics)
+    return registry.get_sample_value(name, labels)
+
+
+@pytest.mark.parametrize("bound", [0.005, 0.5, 600.0])
+def test_an_observation_on_a_bucket_bound_lands_in_that_bucket(bound: float) -> None:
+    metrics = finished(finished=bound)
+    labels = {"endpoint": "/api/chat", "model": "m", "stream": "false"}
+    name = "ollama_meter_request_duration_seconds_bucket"
+    assert sample(metrics, name, **labels, le=str(bound)) == 1
+    below = REQUEST_DURATION_BUCKETS.index(bound) - 1
+    if below >= 0:
+        assert sample(metrics, name, **labels, le=str(REQUEST_DURATION_BUCKETS[below])) == 0
+
+
+@pytest.mark.parametrize(
+    ("reason", "label"),
+    [("stop", "stop"), ("length", "length"), ("tool_calls", "other"), ("x" * 1000, "other")],
+)
+def test_done_reasons_are_a_bounded_set(reason: str, label: str) -> None:
+    metrics = finished(finished=1.0, usage=Usage(done_reason=reason))
+    name = "ollama_meter_done_total"
+    assert sample(metrics, name, endpoint="/api/chat", model="m", done_reason=label) == 1

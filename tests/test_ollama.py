@@ -116,6 +116,10 @@ def test_canonical_model_names(name: str, canonical: str) -> None:
         ("/api/chat", b'{"model":"llama3.2","messages":[]}', "llama3.2", True),
         ("/api/chat", b'{"model":"llama3.2","stream":false}', "llama3.2", False),
         ("/api/generate", b'{"model":"m","stream":"yes"}', "m", True),
+        # Not a boolean: the route's default, whatever the value's truthiness.
+        ("/api/chat", b'{"model":"m","stream":0}', "m", True),
+        ("/v1/chat/completions", b'{"model":"m","stream":"yes"}', "m", False),
+        ("/v1/chat/completions", b'{"model":"m","stream":1}', "m", False),
         ("/api/show", b'{"name":"legacy"}', "legacy", False),
         ("/api/pull", b'{"model":"","name":"n"}', "n", True),
         ("/api/copy", b'{"source":"a","destination":"b"}', "a", False),

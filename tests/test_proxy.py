@@ -16,7 +16,13 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry
+
+from ollama_meter.app import METRICS, create_app
+from ollama_meter.config import Config
+from ollama_meter.metrics import build_registry
 
 from .conftest import Meter, MeterFactory, unused_port
 from .fake_ollama import JSON_UTF8, NDJSON, FakeOllama, Received, Reply, final_object, lines_of
@@ -560,3 +566,69 @@ async def test_a_slow_upload_is_not_cut_by_the_read_timeout(
     ):
         assert response.status == 201
     assert fake.last(f"/api/blobs/{digest}").size == 2000
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_body_of_exactly_the_inspect_cap_is_inspected(
+    fake: FakeOllama, start_meter: MeterFactory, chunked: bool
+) -> None:
+    payload = orjson.dumps({**CHAT, "stream": False})
+    meter = await start_meter(max_inspect_bytes=len(payload))
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, len(payload), 10):
+            yield payload[i : i + 10]
+
+    async with aiohttp.ClientSession() as session:
+        for data in (pieces() if chunked else payload, payload + b" "):
+            async with session.post(meter.url + "/api/chat", data=data) as response:
+                await response.read()
+    labels = {"endpoint": "/api/chat", "status": "200"}
+    assert meter.value("requests_total", model="llama3.2:latest", stream="false", **labels) == 1
+    # One byte more is over the cap: not read, so unlabelled.
+    assert meter.value("requests_total", model="unknown", stream="true", **labels) == 1
+
+
+async def test_a_disconnect_seen_as_a_failed_write_is_a_499(fake: FakeOllama) -> None:
+    """Without handler cancellation, a client that left shows up as a write to a closed
+    transport (ConnectionError), not as a cancellation: it is still a 499."""
+    app = create_app(Config.build(listen="127.0.0.1:0", upstream=fake.url), build_registry())
+    view = CollectorRegistry()
+    view.register(app[METRICS])
+    runner = web.AppRunner(app, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        lines = lines_of("chat_stream.ndjson")
+        gate = asyncio.Event()
+        gates = {1: gate, 2: asyncio.Event()}  # line 2 after the gate, then nothing
+        fake.script("POST", "/api/chat", Reply(content_type=NDJSON, chunks=lines, gates=gates))
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(f"http://127.0.0.1:{port}/api/chat", json=CHAT)
+            assert await response.content.readline() == lines[0]
+            response.close()
+        assert runner.server is not None
+        async with asyncio.timeout(5):
+            # Until the proxy's server has seen the connection go (aiohttp has no event for
+            # it); each turn only yields to the loop.
+            while any(h.transport is not None for h in runner.server.connections):  # noqa: ASYNC110
+                await asyncio.sleep(0)
+        gate.set()  # the next write goes to a closed transport
+        await asyncio.wait_for(fake.cancelled.wait(), timeout=5)
+    finally:
+        await runner.cleanup()
+    labels = {"endpoint": "/api/chat", "model": "llama3.2:latest"}
+    assert (
+        view.get_sample_value(
+            "ollama_meter_requests_total", {**labels, "stream": "true", "status": "499"}
+        )
+        == 1
+    )
+    assert (
+        view.get_sample_value(
+            "ollama_meter_request_errors_total", {**labels, "reason": "client_disconnect"}
+        )
+        == 1
+    )
