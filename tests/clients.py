@@ -8,10 +8,15 @@ client reads it, along with status and headers.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Final
+
+import httpx
+import ollama
+import openai
+import openai._base_client
 
 #: Headers that legitimately differ between a direct and a proxied response.
 VOLATILE: Final = frozenset({"date", "connection", "keep-alive", "transfer-encoding"})
@@ -72,3 +77,31 @@ def recording_transport(httpx_module: ModuleType) -> Any:
             await self.inner.aclose()
 
     return Recording()
+
+
+def openai_httpx() -> ModuleType:
+    """The httpx flavour the installed openai SDK is built on (httpx2 since openai 3)."""
+    module = getattr(openai._base_client, "httpx2", None) or httpx
+    assert isinstance(module, ModuleType)
+    return module
+
+
+def make_ollama(url: str, transport: Any) -> ollama.AsyncClient:
+    return ollama.AsyncClient(host=url, transport=transport)
+
+
+def make_openai(url: str, transport: Any) -> openai.AsyncOpenAI:
+    http_client = openai_httpx().AsyncClient(transport=transport)
+    return openai.AsyncOpenAI(
+        base_url=url + "/v1", api_key="ollama", http_client=http_client, max_retries=0
+    )
+
+
+def recording_transport_for(make: Callable[[str, Any], Any]) -> Any:
+    """A recording transport of the httpx flavour the client that ``make`` builds uses."""
+    return recording_transport(openai_httpx() if make is make_openai else httpx)
+
+
+async def collect(call: Awaitable[Any]) -> list[Any]:
+    """Every part of a streamed call (the libraries return the stream from a coroutine)."""
+    return [part async for part in await call]
