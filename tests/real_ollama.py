@@ -95,12 +95,18 @@ class RealOllama:
 
 def _environment() -> dict[str, str]:
     """This process's environment without Ollama's settings or HTTP proxies (serve-tiny's
-    curl honours those), so a developer's shell cannot change the server under test."""
-    return {
+    curl honours those), so a developer's shell cannot change the server under test.
+
+    The runner (llama-server) computes with one thread: with one per core, on a 2-core VM, a
+    request now and then stalled for up to 2 s on a thread that lost its core; with one, no
+    token took over 10 ms in the same runs. The model is far too small to need more.
+    """
+    kept = {
         name: value
         for name, value in os.environ.items()
-        if not name.startswith("OLLAMA_") and not name.lower().endswith("_proxy")
+        if not name.startswith(("OLLAMA_", "LLAMA_ARG_")) and not name.lower().endswith("_proxy")
     }
+    return {**kept, "LLAMA_ARG_THREADS": "1"}
 
 
 def start(folder: Path, state: Path) -> RealOllama:
