@@ -8,6 +8,8 @@ client reads it, along with status and headers.
 
 from __future__ import annotations
 
+import functools
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -36,6 +38,13 @@ class Captured:
         return self.status, sorted(kept), bytes(self.body)
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context for every recording transport. The tests speak plain HTTP on loopback,
+    but a transport builds a context of its own unless given one, which takes 30-50 ms."""
+    return ssl.create_default_context()
+
+
 def recording_transport(httpx_module: ModuleType) -> Any:
     """An AsyncBaseTransport of ``httpx_module`` that records into its ``.captured`` list."""
 
@@ -54,7 +63,7 @@ def recording_transport(httpx_module: ModuleType) -> Any:
 
     class Recording(httpx_module.AsyncBaseTransport):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
-            self.inner = httpx_module.AsyncHTTPTransport()
+            self.inner = httpx_module.AsyncHTTPTransport(verify=_tls())
             self.captured: list[Captured] = []
 
         async def handle_async_request(self, request: Any) -> Any:
