@@ -223,6 +223,7 @@ async def test_blob_upload_and_create(fake: FakeOllama, meter: Meter, tmp_path: 
     gguf.write_bytes(b"GGUF" + bytes(range(256)) * 4096)
 
     async def act(c: ollama.AsyncClient) -> Any:
+        fake.blobs.clear()  # each run uploads to a server without the blob (else: 200, unread)
         digest = await c.create_blob(gguf)
         progress = await collect(c.create(model="mine", files={"model.gguf": digest}, stream=True))
         return digest, [p.status for p in progress]
