@@ -26,6 +26,7 @@ import pytest
 from . import real_ollama
 from .clients import VOLATILE, Captured, collect, make_ollama, make_openai, recording_transport_for
 from .conftest import Meter, MeterFactory
+from .fake_ollama import FakeOllama
 from .real_ollama import TINY, RealOllama
 
 PROMPT: Final = "hi"
@@ -433,7 +434,10 @@ class Got:
 async def fetch(
     session: aiohttp.ClientSession, method: str, url: str, data: bytes | None, headers: Any
 ) -> Got:
-    async with session.request(method, url, data=data, headers=headers) as response:
+    """One exchange as it went on the wire (redirects are answers too, not followed)."""
+    async with session.request(
+        method, url, data=data, headers=headers, allow_redirects=False
+    ) as response:
         return Got(response.status, list(response.headers.items()), await response.read())
 
 
@@ -462,6 +466,100 @@ async def test_foreign_host_is_refused_by_the_proxy(server: RealOllama, meter: M
         proxied = await fetch(session, "GET", meter.url + "/api/version", None, foreign)
     assert direct.status == 403  # Ollama's own defence on its loopback listener
     assert proxied.status == 403
+
+
+# --- The fake Ollama against the real one ------------------------------------------------
+
+ZEROS: Final = "sha256:" + "0" * 64
+CHAT_HI: Final = b'{"model":"llama9","messages":[{"role":"user","content":"hi"}]}'
+V1_HI: Final = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
+
+# Answers that do not depend on which models a server has (llama9 and gpt-4o are missing on
+# both), so the fake's must equal the real server's, byte for byte.
+FAKE_EXCHANGES: Final[list[tuple[str, str, bytes | None, dict[str, str]]]] = [
+    ("GET", "/", None, {}),
+    ("HEAD", "/", None, {}),
+    ("GET", "/no/such/path", None, {}),
+    ("GET", "/api/chat", None, {}),
+    ("POST", "/api/tags", None, {}),
+    ("HEAD", "/api/ps", None, {}),
+    ("OPTIONS", "/api/tags", None, {}),
+    ("GET", "/api/version/?a=1&b=2", None, {}),
+    ("HEAD", "/api/tags/", None, {}),
+    ("POST", "/api/chat/", b"{}", {}),
+    ("GET", "/v1/models/", None, {}),
+    ("GET", "/api/blobs/", None, {}),
+    ("GET", "/api/version", None, {"Host": "evil.example"}),
+    ("POST", "/api/version", None, {"Host": "evil.example:80"}),
+    ("GET", "/no/such/path", None, {"Host": "8.8.8.8"}),
+    ("POST", "/api/chat", b"", {}),
+    ("POST", "/api/generate", b"  ", {}),
+    ("POST", "/api/generate", b'{"model": "llama9", oops', {}),
+    ("POST", "/api/generate", b'{"model":"llama9" "x"}', {}),
+    ("POST", "/api/generate", b'{"model":"llama9",}', {}),
+    ("POST", "/api/generate", b"[1 2]", {}),
+    ("POST", "/api/generate", b"trux", {}),
+    ("POST", "/api/generate", b'{"a": 1.}', {}),
+    ("POST", "/api/generate", b'{"a": "\x01"}', {}),
+    ("POST", "/api/generate", b'{"a": "\\q"}', {}),
+    ("POST", "/api/generate", b'{"a": "\\u12"}', {}),
+    ("POST", "/api/generate", b'{"model": "llama9"', {}),
+    ("POST", "/api/generate", "\u00e9".encode(), {}),
+    ("POST", "/api/generate", b"\xff", {}),
+    ("POST", "/api/generate", b'"text"', {}),
+    ("POST", "/api/generate", b'{"model":5}', {}),
+    ("POST", "/api/generate", b'{"model":"llama9","stream":"yes"}', {}),
+    ("POST", "/api/generate", b"null", {}),
+    ("POST", "/api/generate", b'{"model":"llama9","prompt":"hi"} and more', {}),
+    ("POST", "/api/chat", b"{}", {}),
+    ("POST", "/api/chat", CHAT_HI, {}),
+    ("POST", "/api/show", b"[1]", {}),
+    ("POST", "/api/show", b"{}", {}),
+    ("POST", "/api/show", b'{"name":"llama9"}', {}),
+    ("POST", "/api/embed", b"{}", {}),
+    ("POST", "/api/embed", b'{"model":"llama9","input":"hi"}', {}),
+    ("POST", "/api/embeddings", b"{}", {}),
+    ("POST", "/api/embeddings", b'{"model":"llama9","prompt":"hi"}', {}),
+    ("POST", "/api/copy", b"{}", {}),
+    ("POST", "/api/copy", b'{"source":"llama9"}', {}),
+    ("POST", "/api/copy", b'{"source":"llama9","destination":"x"}', {}),
+    ("DELETE", "/api/delete", b"{}", {}),
+    ("DELETE", "/api/delete", b'{"model":"llama9"}', {}),
+    ("POST", "/api/pull", b"{}", {}),
+    ("POST", "/api/create", b"{}", {}),
+    ("HEAD", "/api/blobs/not-a-digest", None, {}),
+    ("HEAD", f"/api/blobs/{ZEROS}", None, {}),
+    ("POST", "/api/blobs/not-a-digest", b"abc", {}),
+    ("POST", f"/api/blobs/{ZEROS}", b"abc", {}),
+    ("POST", "/v1/chat/completions", b"", {}),
+    ("POST", "/v1/chat/completions", b"oops", {}),
+    ("POST", "/v1/chat/completions", b"[1]", {}),
+    ("POST", "/v1/chat/completions", b'{"model":5}', {}),
+    ("POST", "/v1/chat/completions", b'{"model":"gpt-4o","messages":[]}', {}),
+    ("POST", "/v1/chat/completions", b'{"messages":[{"role":"user","content":"hi"}]}', {}),
+    ("POST", "/v1/chat/completions", V1_HI, {}),
+    ("POST", "/v1/completions", b"{}", {}),
+    ("POST", "/v1/completions", b'{"model":"gpt-4o","prompt":"hi"}', {}),
+    ("POST", "/v1/embeddings", b'{"model":"gpt-4o"}', {}),
+    ("POST", "/v1/embeddings", b'{"input":"hi"}', {}),
+    ("POST", "/v1/embeddings", b'{"model":"gpt-4o","input":"hi"}', {}),
+    ("GET", "/v1/models/llama9", None, {}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "headers"), FAKE_EXCHANGES)
+async def test_the_fake_answers_as_the_real_server_does(
+    server: RealOllama,
+    fake: FakeOllama,
+    method: str,
+    path: str,
+    body: bytes | None,
+    headers: dict[str, str],
+) -> None:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        real = await fetch(session, method, server.url + path, body, headers)
+        faked = await fetch(session, method, fake.url + path, body, headers)
+    assert faked.comparable() == real.comparable()
 
 
 # --- A client that goes away -------------------------------------------------------------
