@@ -156,3 +156,26 @@ async def test_a_stream_the_client_abandons_gets_its_line(
     [line] = capsys.readouterr().err.splitlines()
     assert "status=499" in line
     assert "error=client_disconnect" in line
+
+
+async def test_a_malformed_request_is_a_debug_line_not_an_error(
+    meter: Meter, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    server = logging.getLogger("aiohttp.server")
+    filters = server.filters[:]
+    try:
+        setup_logging("text")
+        host, port = meter.url.removeprefix("http://").split(":")
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /" + b"x" * 70_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            await writer.drain()
+            assert (await asyncio.wait_for(reader.read(-1), timeout=5)).startswith(b"HTTP/1.")
+            writer.close()
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        server.filters[:] = filters
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -13,10 +13,10 @@ import openai
 import orjson
 import pytest
 
-from .clients import recording_transport
+from .clients import make_openai, openai_httpx, recording_transport
 from .conftest import Meter, MeterFactory
 from .fake_ollama import NDJSON, SSE, FakeOllama, Reply, events_of, final_object, lines_of
-from .test_official_clients import MESSAGES, make_openai, openai_httpx
+from .test_official_clients import MESSAGES
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 LABELS = {"endpoint": "/api/chat", "model": "llama3.2:latest"}
@@ -202,9 +202,10 @@ async def test_stream_usage_asked_for_by_the_client_passes_untouched(
 @pytest.mark.parametrize(
     "body",
     [
-        b'{"model":"llama3.2","messages":[],"stream":true}',
-        b' {"stream": true, "model": "llama3.2", "messages": [] }',
-        b'{"model":"llama3.2","messages":[],"stream":true,"stream_options":{"include_usage":false}}',
+        b'{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":true}',
+        b' {"stream": true, "model": "llama3.2", "messages": [{"role": "user", "content": "x"}] }',
+        b'{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":true,'
+        b'"stream_options":{"include_usage":false}}',
     ],
 )
 async def test_stream_usage_rewrites_only_what_it_must(

@@ -12,16 +12,19 @@ import base64
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any, TypeVar
 
-import httpx
 import ollama
 import openai
-import openai._base_client
 import pytest
 
-from .clients import Captured, recording_transport
+from .clients import (
+    Captured,
+    collect,
+    make_ollama,
+    make_openai,
+    recording_transport_for,
+)
 from .conftest import Meter, MeterFactory, unused_port
 from .fake_ollama import (
     EMBEDDING,
@@ -39,13 +42,6 @@ MESSAGES: Any = [{"role": "user", "content": "Why is the sky blue? Two words."}]
 CHAT_LABELS = {"endpoint": "/api/chat", "model": "llama3.2:latest"}
 
 
-def openai_httpx() -> ModuleType:
-    """The httpx flavour the installed openai SDK is built on (httpx2 since openai 3)."""
-    module = getattr(openai._base_client, "httpx2", None) or httpx
-    assert isinstance(module, ModuleType)
-    return module
-
-
 async def twice(
     fake: FakeOllama,
     meter: Meter,
@@ -55,7 +51,7 @@ async def twice(
     """Run ``act`` with a client made for the fake, then for the proxy; compare; return proxied."""
     runs = []
     for url in (fake.url, meter.url):
-        transport = recording_transport(openai_httpx() if make is make_openai else httpx)
+        transport = recording_transport_for(make)
         client = make(url, transport)
         start = len(fake.received)
         result = await act(client)
@@ -66,22 +62,6 @@ async def twice(
     assert [r.view() for r in proxied_up] == [r.view() for r in direct_up]
     assert repr(proxied_result) == repr(direct_result)
     return proxied_bytes, proxied_result
-
-
-def make_ollama(url: str, transport: Any) -> ollama.AsyncClient:
-    return ollama.AsyncClient(host=url, transport=transport)
-
-
-def make_openai(url: str, transport: Any) -> openai.AsyncOpenAI:
-    http_client = openai_httpx().AsyncClient(transport=transport)
-    return openai.AsyncOpenAI(
-        base_url=url + "/v1", api_key="ollama", http_client=http_client, max_retries=0
-    )
-
-
-async def collect(call: Awaitable[Any]) -> list[Any]:
-    """Every part of a streamed call (the libraries return the stream from a coroutine)."""
-    return [part async for part in await call]
 
 
 def assert_native_tokens(meter: Meter, fixture_name: str, endpoint: str, stream: str) -> None:
@@ -243,6 +223,7 @@ async def test_blob_upload_and_create(fake: FakeOllama, meter: Meter, tmp_path: 
     gguf.write_bytes(b"GGUF" + bytes(range(256)) * 4096)
 
     async def act(c: ollama.AsyncClient) -> Any:
+        fake.blobs.clear()  # each run uploads to a server without the blob (else: 200, unread)
         digest = await c.create_blob(gguf)
         progress = await collect(c.create(model="mine", files={"model.gguf": digest}, stream=True))
         return digest, [p.status for p in progress]

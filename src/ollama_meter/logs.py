@@ -27,6 +27,7 @@ import time
 from typing import Final, TextIO
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .exchange import Exchange
 
@@ -168,6 +169,21 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
+class ClientErrors(logging.Filter):
+    """aiohttp logs a request it cannot parse (a malformed or oversized head: the client's
+    fault, answered 400) as an error with a traceback, so one hostile client could flood the
+    log. Such records become debug lines without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.msg = f"{record.msg}: {error.message}"
+        record.exc_info = record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 def setup_logging(log_format: str, level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
@@ -178,3 +194,6 @@ def setup_logging(log_format: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, ClientErrors) for f in server.filters):
+        server.addFilter(ClientErrors())
