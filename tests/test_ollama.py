@@ -327,3 +327,15 @@ def test_parse_ps_and_tags() -> None:
         "a:latest",
         "b:1",
     ]
+
+
+def test_a_whole_reply_that_says_it_is_not_done_is_unterminated() -> None:
+    # What Ollama sends for stream:false when the runner stopped early (seen on the real one).
+    body = b'{"model":"tiny","created_at":"2026-12-02T00:00:00Z","response":"ab","done":false}'
+    assert observe(RouteKind.NATIVE, Framing.JSON, [body]).ending is Ending.UNTERMINATED
+    done = body.replace(b'"done":false', b'"done":true,"done_reason":"stop","eval_count":2')
+    outcome = observe(RouteKind.NATIVE, Framing.JSON, [done])
+    assert (outcome.ending, outcome.usage and outcome.usage.completion_tokens) == (
+        Ending.COMPLETE,
+        2,
+    )

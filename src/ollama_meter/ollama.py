@@ -439,9 +439,13 @@ def read_outcome(kind: RouteKind, framing: Framing, lines: list[bytes]) -> Outco
     if framing is Framing.SSE:
         return _read_sse(kind, lines)
     if framing is Framing.JSON:
-        # A whole body: complete by construction (a short body fails in the transport).
+        # A whole body: complete by construction (a short body fails in the transport),
+        # unless Ollama says it is not: a runner that stopped early leaves "done": false.
         doc = _parse_object(lines[0]) if len(lines) == 1 else None
-        return Outcome(Ending.COMPLETE, _usage_of(kind, doc) if doc is not None else None)
+        if doc is None:
+            return _COMPLETE
+        ending = Ending.UNTERMINATED if doc.get("done") is False else Ending.COMPLETE
+        return Outcome(ending, _usage_of(kind, doc))
     # NDJSON: only the last object matters.
     doc = _last_object(lines)
     if doc is None:
