@@ -290,7 +290,7 @@ def rows() -> list[tuple[str, list[Panel]]]:
                     "short",
                     f"sum(increase(ollama_meter_completion_tokens_total{{{F_ALL}}}[$__range]))",
                     "tokens",
-                    width=12,
+                    width=6,
                 ),
                 panel(
                     "Final replies by done reason",
@@ -302,7 +302,23 @@ def rows() -> list[tuple[str, list[Panel]]]:
                             "{{done_reason}}",
                         )
                     ],
-                    width=12,
+                    width=9,
+                ),
+                panel(
+                    "Streams without a usage report",
+                    "Inference streams whose tokens are counted nowhere, by why: the client "
+                    "left, the stream broke, or a /v1 stream without include_usage "
+                    "(not_requested; see --openai-stream-usage). The dashed line is the chunks "
+                    "they delivered, an approximation of their completion tokens.",
+                    "short",
+                    [
+                        (rate_by("reason", "ollama_meter_usage_missing_total"), "{{reason}}"),
+                        (
+                            rate_by("", "ollama_meter_unmetered_chunks_total"),
+                            "chunks delivered",
+                        ),
+                    ],
+                    width=9,
                 ),
             ],
         ),
