@@ -3,11 +3,10 @@ response back, byte for byte, while an ``Exchange`` record is filled for metrics
 
 Rules:
 1. Bytes are never changed, added or held back. Request bodies stream upstream as they arrive,
-   except the JSON body of a route that names a model, which is read whole (up to
-   ``max_inspect_bytes`` each, and ``max_inspect_total`` for all requests together) to learn
-   the model and stream flag; an encoded (``Content-Encoding``) body is never read. Response
-   chunks are written to the client as they arrive. Observing them (ollama.tail_for) is a
-   side channel that cannot fail. (The one opt-in exception: stream_usage.py.)
+   except the JSON body of a route that names a model, read whole within bounds to learn the
+   model and stream flag (bodies.py). Response chunks are written to the client as they
+   arrive. Observing them (ollama.tail_for) is a side channel that cannot fail. (The one
+   opt-in exception: stream_usage.py.)
 2. What a client may send and what goes upstream in the head is inbound.py's: refusals there
    are answered here, in the route's error shape, before anything goes upstream.
 3. A request is recorded exactly once, and before the client can see the end of its response:
@@ -27,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from time import perf_counter
 from typing import Final
 
@@ -37,6 +36,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import exchange as ex
+from .bodies import InspectBudget, read_body, sendable
 from .config import Config, is_loopback_listener
 from .errors import (
     UpstreamClosed,
@@ -82,7 +82,6 @@ _STREAMED: Final = (Framing.NDJSON, Framing.SSE)
 _JSON_ERROR: Final = "application/json; charset=utf-8"
 _RESPONSE_DROP: Final = HOP_BY_HOP
 _V1_CHAT: Final = "/v1/chat/completions"
-_IDENTITY: Final = frozenset({"", "identity"})
 
 
 class _PassthroughResponse(web.StreamResponse):
@@ -98,51 +97,12 @@ class _PassthroughResponse(web.StreamResponse):
             self.headers.popall(hdrs.SERVER, None)
 
 
-# aiohttp warns about writing larger bytes bodies in one piece; they go out in slices instead
-# (with the client's Content-Length still in the headers, the framing does not change).
-_WHOLE_BODY_WRITE: Final = 1024 * 1024
-_SLICE: Final = 256 * 1024
-
-
-async def _slices(body: bytes) -> AsyncIterator[bytes]:
-    view = memoryview(body)
-    for start in range(0, len(view), _SLICE):
-        yield view[start : start + _SLICE].tobytes()
-
-
-async def _chain(head: list[bytes], rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    for chunk in head:
-        yield chunk
-    async for chunk in rest.iter_any():
-        yield chunk
-
-
 # What reading the upstream body can raise once the response has started.
 _UPSTREAM_READ_ERRORS: Final = (
     aiohttp.ClientPayloadError,
     aiohttp.ClientConnectionError,
     asyncio.TimeoutError,
 )
-
-Body = bytes | aiohttp.StreamReader | AsyncIterator[bytes] | None
-
-
-class InspectBudget:
-    """Bytes of request bodies held to inspect them, all requests together, bounded."""
-
-    __slots__ = ("_left",)
-
-    def __init__(self, total: int) -> None:
-        self._left = total
-
-    def take(self, size: int) -> bool:
-        if size > self._left:
-            return False
-        self._left -= size
-        return True
-
-    def give(self, size: int) -> None:
-        self._left += size
 
 
 def _took(x: Exchange, tail: LineTail | WholeBody | None, content: aiohttp.StreamReader) -> None:
@@ -243,7 +203,9 @@ class Proxy:
     async def _handle(self, request: web.Request, route: Route, x: Exchange) -> web.StreamResponse:
         target = self.admit(request)
         headers = self._head.headers(request)
-        body, data, held = await self._read_body(request, route)
+        body, data, held = await read_body(
+            request, route, self._config.max_inspect_bytes, self._budget
+        )
         hidden: HiddenUsage | None = None
         try:
             facts = inspect_request(route, body)
@@ -257,8 +219,7 @@ class Proxy:
                 if asking is not None:
                     data, hidden = asking, HiddenUsage()
                     headers.popall(hdrs.CONTENT_LENGTH, None)
-            if isinstance(data, bytes) and len(data) > _WHOLE_BODY_WRITE:
-                data = _slices(data)
+            data = sendable(data)
             body = None
             self._metrics.request_started(x)
             try:
@@ -288,47 +249,6 @@ class Proxy:
                 upstream.release()
             else:
                 upstream.close()
-
-    async def _read_body(
-        self, request: web.Request, route: Route
-    ) -> tuple[bytes | None, Body, int]:
-        """(the whole body if it was read to inspect it, what to send upstream, bytes taken
-        from the inspection budget, to give back once the body has gone upstream)."""
-        if not request.body_exists:
-            return None, None, 0
-        content = request.content
-        encoding = request.headers.get(hdrs.CONTENT_ENCODING)
-        if not route.inspects_body or (encoding is not None and encoding.lower() not in _IDENTITY):
-            return None, content, 0
-        cap = self._config.max_inspect_bytes
-        budget = self._budget
-        length = request.content_length
-        if length is not None:
-            if length > cap or not budget.take(length):
-                return None, content, 0
-            try:
-                body = await content.read()
-            except BaseException:
-                budget.give(length)
-                raise
-            return body, body, length
-        # Unknown length (chunked): read up to the cap, then stream the rest behind it.
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            while size <= cap:
-                chunk = await content.readany()
-                if not chunk:
-                    body = b"".join(chunks)
-                    return body, body, size
-                chunks.append(chunk)
-                if not budget.take(len(chunk)):
-                    break
-                size += len(chunk)
-        except BaseException:
-            budget.give(size)
-            raise
-        return None, _chain(chunks, content), size
 
     async def _relay(
         self,
