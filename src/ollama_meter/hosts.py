@@ -43,17 +43,34 @@ def host_name(host: str) -> str:
     return host
 
 
+# Host values repeat (every client sends the same one or two): answers are kept, boundedly.
+_CACHE_LIMIT: Final = 256
+_CACHE_KEY_LIMIT: Final = 256
+
+
 class HostCheck:
     """Ollama's Host rule for a loopback listener, plus the operator's extra names."""
 
-    __slots__ = ("_exact", "_hostname", "_suffixes")
+    __slots__ = ("_cache", "_exact", "_hostname", "_suffixes")
 
     def __init__(self, hostname: str, extra: tuple[str, ...] = ()) -> None:
         self._hostname = hostname.lower()
         self._exact = frozenset(name for name in extra if not name.startswith("."))
         self._suffixes = (*_LOCAL_SUFFIXES, *(name for name in extra if name.startswith(".")))
+        self._cache: dict[str, bool] = {}
 
     def allows(self, host: str) -> bool:
+        known = self._cache.get(host)
+        if known is not None:
+            return known
+        allowed = self._judge(host)
+        if len(host) <= _CACHE_KEY_LIMIT:
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[host] = allowed
+        return allowed
+
+    def _judge(self, host: str) -> bool:
         name = host_name(host)
         if not name or name == "localhost" or name == self._hostname or name in self._exact:
             return True

@@ -84,11 +84,17 @@ def check_base_path(target: str) -> None:
         raise Refusal(400, "ollama-meter: dot segments are not allowed in the path")
 
 
-def filtered_headers(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
-    """Headers minus ``drop`` (lowercase names) and those the Connection header names."""
+def _with_connection(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> frozenset[str]:
+    """``drop`` and the headers the Connection header names (they are hop-by-hop too)."""
     connection = headers.get(hdrs.CONNECTION)
     if connection:
-        drop = drop | {token.strip().lower() for token in connection.split(",")}
+        return drop | {token.strip().lower() for token in connection.split(",")}
+    return drop
+
+
+def filtered_headers(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """Headers minus ``drop`` (lowercase names) and those the Connection header names."""
+    drop = _with_connection(headers, drop)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         if name.lower() not in drop:
@@ -96,15 +102,20 @@ def filtered_headers(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CI
     return out
 
 
-def _check_text(headers: CIMultiDictProxy[str]) -> None:
+def _not_text(name: str) -> Refusal:
+    return Refusal(400, f"ollama-meter: header {name!r} is not valid UTF-8")
+
+
+def _is_text(value: str) -> bool:
     # aiohttp decodes header bytes that are not UTF-8 as surrogates, and its writer drops
     # them: forwarding would silently change the value.
-    for name, value in headers.items():
-        if not value.isascii():
-            try:
-                value.encode()
-            except UnicodeEncodeError:
-                raise Refusal(400, f"ollama-meter: header {name!r} is not valid UTF-8") from None
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_transfer_coding(headers: CIMultiDictProxy[str]) -> None:
@@ -123,8 +134,15 @@ class HeadWriter:
         self._trusted = trusted
 
     def headers(self, request: web.BaseRequest) -> CIMultiDict[str]:
-        _check_text(request.headers)
-        headers = filtered_headers(request.headers, self._drop)
+        received = request.headers
+        drop = _with_connection(received, self._drop)
+        # One pass: filter, and refuse what cannot be forwarded intact.
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in received.items():
+            if not _is_text(value):
+                raise _not_text(name)
+            if name.lower() not in drop:
+                headers.add(name, value)
         peer = request.remote
         if peer:
             prior = request.headers.getall(hdrs.X_FORWARDED_FOR, [])
