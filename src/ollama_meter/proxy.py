@@ -177,6 +177,11 @@ class Proxy:
             x.error = ex.CLIENT_DISCONNECT
             x.status = ex.STATUS_CLIENT_CLOSED
             return web.Response()  # never sent: the connection is gone
+        except Exception:
+            # A bug of ours: aiohttp logs it and answers 500 (if nothing was sent yet); the
+            # request is counted with that status, never as status 0.
+            x.status = x.status or 500
+            raise
         finally:
             self._tasks.discard(task)
             self._record(request, x)
