@@ -165,7 +165,10 @@ class Proxy:
         except Refusal as refusal:
             return self._refuse(request, x, refusal)
         except asyncio.CancelledError:
-            if self.shutting_down:
+            # (Already recorded: the client left after its answer was complete.)
+            if x.recorded:
+                pass
+            elif self.shutting_down:
                 x.error = ex.SHUTDOWN
                 x.status = x.status or ex.STATUS_SHUTDOWN
             else:
@@ -174,8 +177,9 @@ class Proxy:
             raise
         except ConnectionError:
             # The client went away while we read its body or wrote the response.
-            x.error = ex.CLIENT_DISCONNECT
-            x.status = ex.STATUS_CLIENT_CLOSED
+            if not x.recorded:
+                x.error = ex.CLIENT_DISCONNECT
+                x.status = ex.STATUS_CLIENT_CLOSED
             return web.Response()  # never sent: the connection is gone
         except Exception:
             # A bug of ours: aiohttp logs it and answers 500 (if nothing was sent yet); the
