@@ -15,8 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 import aiohttp
-from aiohttp import hdrs, web
-from aiohttp.http import SERVER_SOFTWARE
+from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 
@@ -28,6 +27,7 @@ from .labels import ModelLabels
 from .logs import AccessLog
 from .metrics import Metrics, exposition_handler
 from .proxy import SESSION, Proxy
+from .responses import OwnResponse, own_route
 from .upstreams import Upstream
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,6 @@ HANDLER_ARGS: Final = {
 
 def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
     app = web.Application(handler_args=HANDLER_ARGS)
-    app.on_response_prepare.append(_no_server_header)
     metrics = Metrics(__version__)
     labels = ModelLabels(config.max_models)
     access_log = AccessLog(config.log_format) if config.access_log else None
@@ -149,29 +148,23 @@ def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
 
     expose = exposition_handler(metrics, registry)
     if config.metrics_listen is None:
-        app.router.add_get("/metrics", _host_checked(proxy.host_check, serve_metrics))
+        own_route(app, "/metrics", _host_checked(proxy.host_check, serve_metrics))
     else:
         app.cleanup_ctx.append(_metrics_listener(config, serve_metrics))
 
     async def healthy(request: web.Request) -> web.StreamResponse:
-        return web.Response(text="ollama-meter is healthy.\n")
+        return OwnResponse(text="ollama-meter is healthy.\n")
 
     async def ready(request: web.Request) -> web.StreamResponse:
         if await app[UPSTREAM].is_up():
-            return web.Response(text="ollama-meter is ready.\n")
-        return web.Response(status=503, text="upstream is not answering.\n")
+            return OwnResponse(text="ollama-meter is ready.\n")
+        return OwnResponse(status=503, text="upstream is not answering.\n")
 
     # /-/healthy answers any Host: probes (Docker, Kubernetes) use whatever address they have.
-    app.router.add_get("/-/healthy", healthy)
-    app.router.add_get("/-/ready", _host_checked(proxy.host_check, ready))
+    own_route(app, "/-/healthy", healthy)
+    own_route(app, "/-/ready", _host_checked(proxy.host_check, ready))
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
-
-
-async def _no_server_header(request: web.Request, response: web.StreamResponse) -> None:
-    """No ``Server`` header of ours on any reply (the proxied ones keep the upstream's)."""
-    if response.headers.get(hdrs.SERVER) == SERVER_SOFTWARE:
-        del response.headers[hdrs.SERVER]
 
 
 def _host_checked(check: HostCheck | None, handler: Handler) -> Handler:
@@ -183,9 +176,9 @@ def _host_checked(check: HostCheck | None, handler: Handler) -> Handler:
         try:
             _, host = target_of(request)
         except Refusal as refusal:
-            return web.Response(status=refusal.status, text=refusal.message)
+            return OwnResponse(status=refusal.status, text=refusal.message)
         if not check.allows(host):
-            return web.Response(status=403)
+            return OwnResponse(status=403)
         return await handler(request)
 
     return checked
@@ -200,13 +193,12 @@ def _metrics_listener(
 
     async def listener(app: web.Application) -> AsyncIterator[None]:
         metrics_app = web.Application(handler_args=HANDLER_ARGS)
-        metrics_app.on_response_prepare.append(_no_server_header)
         check = (
             HostCheck(socket.gethostname(), config.allowed_hosts)
             if is_loopback_listener(where)
             else None
         )
-        metrics_app.router.add_get("/metrics", _host_checked(check, handler))
+        own_route(metrics_app, "/metrics", _host_checked(check, handler))
         runner = web.AppRunner(metrics_app, access_log=None, handler_cancellation=True)
         await runner.setup()
         app[METRICS_RUNNER] = runner

@@ -45,7 +45,8 @@ HOP_BY_HOP: Final = frozenset(
 )
 # Answered or replaced by the proxy itself, never forwarded as the client sent them.
 _REQUEST_ONLY: Final = HOP_BY_HOP | {"expect"}
-_UNTRUSTED: Final = frozenset({"x-forwarded-host", "x-forwarded-port"})
+# Believed only from a trusted proxy (Proto is then set from what the proxy saw).
+_UNTRUSTED: Final = frozenset({"x-forwarded-proto", "x-forwarded-host", "x-forwarded-port"})
 
 _DOT_SEGMENT: Final = re.compile(r"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
 
@@ -106,11 +107,9 @@ def _not_text(name: str) -> Refusal:
     return Refusal(400, f"ollama-meter: header {name!r} is not valid UTF-8")
 
 
-def _is_text(value: str) -> bool:
+def _is_utf8(value: str) -> bool:
     # aiohttp decodes header bytes that are not UTF-8 as surrogates, and its writer drops
     # them: forwarding would silently change the value.
-    if value.isascii():
-        return True
     try:
         value.encode()
     except UnicodeEncodeError:
@@ -127,31 +126,29 @@ def check_transfer_coding(headers: CIMultiDictProxy[str]) -> None:
 class HeadWriter:
     """Builds the request head sent upstream (rule 3)."""
 
-    __slots__ = ("_drop", "_trusted")
+    __slots__ = ("_drop", "_drop_untrusted", "_trusted")
 
     def __init__(self, preserve_host: bool, trusted: tuple[IPNetwork, ...]) -> None:
         self._drop = _REQUEST_ONLY if preserve_host else _REQUEST_ONLY | {"host"}
+        self._drop_untrusted = self._drop | _UNTRUSTED
         self._trusted = trusted
 
     def headers(self, request: web.BaseRequest) -> CIMultiDict[str]:
         received = request.headers
-        drop = _with_connection(received, self._drop)
+        peer = request.remote
+        trusted = self._is_trusted(peer)
+        drop = _with_connection(received, self._drop if trusted else self._drop_untrusted)
         # One pass: filter, and refuse what cannot be forwarded intact.
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in received.items():
-            if not _is_text(value):
+            if not value.isascii() and not _is_utf8(value):
                 raise _not_text(name)
             if name.lower() not in drop:
                 headers.add(name, value)
-        peer = request.remote
         if peer:
-            prior = request.headers.getall(hdrs.X_FORWARDED_FOR, [])
+            prior = received.getall(hdrs.X_FORWARDED_FOR, [])
             headers[hdrs.X_FORWARDED_FOR] = ", ".join([*prior, peer])
-        if not self._is_trusted(peer):
-            headers[hdrs.X_FORWARDED_PROTO] = request.scheme
-            for name in _UNTRUSTED:
-                headers.popall(name, None)
-        elif hdrs.X_FORWARDED_PROTO not in headers:
+        if not trusted or hdrs.X_FORWARDED_PROTO not in headers:
             headers[hdrs.X_FORWARDED_PROTO] = request.scheme
         return headers
 

@@ -48,6 +48,7 @@ from prometheus_client.utils import floatToGoString
 
 from .exchange import ERROR_REASONS, Exchange
 from .ollama import LoadedModel
+from .responses import OwnResponse
 
 NAMESPACE: Final = "ollama_meter"
 
@@ -92,22 +93,15 @@ class _Histogram:
         self.created = time.time()
 
 
-class _Series(dict[tuple[str, ...], float]):
-    """The values of one counter by label values, and when each series was created.
+class _Series:
+    """The values of one counter by label values, and when each series was created (Unix
+    seconds, for OpenMetrics' ``_created``)."""
 
-    A series is created by its first increment (``series[key] += n``): ``__missing__`` runs
-    only then, so the common case stays one C-level dict update.
-    """
-
-    __slots__ = ("created",)
+    __slots__ = ("created", "values")
 
     def __init__(self) -> None:
-        super().__init__()
+        self.values: dict[tuple[str, ...], float] = {}
         self.created: dict[tuple[str, ...], float] = {}
-
-    def __missing__(self, key: tuple[str, ...]) -> float:
-        self.created[key] = time.time()
-        return 0
 
 
 # eq=False: specs are dict keys on the hot path, and identity hashing is a C call where a
@@ -325,13 +319,13 @@ class Metrics(Collector):
                 base = name.removesuffix("_total")
                 write(head(base, "counter", spec.doc))
                 created = series.created
-                for key, value in series.items():
+                for key, value in series.values.items():
                     labels = label(spec, key)
                     write(f"{name}{{{labels}}} {_number(value)}\n")
                     write(f"{base}_created{{{labels}}} {_number(created[key])}\n")
             else:
                 write(head(name, "counter", spec.doc))
-                for key, value in series.items():
+                for key, value in series.values.items():
                     write(f"{name}{{{label(spec, key)}}} {_number(value)}\n")
         name = f"{NAMESPACE}_{IN_FLIGHT.name}"
         write(head(name, "gauge", IN_FLIGHT.doc))
@@ -384,7 +378,7 @@ class Metrics(Collector):
         for spec in COUNTERS:
             counter = CounterMetricFamily(f"{NAMESPACE}_{spec.name}", spec.doc, labels=spec.labels)
             if not empty:
-                for key, value in self._counters[spec].items():
+                for key, value in self._counters[spec].values.items():
                     counter.add_metric(key, value)
             families.append(counter)
         gauge = GaugeMetricFamily(
@@ -460,7 +454,13 @@ def _missing_reason(x: Exchange) -> str:
 
 
 def _add(series: _Series, key: Key, amount: float) -> None:
-    series[key] += amount
+    values = series.values
+    value = values.get(key)
+    if value is None:  # a new series: the clock is read only then
+        series.created[key] = time.time()
+        values[key] = amount
+    else:
+        values[key] = value + amount
 
 
 _BUILD_INFO_DOC: Final = "Always 1; the version label is the running ollama-meter version."
@@ -509,7 +509,7 @@ def exposition_handler(metrics: Metrics, registry: CollectorRegistry) -> Handler
         else:
             content_type = TEXT_FORMAT
             text = metrics.render() + generate_latest(registry).decode()
-        response = web.Response(text=text, headers={hdrs.CONTENT_TYPE: content_type})
+        response = OwnResponse(text=text, headers={hdrs.CONTENT_TYPE: content_type})
         response.enable_compression()  # gzip when Prometheus asks for it (it does)
         return response
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final, NamedTuple
 
@@ -44,7 +44,6 @@ __all__ = [
     "Usage",
     "WholeBody",
     "canonical_model",
-    "final_marker",
     "framing_for",
     "inspect_request",
     "judge",
@@ -67,6 +66,24 @@ class RouteKind(enum.Enum):
     MESSAGES = "messages"  # /v1/messages (Anthropic): message_delta usage, message_stop
 
 
+class Framing(enum.Enum):
+    """How a response body is cut into records."""
+
+    JSON = "json"  # one object (native: no trailing newline; /v1: one trailing newline)
+    NDJSON = "ndjson"  # one object per line
+    SSE = "sse"  # data: / event: lines, events separated by a blank line
+
+
+#: Bytes that can only appear in the record that ends a successful stream of each kind.
+_FINAL_MARKERS: Final = {
+    (RouteKind.NATIVE, Framing.NDJSON): b'"done":true',
+    (RouteKind.PROGRESS, Framing.NDJSON): b'"status":"success"',
+    (RouteKind.OPENAI, Framing.SSE): b"[DONE]",
+    (RouteKind.RESPONSES, Framing.SSE): b"response.completed",
+    (RouteKind.MESSAGES, Framing.SSE): b"message_stop",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """One row of the route table."""
@@ -79,15 +96,34 @@ class Route:
     stream_default: bool = False
     #: The model is the last path segment (``/v1/models/{model}``).
     model_in_path: bool = False
+    #: A route that runs a model on a prompt (not model management, not plain reads).
+    inference: bool = field(init=False)
+    # What the final record of a successful stream holds, per framing (see final_marker).
+    _ndjson_marker: bytes | None = field(init=False)
+    _sse_marker: bytes | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Computed once per route: per request, enum members would be hashed in Python code.
+        object.__setattr__(self, "inference", self.kind in _INFERENCE)
+        object.__setattr__(self, "_ndjson_marker", _FINAL_MARKERS.get((self.kind, Framing.NDJSON)))
+        object.__setattr__(self, "_sse_marker", _FINAL_MARKERS.get((self.kind, Framing.SSE)))
 
     @property
     def inspects_body(self) -> bool:
         return bool(self.model_keys)
 
-    @property
-    def inference(self) -> bool:
-        """A route that runs a model on a prompt (not model management, not plain reads)."""
-        return self.kind in _INFERENCE
+    def final_marker(self, framing: Framing) -> bytes | None:
+        """What to look for in a chunk to learn that the stream's final record may have passed.
+
+        JSON escapes quotes inside strings, so ``"done":true`` is a key; a tool call's
+        arguments object could hold one too, which is why a finding is checked by parsing
+        before it counts.
+        """
+        if framing is Framing.NDJSON:
+            return self._ndjson_marker
+        if framing is Framing.SSE:
+            return self._sse_marker
+        return None
 
 
 _INFERENCE: Final = frozenset(
@@ -212,14 +248,6 @@ def inspect_request(route: Route, body: bytes | None) -> RequestFacts:
             break
     stream = doc.get("stream")
     return RequestFacts(model, stream if isinstance(stream, bool) else route.stream_default)
-
-
-class Framing(enum.Enum):
-    """How a response body is cut into records."""
-
-    JSON = "json"  # one object (native: no trailing newline; /v1: one trailing newline)
-    NDJSON = "ndjson"  # one object per line
-    SSE = "sse"  # data: / event: lines, events separated by a blank line
 
 
 _MEDIA_FRAMING: Final = {
@@ -363,23 +391,6 @@ def tail_for(framing: Framing, whole_limit: int, tail_limit: int) -> LineTail | 
     if framing is Framing.JSON:
         return WholeBody(framing, whole_limit)
     return LineTail(framing, tail_limit)
-
-
-#: Bytes that can only appear in the record that ends a successful stream of each kind (JSON
-#: escapes quotes inside strings, so ``"done":true`` is a key; a tool call's arguments object
-#: could hold one too, which is why the finding is checked by parsing before it counts).
-_FINAL_MARKERS: Final = {
-    (RouteKind.NATIVE, Framing.NDJSON): b'"done":true',
-    (RouteKind.PROGRESS, Framing.NDJSON): b'"status":"success"',
-    (RouteKind.OPENAI, Framing.SSE): b"[DONE]",
-    (RouteKind.RESPONSES, Framing.SSE): b"response.completed",
-    (RouteKind.MESSAGES, Framing.SSE): b"message_stop",
-}
-
-
-def final_marker(kind: RouteKind, framing: Framing) -> bytes | None:
-    """What to look for in a chunk to learn that a stream's final record may have passed."""
-    return _FINAL_MARKERS.get((kind, framing))
 
 
 class Usage(NamedTuple):

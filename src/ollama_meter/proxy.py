@@ -65,13 +65,13 @@ from .ollama import (
     Route,
     RouteKind,
     WholeBody,
-    final_marker,
     framing_for,
     inspect_request,
     judge,
     route_for,
     tail_for,
 )
+from .responses import OwnResponse
 from .stream_usage import HiddenUsage, with_include_usage
 
 log = logging.getLogger(__name__)
@@ -192,12 +192,19 @@ class Proxy:
 
     def admit(self, request: web.BaseRequest) -> str:
         """The target to send upstream, or a Refusal (inbound.py's rules, and the Host rule)."""
-        target, host = target_of(request)
-        if self.host_check is not None and not self.host_check.allows(host):
+        target = request.raw_path
+        headers = request.headers
+        if target[:1] == "/":
+            host = headers.get(hdrs.HOST, "")
+        else:
+            target, host = target_of(request)
+        check = self.host_check
+        if check is not None and not check.allows(host):
             raise Refusal(403, None)
         if self._has_base_path:
             check_base_path(target)
-        check_transfer_coding(request.headers)
+        if hdrs.TRANSFER_ENCODING in headers:
+            check_transfer_coding(headers)
         return target
 
     def _record(self, request: web.Request, x: Exchange) -> None:
@@ -281,7 +288,7 @@ class Proxy:
             if framing
             else None
         )
-        marker = final_marker(route.kind, framing) if framing else None
+        marker = route.final_marker(framing) if framing else None
         if framing is not Framing.SSE:
             hidden = None
         x.streamed = framing in _STREAMED
@@ -388,23 +395,23 @@ class Proxy:
             request.transport.close()
         return response
 
-    def _fail(self, request: web.Request, x: Exchange, error: UpstreamError) -> web.Response:
+    def _fail(self, request: web.Request, x: Exchange, error: UpstreamError) -> OwnResponse:
         x.status = error.status
         x.error = error.reason
         log.warning("%s %s: upstream %s: %s", x.method, x.endpoint, self._base, error.detail)
         self._record(request, x)
-        return web.Response(
+        return OwnResponse(
             status=error.status,
             body=error_body(x.endpoint, error.status, f"ollama-meter: upstream: {error}"),
             headers={hdrs.CONTENT_TYPE: _JSON_ERROR},
         )
 
-    def _refuse(self, request: web.Request, x: Exchange, refusal: Refusal) -> web.Response:
+    def _refuse(self, request: web.Request, x: Exchange, refusal: Refusal) -> OwnResponse:
         x.status = refusal.status
         if refusal.message is None:
-            response = web.Response(status=refusal.status)
+            response = OwnResponse(status=refusal.status)
         else:
-            response = web.Response(
+            response = OwnResponse(
                 status=refusal.status,
                 body=error_body(x.endpoint, refusal.status, refusal.message),
                 headers={hdrs.CONTENT_TYPE: _JSON_ERROR},
