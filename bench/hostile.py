@@ -38,7 +38,16 @@ from typing import Any, Final
 
 import aiohttp
 from hostile_clients import SCENARIOS, Figures, Proxy, Scenario, gzip_of_zeros, request
-from run import HARNESS_CPU, TARGET_CPU, free_port, pinned, rss_kib, wait_listening
+from run import (
+    HARNESS_CPU,
+    TARGET_CPU,
+    describe_checkout,
+    free_port,
+    pinned,
+    rss_kib,
+    source_env,
+    wait_listening,
+)
 
 HERE: Final = Path(__file__).resolve().parent
 ROOT: Final = HERE.parent
@@ -62,16 +71,7 @@ class Target:
 
     def __init__(self, src: Path, keepalive_timeout: float) -> None:
         self.src = src
-        self.env = {**os.environ, "PYTHONPATH": str(src / "src")}
-        # The venv's own install answers the import if DIR/src has none: refuse that.
-        found = subprocess.run(
-            [PYTHON, "-c", "import ollama_meter; print(ollama_meter.__file__)"],
-            env=self.env,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        if not found or not Path(found).resolve().is_relative_to(src / "src"):
-            raise LookupError(f"no ollama-meter in {src}/src (Python finds {found or 'none'})")
+        self.env = source_env(src)  # LookupError if DIR/src has none
         options = subprocess.run(
             [PYTHON, "-m", "ollama_meter", "--help"],
             env=self.env,
@@ -98,20 +98,6 @@ class Target:
         if open_files is not None:  # prlimit and taskset exec, so the pid stays the proxy's
             argv = ["prlimit", f"--nofile={open_files}:{open_files}", *argv]
         return argv
-
-
-def describe_checkout(src: Path) -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(src), *args], capture_output=True, text=True
-        ).stdout.strip()
-
-    commit = git("log", "-1", "--format=%h (%s)")
-    if not commit:
-        return "not a git checkout"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        commit += " with uncommitted changes"
-    return commit
 
 
 def reset_peak(pid: int) -> None:
