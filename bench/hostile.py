@@ -8,7 +8,7 @@ proxy's peak resident set is that scenario's alone (VmHWM from /proc/PID/status,
 clear_refs just before the scenario starts as well). For each: the proxy's RSS before (idle,
 after one health check), its peak, and after (VmRSS once it has stopped moving, the clients
 gone), and what the scenario itself measures. A scenario that fails reports its error and the
-others go on; each has a time budget, and the whole run takes about three minutes.
+others go on; each has a time budget, and the whole run takes under two minutes.
 
 ``--src DIR`` runs the ollama-meter of DIR/src (PYTHONPATH) instead of this checkout's:
 ``git worktree add /tmp/base COMMIT`` then ``--src /tmp/base`` measures an older commit with

@@ -1,10 +1,11 @@
 """The fake Ollama behind bench/hostile.py: ``python bench/hostile_upstream.py PORT``.
 
 bench/upstream.py is built for speed and keeps each request body (it looks for
-``"stream":false`` in it, appending piece by piece): a 60 MiB body, or the gigabyte an old
-proxy inflates from a gzip bomb, would take it minutes. This one is plain aiohttp, reads every
-body and drops it as it arrives, accepts heads of any size a proxy forwards (so what a proxy
-lets through shows up as a 200 from here, not as this server's 400), and counts requests.
+``"stream":false`` in it, appending piece by piece): a 60 MiB body takes it about 30 s, the
+gigabyte an old proxy inflates from a gzip bomb far longer. This one is plain aiohttp, reads
+every body and drops it as it arrives, accepts heads of any size a proxy forwards (so what a
+proxy lets through shows up as a 200 from here, not as this server's 400), and counts
+requests.
 
 - ``POST /api/generate`` and ``/api/chat``: the body is dropped unread, the answer is a
   two-line NDJSON stream. With ``X-Bench-Long-Line-Mib: N`` the stream is instead one line of
