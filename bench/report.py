@@ -56,9 +56,13 @@ def paired_ratio(raw: dict[str, Any], scenario: str, target: str, base: str, key
     return statistics.median(ratios) if ratios else float("nan")
 
 
-def _targets(medians: dict[str, Any], raw: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """(target, measured, met) for the goals of the benchmark issue, where measured."""
-    rows: list[tuple[str, str, bool]] = []
+BASELINE = "ollama-meter@base"  # run.py's --baseline-src target
+
+
+def _targets(medians: dict[str, Any], raw: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """(target, measured, met) for the goals of the benchmark issue, where measured; met is
+    None for a comparison with no goal (the --baseline-src row)."""
+    rows: list[tuple[str, str, bool | None]] = []
 
     def get(scenario: str, target: str, key: str) -> float | None:
         value = medians.get(scenario, {}).get(target, {}).get(key)
@@ -78,6 +82,13 @@ def _targets(medians: dict[str, Any], raw: dict[str, Any]) -> list[tuple[str, st
             cpu = paired_ratio(raw, throughput, bare, meter, "cpu_us_per_request")
             measured += f" (by CPU per request: {cpu:.2f}x)"
         rows.append(("the same >= 0.9x the bare aiohttp passthrough", measured, ratio >= 0.9))
+    if get(throughput, meter, "rps") and get(throughput, BASELINE, "rps"):
+        ratio = paired_ratio(raw, throughput, meter, BASELINE, "rps")
+        measured = f"{ratio:.2f}x"
+        if get(throughput, meter, "cpu_us_per_request"):
+            cpu = paired_ratio(raw, throughput, BASELINE, meter, "cpu_us_per_request")
+            measured += f" (by CPU per request: {cpu:.2f}x)"
+        rows.append((f"the same against the baseline, `{BASELINE}`", measured, None))
     p50 = get("1 latency c=1", meter, "p50_us")
     p50_direct = get("1 latency c=1", direct, "p50_us")
     if p50 is not None and p50_direct is not None:
@@ -123,13 +134,20 @@ def render(report: dict[str, Any], command: str) -> str:
     out = ["# Benchmarks", ""]
     out.append(f"Run {report['started']} with `{command}`; medians of alternating rounds.")
     out.append("How the suite works and how processes are pinned: `bench/README.md`.")
+    baseline = report.get("baseline")
+    if baseline:
+        out.append(
+            f"`{BASELINE}` is the ollama-meter of `{baseline['src']}/src`, {baseline['commit']},"
+            " with the same settings."
+        )
     out.append("")
     targets = _targets(medians, report.get("raw", {}))
     if targets:
         out.append("| goal | ollama-meter | met |")
         out.append("|---|---|---|")
         for goal, measured, met in targets:
-            out.append(f"| {goal} | {measured} | {'yes' if met else '**no**'} |")
+            verdict = "(no goal)" if met is None else "yes" if met else "**no**"
+            out.append(f"| {goal} | {measured} | {verdict} |")
         out.append("")
         out.append(
             "Ratios of requests/s are medians of per-round ratios (each round against the"
@@ -183,13 +201,15 @@ def render(report: dict[str, Any], command: str) -> str:
             )
         out.append("")
     if "5 scrape" in medians:
-        values = medians["5 scrape"]["ollama-meter"]
         out.append("## 5. `/metrics` with 100 models x every endpoint populated")
         out.append("")
-        out.append(
-            f"{values['series']:,.0f} series, {values['bytes'] / 1024:,.0f} KiB: scrape p50 "
-            f"{values['p50_ms']:.1f} ms, slowest of 20 {values['max_ms']:.1f} ms."
-        )
+        out.append("| target | series | size (KiB) | scrape p50 (ms) | slowest of 20 (ms) |")
+        out.append("|---|---|---|---|---|")
+        for target, values in medians["5 scrape"].items():
+            out.append(
+                f"| {target} | {values['series']:,.0f} | {values['bytes'] / 1024:,.0f} | "
+                f"{values['p50_ms']:.1f} | {values['max_ms']:.1f} |"
+            )
         out.append("")
     return "\n".join(out) + "\n"
 

@@ -1,4 +1,5 @@
-"""The benchmark suite: ``python bench/run.py [--quick] [--json FILE] [--markdown FILE]``.
+"""The benchmark suite: ``python bench/run.py [--quick] [--baseline-src DIR] [--json FILE]
+[--markdown FILE]``.
 
 Every scenario runs each target in turn, round after round, every other round in reverse
 order (alternation evens out a noisy machine), and reports medians and the ratio to ``direct``:
@@ -6,7 +7,9 @@ order (alternation evens out a noisy machine), and reports medians and the ratio
 - ``direct``: the load generator talks straight to the fake upstream (bench/upstream.py);
 - ``ollama-meter``: the real command, default settings (access log on, to /dev/null);
 - ``passthrough``: bench/passthrough.py, aiohttp with the same settings and no metering;
-- ``nginx``: Debian's nginx, one worker, proxy_buffering off, keep-alive upstream (if installed).
+- ``nginx``: Debian's nginx, one worker, proxy_buffering off, keep-alive upstream (if installed);
+- ``ollama-meter@base`` (with ``--baseline-src DIR``): the ollama-meter of DIR/src, same
+  settings, e.g. a ``git worktree`` of an older commit, to compare two versions in one run.
 
 Pinning (2 cores): the target under test runs alone on CPU 0; the upstream and the load
 generator share CPU 1, for every target, direct included. Load: wrk (C) for request/response
@@ -37,7 +40,6 @@ from typing import Any
 import aiohttp
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 PYTHON = sys.executable
 TARGET_CPU = "0"
 HARNESS_CPU = "1"
@@ -111,6 +113,51 @@ def rss_kib(pid: int, key: str = "VmRSS") -> int:
     raise KeyError(key)
 
 
+def source_env(src: Path) -> dict[str, str]:
+    """The environment that runs the ollama-meter of ``src``/src (PYTHONPATH), checked: with
+    none there, the venv's own install would answer the import without a word."""
+    env = {**os.environ, "PYTHONPATH": str(src / "src")}
+    found = subprocess.run(
+        [PYTHON, "-c", "import ollama_meter; print(ollama_meter.__file__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if not found or not Path(found).resolve().is_relative_to(src.resolve() / "src"):
+        raise LookupError(f"no ollama-meter in {src}/src (Python finds {found or 'none'})")
+    return env
+
+
+def describe_checkout(src: Path) -> str:
+    """``abc1234 (subject)`` of a git checkout, and whether it has uncommitted changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(src), *args], capture_output=True, text=True
+        ).stdout.strip()
+
+    commit = git("log", "-1", "--format=%h (%s)")
+    if not commit:
+        return "not a git checkout"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += " with uncommitted changes"
+    return commit
+
+
+def endpoints_of(env: dict[str, str] | None) -> list[str]:
+    """The endpoint labels (ollama.ENDPOINTS) of the ollama-meter that ``env`` runs."""
+    listing = "import json; from ollama_meter.ollama import ENDPOINTS; print(json.dumps(ENDPOINTS))"
+    out = subprocess.run(
+        [PYTHON, "-c", listing], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    endpoints: list[str] = json.loads(out)
+    return endpoints
+
+
+#: The name of the --baseline-src target.
+BASELINE = "ollama-meter@base"
+
+
 @dataclass
 class Target:
     name: str
@@ -129,6 +176,8 @@ class Results:
     #: scenario -> target -> measure -> one value per round
     scenarios: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     steal_percent: float = 0.0
+    #: --baseline-src: {"src": DIR, "commit": ...}; empty without one
+    baseline: dict[str, str] = field(default_factory=dict)
 
     def record(self, scenario: str, target: str, values: dict[str, float]) -> None:
         measures = self.scenarios.setdefault(scenario, {}).setdefault(target, {})
@@ -146,8 +195,9 @@ class Results:
 
 
 class Bench:
-    def __init__(self, quick: bool) -> None:
+    def __init__(self, quick: bool, baseline_env: dict[str, str] | None = None) -> None:
         self.quick = quick
+        self.baseline_env = baseline_env
         self.rounds = 2 if quick else 3
         self.dir = Path(tempfile.mkdtemp(prefix="ollama-meter-bench-"))
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -190,24 +240,19 @@ class Bench:
         )
         return f"http://127.0.0.1:{port}"
 
+    def start_meter(self, name: str, upstream: str, env: dict[str, str] | None) -> Target:
+        """ollama-meter with default settings; ``env`` (source_env) picks another tree's."""
+        port = free_port()
+        argv = ["-m", "ollama_meter", "--listen", f"127.0.0.1:{port}", "--upstream", upstream]
+        meter = self.spawn(pinned(TARGET_CPU, PYTHON, *argv), port, env=env)
+        return Target(name, f"http://127.0.0.1:{port}", meter.pid)
+
     def start_targets(self, upstream: str) -> list[Target]:
         upstream_port = int(upstream.rsplit(":", 1)[1])
         targets = [Target("direct", upstream, None)]
-        port = free_port()
-        meter = self.spawn(
-            pinned(
-                TARGET_CPU,
-                PYTHON,
-                "-m",
-                "ollama_meter",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--upstream",
-                upstream,
-            ),
-            port,
-        )
-        targets.append(Target("ollama-meter", f"http://127.0.0.1:{port}", meter.pid))
+        targets.append(self.start_meter("ollama-meter", upstream, None))
+        if self.baseline_env is not None:  # beside ollama-meter: its neighbour in every round
+            targets.append(self.start_meter(BASELINE, upstream, self.baseline_env))
         port = free_port()
         bare = self.spawn(
             pinned(TARGET_CPU, PYTHON, str(HERE / "passthrough.py"), str(port), upstream), port
@@ -345,7 +390,12 @@ class Bench:
         steal1 = steal_ticks()
         self.results.steal_percent = 100 * (steal1[0] - steal0[0]) / max(1, steal1[1] - steal0[1])
         if "scrape" in only:
-            self.results.record("5 scrape", "ollama-meter", asyncio.run(self.scrape()))
+            meters: dict[str, dict[str, str] | None] = {"ollama-meter": None}
+            if self.baseline_env is not None:
+                meters[BASELINE] = self.baseline_env
+            for name, env in meters.items():
+                scrape = self.scrape(env, endpoints_of(env))
+                self.results.record("5 scrape", name, asyncio.run(scrape))
         return self.results
 
     async def memory(self, target: Target) -> dict[str, float]:
@@ -400,24 +450,23 @@ class Bench:
             "upload_gib": size / 1024 / MiB,
         }
 
-    async def scrape(self) -> dict[str, float]:
-        """GET /metrics with 100 models x every endpoint populated."""
+    async def scrape(self, env: dict[str, str] | None, endpoints: list[str]) -> dict[str, float]:
+        """GET /metrics with 100 models x every endpoint populated (the endpoints of the
+        ollama-meter that ``env`` runs)."""
         upstream = self.start_upstream(models=100)
         port = free_port()
         proc = self.spawn(
             pinned(TARGET_CPU, PYTHON, "-m", "ollama_meter", "--listen", f"127.0.0.1:{port}",
                    "--upstream", upstream, "--no-access-log"),
             port,
+            env=env,
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
-        sys.path.insert(0, str(ROOT / "src"))
-        from ollama_meter.ollama import ENDPOINTS
-
         paths = [
             e.replace("{digest}", "sha256:" + "0" * 64)
             .replace("{model}", "m")
             .replace("{key}", "k")
-            for e in ENDPOINTS
+            for e in endpoints
         ]
         paths = [p if p != "other" else "/elsewhere" for p in paths]
         models = ["llama3.2"] + [f"bench-{i:03d}" for i in range(1, 100)]
@@ -501,6 +550,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write raw results here")
     parser.add_argument("--markdown", type=Path, help="write the report (docs/benchmarks.md)")
     parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        metavar="DIR",
+        help=f"add {BASELINE}: the ollama-meter of DIR/src, alternated with the others",
+    )
+    parser.add_argument(
         "--only",
         default="latency,throughput,streaming,memory,scrape",
         help="comma-separated scenarios",
@@ -508,8 +563,19 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None or shutil.which("taskset") is None:
         sys.exit("needs wrk and taskset: apt-get install wrk util-linux (and nginx to compare)")
-    bench = Bench(args.quick)
+    baseline_env = None
+    if args.baseline_src:
+        try:
+            baseline_env = source_env(args.baseline_src)
+        except LookupError as exc:
+            sys.exit(str(exc))
+    bench = Bench(args.quick, baseline_env)
     bench.results.machine = machine()
+    if args.baseline_src:
+        bench.results.baseline = {
+            "src": str(args.baseline_src.resolve()),
+            "commit": describe_checkout(args.baseline_src),
+        }
     try:
         results = bench.run(set(args.only.split(",")))
     finally:
@@ -519,6 +585,7 @@ def main() -> None:
         "started": results.started,
         "machine": results.machine,
         "steal_percent": results.steal_percent,
+        "baseline": results.baseline,
         "medians": medians,
         "raw": results.scenarios,
     }
