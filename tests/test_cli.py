@@ -32,6 +32,7 @@ OPTIONS = {
     "--max-inspect-total": "268435456",
     "--max-response-tail": "1048576",
     "--max-models": "100",
+    "--host-check": "auto",
     "--allowed-hosts": None,
     "--trusted-proxies": None,
     "--openai-stream-usage": None,

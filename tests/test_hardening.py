@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 import pytest
 
-from .conftest import Meter, MeterFactory
+from .conftest import Meter, MeterFactory, unused_port
 from .fake_ollama import FakeOllama
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
@@ -175,12 +175,18 @@ async def test_probes_and_extra_names_and_public_listeners(
         meter.url, b"GET /-/healthy HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
     )
     assert status_of(reply) == 200
-    # On a listener that is not on loopback, any host (the operator chose to be reachable).
+    # On a listener that is not on loopback, any host (the operator chose to be reachable)...
     public = await start_meter(listen="0.0.0.0:0")
-    reply = await raw_request(
-        public.url, b"GET / HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
-    )
-    assert status_of(reply) == 200
+    evil = b"GET / HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+    assert status_of(await raw_request(public.url, evil)) == 200
+    # ...unless the rule is asked for there (a container published on the host's loopback)...
+    container = await start_meter(listen="0.0.0.0:0", host_check="on", allowed_hosts="meter")
+    assert status_of(await raw_request(container.url, evil)) == 403
+    named = b"GET / HTTP/1.1\r\nHost: meter:11435\r\nConnection: close\r\n\r\n"
+    assert status_of(await raw_request(container.url, named)) == 200
+    # ...or switched off on loopback.
+    off = await start_meter(host_check="off")
+    assert status_of(await raw_request(off.url, evil)) == 200
 
 
 # --- 6. Absolute-form targets --------------------------------------------------------------
@@ -394,3 +400,84 @@ async def test_concurrent_scrapes_share_one_probe(fake: FakeOllama, meter: Meter
         await asyncio.gather(*(scrape() for _ in range(20)))
         await scrape()  # well under a second later: the same answer
     assert fake.count("/api/ps") == before + 1
+
+
+# --- The inspection budget cannot be held or lost ------------------------------------------
+
+
+async def labelled(meter: Meter, body: bytes) -> str:
+    """Send one chat body; the model label it was counted under."""
+    before = {
+        tuple(sorted(s.items())): meter.value("requests_total", **s)
+        for s in meter.series("requests_total")
+    }
+    await post(meter.url + "/api/chat", body, {"Content-Type": "application/json"})
+    for labels in meter.series("requests_total"):
+        if meter.value("requests_total", **labels) > before.get(tuple(sorted(labels.items())), 0):
+            return labels["model"]
+    raise AssertionError("not counted")
+
+
+async def test_a_declared_length_reserves_nothing_and_a_stalled_body_is_refused(
+    fake: FakeOllama, start_meter: MeterFactory
+) -> None:
+    body = orjson.dumps(CHAT)
+    meter = await start_meter(max_inspect_total=len(body), keepalive_timeout=0.5)
+    reader, writer = await asyncio.open_connection(*address(meter.url))
+    try:
+        # Declares a body the size of the whole budget, and sends none of it.
+        writer.write(
+            b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        await writer.drain()
+        assert await labelled(meter, body) == "llama3.2:latest"
+        # Its silence is cut off: 408 in Ollama's shape, and the connection closed.
+        reply = await asyncio.wait_for(reader.read(-1), timeout=10)
+    finally:
+        writer.close()
+    assert status_of(reply) == 408
+    assert orjson.loads(body_of(reply)) == {
+        "error": "ollama-meter: the request body stopped arriving"
+    }
+    assert fake.count("/api/chat") == 1
+
+
+async def test_the_budget_comes_back_however_a_request_ends(
+    fake: FakeOllama, start_meter: MeterFactory
+) -> None:
+    body = orjson.dumps(CHAT)
+    meter = await start_meter(max_inspect_total=len(body))
+    # A client that leaves halfway through its body.
+    _, writer = await asyncio.open_connection(*address(meter.url))
+    writer.write(
+        b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body[: len(body) // 2]
+    )
+    await writer.drain()
+    writer.close()
+    runner = meter.server.runner
+    assert runner is not None
+    assert runner.server is not None
+    async with asyncio.timeout(5):
+        # Until the proxy has seen it go (aiohttp has no event for it); each turn only yields.
+        while runner.server.connections:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+    # An upstream that is not there (502), then answers that come back.
+    down = await start_meter(
+        upstream=f"http://127.0.0.1:{unused_port()}", max_inspect_total=len(body)
+    )
+    for _ in range(3):
+        assert (await post(down.url + "/api/chat", body, {}))[0] == 502
+    assert down.value("requests_total", endpoint="/api/chat", model="llama3.2:latest",
+                      stream="false", status="502") == 3  # fmt: skip
+    for _ in range(3):
+        assert await labelled(meter, body) == "llama3.2:latest"
+
+
+async def test_an_encoded_body_is_never_parsed_even_when_it_is_json(
+    fake: FakeOllama, meter: Meter
+) -> None:
+    # Labelled "br" but plain JSON: were it read, it would be labelled llama3.2.
+    await post(meter.url + "/api/chat", orjson.dumps(CHAT), {"Content-Encoding": "br"})
+    assert meter.value("requests_total", endpoint="/api/chat", model="unknown", stream="true",
+                       status="200") == 1  # fmt: skip

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 
@@ -20,8 +19,8 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 
 from . import __version__
-from .config import Config, is_loopback_listener
-from .hosts import HostCheck
+from .config import Config
+from .hosts import HostCheck, host_check_for
 from .inbound import Refusal, target_of
 from .labels import ModelLabels
 from .logs import AccessLog
@@ -53,11 +52,15 @@ NO_AUTO_HEADERS: Final = (
 # inflate gzip and deflate bodies itself). Request heads are bounded in total, as Ollama's Go
 # server bounds them (1 MB): a request line, then at most 64 header fields of at most 16 KiB
 # each (name and value), about 1 MiB in all.
+# After an answer given before its request body was read (a refusal, an existing blob), the
+# rest of the body is read and dropped for at most lingering_time (aiohttp: 10 s) so that the
+# client sees the answer: a stalled client must not hold its connection that long.
 HANDLER_ARGS: Final = {
     "auto_decompress": False,
     "max_line_size": 16 * 1024,
     "max_field_size": 16 * 1024,
     "max_headers": 64,
+    "lingering_time": 2.0,
 }
 
 
@@ -193,11 +196,7 @@ def _metrics_listener(
 
     async def listener(app: web.Application) -> AsyncIterator[None]:
         metrics_app = web.Application(handler_args=HANDLER_ARGS)
-        check = (
-            HostCheck(socket.gethostname(), config.allowed_hosts)
-            if is_loopback_listener(where)
-            else None
-        )
+        check = host_check_for(config, where)
         own_route(metrics_app, "/metrics", _host_checked(check, handler))
         runner = web.AppRunner(metrics_app, access_log=None, handler_cancellation=True)
         await runner.setup()

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from . import __version__
 from .app import UPSTREAM_ANSWERED, create_app
-from .config import Config, ConfigError, LogFormat
+from .config import Config, ConfigError, HostCheckMode, LogFormat
 from .logs import setup_logging
 from .metrics import build_registry
 
@@ -89,11 +89,18 @@ def _option(name: str, **kwargs: Any) -> Callable[[_F], _F]:
     "'other'.",
 )
 @_option(
+    "--host-check",
+    default="auto",
+    type=click.Choice(["auto", "on", "off"]),
+    help="Apply Ollama's Host rule (against DNS rebinding): auto, on a loopback listener as "
+    "Ollama does; on, on every listener (a container published on the host's loopback); off.",
+)
+@_option(
     "--allowed-hosts",
     default="",
     metavar="NAME,...",
-    help="On a loopback listener, Host names accepted beyond Ollama's own rule (localhost, "
-    "private addresses, .local, ...); '.example.com' allows every name under it.",
+    help="Host names accepted beyond Ollama's own rule (localhost, private addresses, "
+    ".local, ...) where it applies; '.example.com' allows every name under it.",
 )
 @_option(
     "--trusted-proxies",
@@ -163,6 +170,7 @@ def main(
     max_inspect_total: int,
     max_response_tail: int,
     max_models: int,
+    host_check: HostCheckMode,
     allowed_hosts: str,
     trusted_proxies: str,
     openai_stream_usage: bool,
@@ -190,6 +198,7 @@ def main(
             max_inspect_total=max_inspect_total,
             max_response_tail=max_response_tail,
             max_models=max_models,
+            host_check=host_check,
             allowed_hosts=allowed_hosts,
             trusted_proxies=trusted_proxies,
             openai_stream_usage=openai_stream_usage,

@@ -25,6 +25,8 @@ _UNSPECIFIED: Final = frozenset({"", "0.0.0.0", "::"})
 _DEFAULT_UPSTREAM: Final = URL("http://127.0.0.1:11434")
 
 LogFormat = Literal["text", "json"]
+#: When the Host rule applies: auto (on a loopback listener, as in Ollama), on, off.
+HostCheckMode = Literal["auto", "on", "off"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -133,7 +135,7 @@ def parse_networks(text: str) -> tuple[IPNetwork, ...]:
 
 
 def is_loopback_listener(listen: HostPort) -> bool:
-    """Does this listener take connections only from this machine? (Then the Host rule applies.)"""
+    """Does this listener take connections only from this machine?"""
     return _is_loopback(listen.host)
 
 
@@ -172,7 +174,8 @@ class Config:
     #: How much of a stream's end is kept to read its usage (the final line or events).
     max_response_tail: int = 1024 * 1024
     max_models: int = 100
-    #: Host names accepted on a loopback listener beyond Ollama's own rule (lowercase).
+    host_check: HostCheckMode = "auto"
+    #: Host names accepted beyond Ollama's own rule where it applies (lowercase).
     allowed_hosts: tuple[str, ...] = ()
     #: Peers whose X-Forwarded-Proto/-Host/-Port are believed.
     trusted_proxies: tuple[IPNetwork, ...] = ()
@@ -200,6 +203,7 @@ class Config:
         max_inspect_total: int = 256 * 1024 * 1024,
         max_response_tail: int = 1024 * 1024,
         max_models: int = 100,
+        host_check: HostCheckMode = "auto",
         allowed_hosts: str = "",
         trusted_proxies: str = "",
         openai_stream_usage: bool = False,
@@ -243,6 +247,7 @@ class Config:
             max_inspect_total=max_inspect_total,
             max_response_tail=max_response_tail,
             max_models=max_models,
+            host_check=host_check,
             allowed_hosts=parse_allowed_hosts(allowed_hosts),
             trusted_proxies=parse_networks(trusted_proxies),
             openai_stream_usage=openai_stream_usage,
@@ -256,6 +261,12 @@ class Config:
         )
         config._check_loops()
         return config
+
+    def checks_host(self, listen: HostPort) -> bool:
+        """Does the Host rule apply on this listener (``auto``: on loopback, as in Ollama)?"""
+        if self.host_check == "auto":
+            return is_loopback_listener(listen)
+        return self.host_check == "on"
 
     def _check_loops(self) -> None:
         host, port = self.upstream.host or "", self.upstream.port or 0

@@ -17,13 +17,19 @@ its own listener instead:
 Ollama also accepts the address of any local network interface; the standard library cannot
 list those, so such an address needs ``--allowed-hosts`` (a private one is accepted anyway).
 
-Pure: the hostname is passed in.
+``--host-check on`` applies the rule on any listener (a container listening on 0.0.0.0 and
+published on the host's loopback, as in compose.yaml), ``off`` nowhere.
+
+Pure but for ``host_check_for``, which reads this machine's hostname.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Final
+
+from .config import Config, HostPort
 
 _LOCAL_SUFFIXES: Final = (".localhost", ".local", ".internal")
 # Go's netip IsPrivate (RFC 1918, RFC 4193); Python's is_private also takes in documentation and
@@ -83,3 +89,10 @@ class HostCheck:
         if address.is_loopback or address.is_unspecified:
             return True
         return any(address in network for network in _PRIVATE)
+
+
+def host_check_for(config: Config, listen: HostPort) -> HostCheck | None:
+    """The Host rule for a listener of this config, or None where it does not apply."""
+    if not config.checks_host(listen):
+        return None
+    return HostCheck(socket.gethostname(), config.allowed_hosts)

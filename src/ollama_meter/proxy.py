@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Callable
 from time import perf_counter
 from typing import Final
@@ -36,8 +35,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import exchange as ex
-from .bodies import InspectBudget, read_body, sendable
-from .config import Config, is_loopback_listener
+from .bodies import InspectBudget, read_body, sent
+from .config import Config
 from .errors import (
     UpstreamClosed,
     UpstreamError,
@@ -46,7 +45,7 @@ from .errors import (
     error_body,
 )
 from .exchange import Exchange
-from .hosts import HostCheck
+from .hosts import host_check_for
 from .inbound import (
     HOP_BY_HOP,
     HeadWriter,
@@ -129,11 +128,7 @@ class Proxy:
         self._labels = labels
         self._access_log = access_log
         self._head = HeadWriter(config.preserve_host, config.trusted_proxies)
-        self.host_check = (
-            HostCheck(socket.gethostname(), config.allowed_hosts)
-            if is_loopback_listener(config.listen)
-            else None
-        )
+        self.host_check = host_check_for(config, config.listen)
         self._budget = InspectBudget(config.max_inspect_total)
         #: Set when the server begins its graceful shutdown: a cancellation after that is ours.
         self.shutting_down = False
@@ -188,6 +183,10 @@ class Proxy:
             raise
         finally:
             self._tasks.discard(task)
+            # A cancelled handler's traceback holds this frame: without this, frame -> task ->
+            # exception -> traceback -> frame is a cycle that keeps the request's memory until
+            # a full garbage collection (rare by design, cli.tune_runtime).
+            del task
             self._record(request, x)
 
     def admit(self, request: web.BaseRequest) -> str:
@@ -219,8 +218,9 @@ class Proxy:
     async def _handle(self, request: web.Request, route: Route, x: Exchange) -> web.StreamResponse:
         target = self.admit(request)
         headers = self._head.headers(request)
-        body, data, held = await read_body(
-            request, route, self._config.max_inspect_bytes, self._budget
+        config = self._config
+        body, data, hold = await read_body(
+            request, route, config.max_inspect_bytes, self._budget, config.keepalive_timeout
         )
         hidden: HiddenUsage | None = None
         try:
@@ -230,12 +230,11 @@ class Proxy:
                 model = request.path[len("/v1/models/") :] or None
             x.model = self._labels.label(model)
             x.stream = facts.stream
-            if self._config.openai_stream_usage and body is not None and route.template == _V1_CHAT:
+            if config.openai_stream_usage and body is not None and route.template == _V1_CHAT:
                 asking = with_include_usage(body)
                 if asking is not None:
-                    data, hidden = asking, HiddenUsage()
-                    headers.popall(hdrs.CONTENT_LENGTH, None)
-            data = sendable(data)
+                    data, hidden = sent(asking, hold), HiddenUsage()
+                    headers[hdrs.CONTENT_LENGTH] = str(len(asking))
             body = None
             self._metrics.request_started(x)
             try:
@@ -249,7 +248,7 @@ class Proxy:
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 return self._fail(request, x, self._translate(exc))
         finally:
-            self._budget.give(held)
+            hold.release()  # if the body has not already given it back on its way up
         data = None
         clean = False
         try:
@@ -416,8 +415,8 @@ class Proxy:
                 body=error_body(x.endpoint, refusal.status, refusal.message),
                 headers={hdrs.CONTENT_TYPE: _JSON_ERROR},
             )
-        if refusal.status == 501:
-            # The body's framing is in doubt: never read another request on this connection.
+        if refusal.status in (408, 501):
+            # The rest of the body is in doubt: never read another request on this connection.
             response.force_close()
         return response
 
