@@ -282,7 +282,23 @@ async def test_expect_continue_is_answered_by_the_proxy_alone(
 # --- Dot segments under a base path --------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/../admin", "/api/../../admin", "/%2e%2e/admin", "/./x", "/.."])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/../admin",
+        "/api/../../admin",
+        "/%2e%2e/admin",
+        "/%2E%2e/admin",
+        "/./x",
+        "/..",
+        "/..%2fadmin",
+        "/%2e%2e%2Fadmin",
+        "/..\\admin",
+        "/%5c..%5cadmin",
+        "/..;/admin",
+        "/.;x/admin",
+    ],
+)
 async def test_dot_segments_cannot_leave_the_base_path(
     fake: FakeOllama, start_meter: MeterFactory, path: str
 ) -> None:
@@ -481,3 +497,19 @@ async def test_an_encoded_body_is_never_parsed_even_when_it_is_json(
     await post(meter.url + "/api/chat", orjson.dumps(CHAT), {"Content-Encoding": "br"})
     assert meter.value("requests_total", endpoint="/api/chat", model="unknown", stream="true",
                        status="200") == 1  # fmt: skip
+
+
+async def test_a_request_that_will_be_refused_gets_no_100_continue(
+    fake: FakeOllama, meter: Meter
+) -> None:
+    reader, writer = await asyncio.open_connection(*address(meter.url))
+    try:
+        writer.write(
+            b"POST /api/chat HTTP/1.1\r\nHost: evil.example\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 1000000\r\n\r\n"
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 403 ")

@@ -179,3 +179,27 @@ async def test_a_malformed_request_is_a_debug_line_not_an_error(
         root.setLevel(level)
         server.filters[:] = filters
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_malformed_request_cannot_break_the_debug_log(
+    meter: Meter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    server = logging.getLogger("aiohttp.server")
+    filters = server.filters[:]
+    try:
+        setup_logging("text", "DEBUG")
+        host, port = meter.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /a?%s%d\x01 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await writer.drain()
+        await asyncio.wait_for(reader.read(-1), timeout=5)
+        writer.close()
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        server.filters[:] = filters
+    err = capsys.readouterr().err
+    assert "Logging error" not in err
+    assert "DEBUG aiohttp.server" in err

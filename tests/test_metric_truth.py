@@ -257,3 +257,67 @@ async def test_hidden_usage_keeps_bytes_at_any_chunking(
     )
     assert got == expected
     assert meter.value("completion_tokens_total", **V1, stream="true") == 3
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        b'"stream_options":{"Include_Usage":true}',
+        b'"Stream_Options":{"include_usage":true}',
+        b'"stream_options":{"include_usage":1}',
+        b'"stream_options":"x"',
+    ],
+)
+async def test_stream_usage_leaves_alone_what_ollama_would_read_differently(
+    fake: FakeOllama, start_meter: MeterFactory, options: bytes
+) -> None:
+    """Go matches JSON keys case-insensitively and refuses bad values: such a body passes as
+    it is, never rewritten into something else."""
+    meter = await start_meter(openai_stream_usage=True)
+    body = b'{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":true,' + (
+        options + b"}"
+    )
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(meter.url + "/v1/chat/completions", data=body) as response,
+    ):
+        await response.read()
+    assert fake.last("/v1/chat/completions").body == body
+
+
+async def test_hidden_usage_gives_up_on_an_event_that_never_ends(
+    fake: FakeOllama, start_meter: MeterFactory
+) -> None:
+    meter = await start_meter(openai_stream_usage=True, max_response_tail=1024)
+    endless = [b"data: " + b"x" * 600] + [b"y" * 600 for _ in range(10)]
+    fake.script("POST", "/v1/chat/completions", Reply(content_type=SSE, chunks=endless))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(meter.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as response,
+    ):
+        got = await response.read()
+    assert got == b"".join(endless)
+
+
+async def test_a_final_marker_split_across_chunks_still_counts_at_once(
+    fake: FakeOllama, meter: Meter
+) -> None:
+    lines = lines_of("chat_stream.ndjson")
+    final = lines[-1]
+    cut = final.index(b'"done":true') + len(b'"done":t')
+    chunks = [*lines[:-1], final[:cut], final[cut:], b""]
+    gate = asyncio.Event()
+    fake.script(
+        "POST",
+        "/api/chat",
+        Reply(content_type=NDJSON, chunks=chunks, gates={len(chunks) - 1: gate}),
+    )
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(meter.url + "/api/chat", json=CHAT) as response,
+    ):
+        for line in lines:
+            assert await response.content.readline() == line
+        assert meter.value("requests_total", **LABELS, stream="true", status="200") == 1
+        gate.set()
+        await response.read()

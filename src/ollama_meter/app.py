@@ -166,7 +166,7 @@ def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
     # /-/healthy answers any Host: probes (Docker, Kubernetes) use whatever address they have.
     own_route(app, "/-/healthy", healthy)
     own_route(app, "/-/ready", _host_checked(proxy.host_check, ready))
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle, expect_handler=proxy.expect)
     return app
 
 

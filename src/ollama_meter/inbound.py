@@ -5,7 +5,8 @@ Rules:
    target (``GET http://host/path``, which servers must accept, RFC 9112 §3.2.2): only its
    path and query go upstream, and its authority is the request's host.
 2. With a base path in ``--upstream``, a target with dot segments (``/../admin``, also
-   percent-encoded) is refused: appended to the base path, it would leave it.
+   percent-encoded or with ``;`` parameters) or encoded separators is refused: appended to
+   the base path, it could leave it.
 3. Headers pass unchanged except: hop-by-hop ones (RFC 9110 §7.6.1) and those ``Connection``
    names; ``Expect`` (the proxy's server answers ``100-continue`` itself, so the upstream must
    not be asked to answer it a second time); ``Host`` (the upstream's, unless
@@ -24,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Final
+from urllib.parse import unquote
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -45,10 +47,12 @@ HOP_BY_HOP: Final = frozenset(
 )
 # Answered or replaced by the proxy itself, never forwarded as the client sent them.
 _REQUEST_ONLY: Final = HOP_BY_HOP | {"expect"}
-# Believed only from a trusted proxy (Proto is then set from what the proxy saw).
-_UNTRUSTED: Final = frozenset({"x-forwarded-proto", "x-forwarded-host", "x-forwarded-port"})
+# Believed only from a trusted proxy, with every other X-Forwarded-* but -For (Proto is then
+# set from what the proxy saw).
+_UNTRUSTED: Final = frozenset({"forwarded", "x-real-ip"})
 
-_DOT_SEGMENT: Final = re.compile(r"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+_ENCODED_SEPARATOR: Final = re.compile(r"%(?:2f|5c)", re.IGNORECASE)
+_DOTS: Final = frozenset({".", ".."})
 
 
 class Refusal(Exception):
@@ -79,10 +83,15 @@ def target_of(request: web.BaseRequest) -> tuple[str, str]:
 
 
 def check_base_path(target: str) -> None:
-    """Refuse dot segments, which would climb out of the upstream's base path."""
+    """Refuse what could climb out of the upstream's base path: a dot segment, as written or
+    percent-encoded, also with ``;`` parameters (``/..;/``), and an encoded slash or a
+    backslash (``..%2f``, ``..\\``), which a server behind may treat as a separator."""
     path = target.partition("?")[0]
-    if _DOT_SEGMENT.search(path):
-        raise Refusal(400, "ollama-meter: dot segments are not allowed in the path")
+    if "\\" in path or _ENCODED_SEPARATOR.search(path):
+        raise Refusal(400, "ollama-meter: encoded slashes and backslashes are not allowed")
+    for segment in path.split("/"):
+        if unquote(segment.partition(";")[0]) in _DOTS:
+            raise Refusal(400, "ollama-meter: dot segments are not allowed in the path")
 
 
 def _with_connection(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> frozenset[str]:
@@ -143,8 +152,12 @@ class HeadWriter:
         for name, value in received.items():
             if not value.isascii() and not _is_utf8(value):
                 raise _not_text(name)
-            if name.lower() not in drop:
-                headers.add(name, value)
+            lower = name.lower()
+            if lower in drop or (
+                not trusted and lower.startswith("x-forwarded-") and lower != "x-forwarded-for"
+            ):
+                continue
+            headers.add(name, value)
         if peer:
             prior = received.getall(hdrs.X_FORWARDED_FOR, [])
             headers[hdrs.X_FORWARDED_FOR] = ", ".join([*prior, peer])

@@ -179,7 +179,8 @@ class ClientErrors(logging.Filter):
         if not isinstance(error, HttpProcessingError):
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        record.msg = f"{record.msg}: {error.message}"
+        # The client's bytes are arguments, never part of the format string.
+        record.msg, record.args = "%s: %s", (record.getMessage(), error.message)
         record.exc_info = record.exc_text = None
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 

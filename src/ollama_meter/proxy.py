@@ -189,6 +189,19 @@ class Proxy:
             del task
             self._record(request, x)
 
+    async def expect(self, request: web.Request) -> None:
+        """``Expect: 100-continue``: the 100 only for a request that will be admitted; one
+        that will be refused gets its refusal at once, before it sends its body."""
+        try:
+            self.admit(request)
+        except Refusal:
+            return
+        if request.version == aiohttp.HttpVersion11:
+            if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+                raise web.HTTPExpectationFailed(text="unknown Expect")
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the response itself has not started
+
     def admit(self, request: web.BaseRequest) -> str:
         """The target to send upstream, or a Refusal (inbound.py's rules, and the Host rule)."""
         target = request.raw_path
@@ -233,7 +246,7 @@ class Proxy:
             if config.openai_stream_usage and body is not None and route.template == _V1_CHAT:
                 asking = with_include_usage(body)
                 if asking is not None:
-                    data, hidden = sent(asking, hold), HiddenUsage()
+                    data, hidden = sent(asking, hold), HiddenUsage(config.max_response_tail)
                     headers[hdrs.CONTENT_LENGTH] = str(len(asking))
             body = None
             self._metrics.request_started(x)
@@ -288,6 +301,8 @@ class Proxy:
             else None
         )
         marker = route.final_marker(framing) if framing else None
+        reach = len(marker) - 1 if marker else 0
+        edge = b""
         if framing is not Framing.SSE:
             hidden = None
         x.streamed = framing in _STREAMED
@@ -311,9 +326,15 @@ class Proxy:
                     x.first_byte = perf_counter()
                 if tail is not None:
                     tail.feed(chunk)
-                    if marker is not None and (watching or marker in chunk):
-                        # Maybe the final record: if so, record now, before it is written.
-                        watching = not self._complete(request, route, x, tail, content, True)
+                    if marker is not None:
+                        if watching or marker in chunk or marker in edge + chunk[:reach]:
+                            # Maybe the final record: if so, record now, before it is written;
+                            # if its line is not complete yet, look again with the next chunk.
+                            if self._complete(request, route, x, tail, content, True):
+                                marker = None
+                            else:
+                                watching = not chunk.endswith(b"\n")
+                        edge = chunk[-reach:]  # a marker may be split across two chunks
                 if content.at_eof():
                     # The last chunk: with a fixed length, the client sees the end with it.
                     self._complete(request, route, x, tail, content)
@@ -324,7 +345,9 @@ class Proxy:
                 await response.write(chunk)
         except (asyncio.CancelledError, ConnectionError):
             # Judge what was delivered: a stream whose final record went out is complete.
-            if marker is None or not self._complete(request, route, x, tail, content, True):
+            if not x.recorded and (
+                not reach or not self._complete(request, route, x, tail, content, True)
+            ):
                 _took(x, tail, content)
             raise
         if hidden is not None and (rest := hidden.flush()):

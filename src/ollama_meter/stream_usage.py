@@ -12,7 +12,8 @@ never ask, so their streams would meter no tokens. With the option on, the proxy
    ``include_usage: true`` is re-serialised;
 2. removes that usage event from the response (``HiddenUsage``), after the metering side
    channel has seen it, so the client receives exactly the bytes it would have received
-   without the option. Events are forwarded whole: a partial event waits for its end.
+   without the option. Events are forwarded whole: a partial event waits for its end (up to
+   a bound, past which the stream passes unfiltered).
 
 Only ``/v1/chat/completions``: on ``/v1/completions`` Ollama adds zero usage to *every*
 chunk once include_usage is set, so those bytes could not be kept. Pure: no I/O.
@@ -31,24 +32,28 @@ _DATA: Final = b"data:"
 
 
 def with_include_usage(body: bytes) -> bytes | None:
-    """The body asking for usage, or None when nothing needs to change (not a stream, the
-    client asked for usage itself, or the body is not a JSON object)."""
+    """The body asking for usage, or None when nothing needs to change or must not: not a
+    stream, the client asked for usage itself, the body is not a JSON object, or its
+    ``stream_options`` is one Ollama would read differently or refuse (Go matches JSON keys
+    case-insensitively: ``Stream_Options`` is ``stream_options`` to it)."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
     if not isinstance(doc, dict) or doc.get("stream") is not True:
         return None
-    if "stream_options" not in doc:
+    spellings = [key for key in doc if key.casefold() == "stream_options"]
+    if not spellings:
         brace = body.index(b"{")  # a JSON object's first non-space byte
         return body[: brace + 1] + _INCLUDE_USAGE + body[brace + 1 :]
-    options = doc["stream_options"]
-    if isinstance(options, dict) and options.get("include_usage") is True:
+    options = doc.get("stream_options")
+    if spellings != ["stream_options"] or not isinstance(options, dict):
         return None
-    doc["stream_options"] = {
-        **(options if isinstance(options, dict) else {}),
-        "include_usage": True,
-    }
+    if [key for key in options if key.casefold() == "include_usage"] not in ([], ["include_usage"]):
+        return None
+    if options.get("include_usage", False) is not False:
+        return None  # true (asked for already), or a value Ollama would refuse
+    doc["stream_options"] = {**options, "include_usage": True}
     return orjson.dumps(doc)
 
 
@@ -64,28 +69,57 @@ def _is_usage_event(event: bytes) -> bool:
 
 
 class HiddenUsage:
-    """Filters a ``/v1/chat/completions`` SSE body: every event passes but the usage event."""
+    """Filters a ``/v1/chat/completions`` SSE body: every event passes but the usage event.
 
-    __slots__ = ("_pending",)
+    A partial event waits for its end, at most ``limit`` bytes of it: past that (an event
+    that never ends, a stream framed otherwise) everything passes through unfiltered from then
+    on, the usage event included. The separator is looked for in new bytes only.
+    """
 
-    def __init__(self) -> None:
-        self._pending = b""
+    __slots__ = ("_last", "_limit", "_parts", "_passing", "_size")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._last = b""  # the last byte held, to find a separator split across chunks
+        self._passing = False
 
     def feed(self, chunk: bytes) -> bytes:
         """What of the body so far may go to the client now."""
-        data = self._pending + chunk if self._pending else chunk
-        end = data.rfind(_EVENT_END)
-        if end < 0:
-            self._pending = data
+        if self._passing or not chunk:
+            return chunk
+        end = chunk.rfind(_EVENT_END)
+        if end >= 0:
+            end += len(_EVENT_END)
+        elif self._last == b"\n" and chunk[:1] == b"\n":
+            end = 1
+        else:
+            self._hold(chunk)
+            if self._size > self._limit:
+                self._passing = True
+                return self.flush()
             return b""
-        end += len(_EVENT_END)
-        complete, self._pending = data[:end], data[end:]
+        complete = b"".join([*self._parts, chunk[:end]])
+        self._parts.clear()
+        self._size = 0
+        self._last = b""
+        self._hold(chunk[end:])
         if _EMPTY_CHOICES not in complete:
             return complete
         events = complete.split(_EVENT_END)[:-1]
         return b"".join(e + _EVENT_END for e in events if not _is_usage_event(e + _EVENT_END))
 
+    def _hold(self, part: bytes) -> None:
+        if part:
+            self._parts.append(part)
+            self._size += len(part)
+            self._last = part[-1:]
+
     def flush(self) -> bytes:
         """The unfinished end of the body (a stream cut inside an event)."""
-        pending, self._pending = self._pending, b""
+        pending = b"".join(self._parts)
+        self._parts.clear()
+        self._size = 0
+        self._last = b""
         return pending
