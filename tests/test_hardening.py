@@ -122,6 +122,7 @@ ALLOWED = [
     "box.local",
     "web.internal:8080",
     "app.localhost",
+    "[fd00::1]:80",
     "",
 ]
 FOREIGN = [
@@ -130,6 +131,11 @@ FOREIGN = [
     "8.8.8.8",
     "localhost.evil.example",
     "[2001:db8::1]",
+    "localhost:80@evil.example",
+    "127.0.0.1:1@evil.example",
+    "[::1]evil.example",
+    "evil.example#.localhost",
+    "localhost.",
 ]
 
 

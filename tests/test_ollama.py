@@ -339,3 +339,32 @@ def test_a_whole_reply_that_says_it_is_not_done_is_unterminated() -> None:
         Ending.COMPLETE,
         2,
     )
+
+
+def test_a_long_line_then_the_final_one_keeps_its_usage() -> None:
+    final = fixture("chat_stream.ndjson").splitlines(keepends=True)[-1]
+    long_line = b'{"model":"m","message":{"content":"' + b"x" * 5000 + b'"},"done":false}\n'
+    for pieces in (
+        [long_line, final],
+        [long_line + final],
+        [long_line[:100], long_line[100:] + final],
+    ):
+        tail = tail_for(Framing.NDJSON, LIMIT, 1024)
+        for piece in pieces:
+            tail.feed(piece)
+        outcome = judge(RouteKind.NATIVE, tail)
+        assert outcome.ending is Ending.COMPLETE
+        assert outcome.usage is not None
+        assert outcome.usage.completion_tokens == final_object("chat_stream.ndjson")["eval_count"]
+
+
+def test_a_final_line_over_the_limit_is_complete_without_usage_and_a_cut_one_is_not() -> None:
+    lines = fixture("chat_stream.ndjson").splitlines(keepends=True)
+    tail = tail_for(Framing.NDJSON, LIMIT, 64)
+    for line in lines:
+        tail.feed(line)
+    assert judge(RouteKind.NATIVE, tail) == Outcome(Ending.COMPLETE, oversized=True)
+    cut = tail_for(Framing.NDJSON, LIMIT, 64)
+    for line in [*lines[:-1], lines[-1][:-10]]:
+        cut.feed(line)
+    assert judge(RouteKind.NATIVE, cut).ending is Ending.UNTERMINATED

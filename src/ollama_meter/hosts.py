@@ -26,6 +26,7 @@ Pure but for ``host_check_for``, which reads this machine's hostname.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from typing import Final
 
@@ -39,14 +40,18 @@ _PRIVATE: Final = tuple(
 )
 
 
-def host_name(host: str) -> str:
-    """The name or address of a ``Host`` value, without port or IPv6 brackets, lowercase."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    if host.count(":") == 1:
-        return host.partition(":")[0]
-    return host
+# A Host value as RFC 9110 has it: a registered name or an address, then an optional port.
+# Anything else (userinfo, fragments, text after the brackets) is refused, never guessed at.
+_AUTHORITY: Final = re.compile(r"(?:\[([0-9a-f:.]+)\]|([a-z0-9._~!$&'()*+,;=%-]*))(?::[0-9]*)?")
+
+
+def host_name(host: str) -> str | None:
+    """The name or address of a ``Host`` value, lowercase, without port or brackets; None if
+    it is not a well-formed authority."""
+    match = _AUTHORITY.fullmatch(host.strip().lower())
+    if match is None:
+        return None
+    return match[1] if match[1] is not None else match[2]
 
 
 # Host values repeat (every client sends the same one or two): answers are kept, boundedly.
@@ -78,6 +83,8 @@ class HostCheck:
 
     def _judge(self, host: str) -> bool:
         name = host_name(host)
+        if name is None:
+            return False
         if not name or name == "localhost" or name == self._hostname or name in self._exact:
             return True
         if name.endswith(self._suffixes):

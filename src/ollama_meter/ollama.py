@@ -292,11 +292,11 @@ class LineTail:
 
     __slots__ = (
         "_chunks",
+        "_dropped",
         "_keep",
         "_limit",
         "_lost_head",
         "_newlines",
-        "_since_overflow",
         "_size",
         "framing",
         "records",
@@ -311,8 +311,8 @@ class LineTail:
         self._keep = (_KEEP_SSE_LINES if framing is Framing.SSE else _KEEP_LINES) + 1
         self._limit = limit
         self._lost_head = False
-        #: Newlines since a line was dropped for its size (-1: none was).
-        self._since_overflow = -1
+        #: A line was dropped for its size.
+        self._dropped = False
         #: Records seen so far: NDJSON lines, or SSE ``data:`` lines (an approximation of the
         #: content chunks a stream delivered; see usage_missing in metrics).
         self.records = 0
@@ -320,8 +320,6 @@ class LineTail:
     def feed(self, chunk: bytes) -> None:
         count = chunk.count(b"\n")
         self.records += chunk.count(_DATA) if self.framing is Framing.SSE else count
-        if self._since_overflow >= 0:
-            self._since_overflow += count
         chunks = self._chunks
         chunks.append((chunk, count))
         self._newlines += count
@@ -333,18 +331,35 @@ class LineTail:
             self._size -= len(dropped)
             self._lost_head = True
         if self._size > self._limit:
-            # One line is longer than we are willing to hold: forget it. lines() then skips
-            # the fragment that remains up to the next newline.
-            chunks.clear()
-            self._newlines = 0
-            self._size = 0
-            self._lost_head = True
-            self._since_overflow = 0
+            self._shrink()
 
-    @property
-    def last_line_too_long(self) -> bool:
-        """The body's last complete line was dropped for its size: its usage is unknown."""
-        return 0 <= self._since_overflow <= 1
+    def _shrink(self) -> None:
+        """Over the limit: keep the whole lines at the end that fit, drop the rest (rare, so
+        the join here costs nothing on the common path)."""
+        data = b"".join(chunk for chunk, _ in self._chunks)
+        self._chunks.clear()
+        self._newlines = self._size = 0
+        self._dropped = True
+        start = data.rfind(b"\n")
+        if start < 0 or len(data) - start - 1 > self._limit:
+            # Inside a line longer than the limit: drop it; lines() skips the rest of it.
+            self._lost_head = True
+            return
+        while (prev := data.rfind(b"\n", 0, start)) >= 0 and len(data) - prev - 1 <= self._limit:
+            start = prev
+        kept = data[start + 1 :]
+        self._lost_head = False
+        if kept:
+            count = kept.count(b"\n")
+            self._chunks.append((kept, count))
+            self._newlines, self._size = count, len(kept)
+
+    def final_line_dropped(self, lines: list[bytes]) -> bool:
+        """The body ended with a complete line that was dropped for its size (``lines`` is
+        what lines() returned): it was the final record, and its usage is unknown."""
+        if not self._dropped or not lines or lines[-1] != b"":
+            return False  # none dropped, or still inside the long line (cut), or unterminated
+        return not any(line.strip() for line in lines[:-1])
 
     def lines(self) -> list[bytes]:
         """Complete lines kept, then the unterminated end (``b""`` if the body ended in \\n)."""
@@ -438,9 +453,10 @@ _NS_PER_S: Final = 1e9
 
 def judge(kind: RouteKind, tail: LineTail | WholeBody) -> Outcome:
     """Judge a finished (or cut) body of a successful reply from what its observer kept."""
-    if isinstance(tail, LineTail) and tail.last_line_too_long:
+    lines = tail.lines()
+    if isinstance(tail, LineTail) and tail.final_line_dropped(lines):
         return _OVERSIZED
-    return read_outcome(kind, tail.framing, tail.lines())
+    return read_outcome(kind, tail.framing, lines)
 
 
 def read_outcome(kind: RouteKind, framing: Framing, lines: list[bytes]) -> Outcome:
