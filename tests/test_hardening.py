@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import io
+import logging
 import zlib
 from typing import Any
 
@@ -150,8 +151,9 @@ async def test_a_local_host_is_answered(meter: Meter, host: str) -> None:
 
 @pytest.mark.parametrize("host", FOREIGN)
 async def test_a_foreign_host_is_refused_as_ollama_refuses_it(
-    fake: FakeOllama, meter: Meter, host: str
+    fake: FakeOllama, meter: Meter, host: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="ollama_meter.proxy")
     for path in ("/api/tags", "/metrics", "/-/ready"):
         reply = await raw_request(
             meter.url, f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
@@ -159,6 +161,10 @@ async def test_a_foreign_host_is_refused_as_ollama_refuses_it(
         assert status_of(reply) == 403, path
         assert body_of(reply) == b""
     assert fake.count("/api/tags") == 1  # only the proxy's own start-up call
+    # The operator is told why, once.
+    said = [r.getMessage() for r in caplog.records if "--allowed-hosts" in r.getMessage()]
+    assert len(said) == 1
+    assert said[0].startswith(f"refused Host {host!r}: not a local name or address")
     assert meter.value("requests_total", endpoint="/api/tags", model="unknown", stream="false",
                        status="403") == 1  # fmt: skip
 

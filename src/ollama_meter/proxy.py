@@ -81,6 +81,7 @@ _STREAMED: Final = (Framing.NDJSON, Framing.SSE)
 _JSON_ERROR: Final = "application/json; charset=utf-8"
 _RESPONSE_DROP: Final = HOP_BY_HOP
 _V1_CHAT: Final = "/v1/chat/completions"
+_REFUSED_HOSTS_LOGGED: Final = 64
 
 
 class _PassthroughResponse(web.StreamResponse):
@@ -130,6 +131,7 @@ class Proxy:
         self._head = HeadWriter(config.preserve_host, config.trusted_proxies)
         self.host_check = host_check_for(config, config.listen)
         self._budget = InspectBudget(config.max_inspect_total)
+        self._refused_hosts: set[str] = set()
         #: Set when the server begins its graceful shutdown: a cancellation after that is ours.
         self.shutting_down = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -212,12 +214,25 @@ class Proxy:
             target, host = target_of(request)
         check = self.host_check
         if check is not None and not check.allows(host):
+            self._say_refused(host)
             raise Refusal(403, None)
         if self._has_base_path:
             check_base_path(target)
         if hdrs.TRANSFER_ENCODING in headers:
             check_transfer_coding(headers)
         return target
+
+    def _say_refused(self, host: str) -> None:
+        """Say once per Host value (a bounded number of them) why it was refused: the client
+        only gets Ollama's empty 403."""
+        if host in self._refused_hosts or len(self._refused_hosts) >= _REFUSED_HOSTS_LOGGED:
+            return
+        self._refused_hosts.add(host)
+        log.info(
+            "refused Host %r: not a local name or address (Ollama's rule against DNS "
+            "rebinding); allow it with --allowed-hosts, or see --host-check",
+            host[:200],
+        )
 
     def _record(self, request: web.Request, x: Exchange) -> None:
         if x.recorded:
