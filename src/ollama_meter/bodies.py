@@ -76,33 +76,44 @@ class Hold:
         self.size = 0
 
 
+#: What a request that holds nothing of the budget holds.
+NOTHING_HELD: Final = Hold(InspectBudget(0))
+
+
 async def read_body(
     request: web.Request, route: Route, cap: int, budget: InspectBudget, silence: float
 ) -> tuple[bytes | None, Body, Hold]:
     """(the whole body if it was read to inspect it, what to send upstream, what it holds of
     ``budget``). Bytes are taken from the budget as they arrive; a body that stops arriving
     for ``silence`` seconds while it is read is refused (408)."""
-    hold = Hold(budget)
     if not request.body_exists:
-        return None, None, hold
+        return None, None, NOTHING_HELD
     content = request.content
     encoding = request.headers.get(hdrs.CONTENT_ENCODING)
     if not route.inspects_body or (encoding is not None and encoding.lower() not in _IDENTITY):
-        return None, content, hold
+        return None, content, NOTHING_HELD
     length = request.content_length
     if length is not None and length > cap:
-        return None, content, hold
+        return None, content, NOTHING_HELD
+    if content.is_eof() and content.total_bytes <= min(cap, _WHOLE_BODY_WRITE):
+        # All of it came with the head, and it is small (the common case): it is in memory
+        # already and goes upstream at once, so no budget, no waiting, no timer.
+        body = await content.read()
+        return body, body, NOTHING_HELD
+    hold = Hold(budget)
     chunks: list[bytes] = []
+    loop = asyncio.get_running_loop()
     try:
-        while hold.size <= cap:
-            async with asyncio.timeout(silence):
+        async with asyncio.timeout_at(loop.time() + silence) as silent:
+            while hold.size <= cap:
                 chunk = await content.readany()
-            if not chunk:
-                body = b"".join(chunks)
-                return body, sent(body, hold), hold
-            chunks.append(chunk)
-            if not hold.take(len(chunk)):
-                break
+                if not chunk:
+                    body = b"".join(chunks)
+                    return body, sent(body, hold), hold
+                silent.reschedule(loop.time() + silence)
+                chunks.append(chunk)
+                if not hold.take(len(chunk)):
+                    break
     except TimeoutError:
         hold.release()
         raise Refusal(408, "ollama-meter: the request body stopped arriving") from None
