@@ -126,9 +126,9 @@ def _is_utf8(value: str) -> bool:
     return True
 
 
-def check_transfer_coding(headers: CIMultiDictProxy[str]) -> None:
-    coding = headers.get(hdrs.TRANSFER_ENCODING)
-    if coding is not None and coding.strip().lower() != "chunked":
+def check_transfer_coding(coding: str) -> None:
+    """The request's Transfer-Encoding, if it has one."""
+    if coding.strip().lower() != "chunked":
         raise Refusal(501, "ollama-meter: only the chunked transfer coding is supported")
 
 
@@ -142,17 +142,25 @@ class HeadWriter:
         self._drop_untrusted = self._drop | _UNTRUSTED
         self._trusted = trusted
 
-    def headers(self, request: web.BaseRequest) -> CIMultiDict[str]:
+    def headers(self, request: web.BaseRequest) -> tuple[CIMultiDict[str], str, str | None]:
+        """(the headers to send upstream, the request's Host, its Transfer-Encoding)."""
         received = request.headers
         peer = request.remote
         trusted = self._is_trusted(peer)
         drop = _with_connection(received, self._drop if trusted else self._drop_untrusted)
-        # One pass: filter, and refuse what cannot be forwarded intact.
+        # One pass: filter, note Host and Transfer-Encoding, and refuse what cannot be
+        # forwarded intact.
         headers: CIMultiDict[str] = CIMultiDict()
+        host = ""
+        coding: str | None = None
         for name, value in received.items():
             if not value.isascii() and not _is_utf8(value):
                 raise _not_text(name)
             lower = name.lower()
+            if lower == "host":
+                host = value
+            elif lower == "transfer-encoding":
+                coding = value
             if lower in drop or (
                 not trusted and lower.startswith("x-forwarded-") and lower != "x-forwarded-for"
             ):
@@ -163,7 +171,7 @@ class HeadWriter:
             headers[hdrs.X_FORWARDED_FOR] = ", ".join([*prior, peer])
         if not trusted or hdrs.X_FORWARDED_PROTO not in headers:
             headers[hdrs.X_FORWARDED_PROTO] = request.scheme
-        return headers
+        return headers, host, coding
 
     def _is_trusted(self, peer: str | None) -> bool:
         if not self._trusted or not peer:

@@ -206,11 +206,12 @@ class Proxy:
 
     def admit(self, request: web.BaseRequest) -> str:
         """The target to send upstream, or a Refusal (inbound.py's rules, and the Host rule)."""
-        target = request.raw_path
         headers = request.headers
-        if target[:1] == "/":
-            host = headers.get(hdrs.HOST, "")
-        else:
+        return self._admit(request, headers.get(hdrs.HOST, ""), headers.get(hdrs.TRANSFER_ENCODING))
+
+    def _admit(self, request: web.BaseRequest, host: str, coding: str | None) -> str:
+        target = request.raw_path
+        if target[:1] != "/":
             target, host = target_of(request)
         check = self.host_check
         if check is not None and not check.allows(host):
@@ -218,8 +219,8 @@ class Proxy:
             raise Refusal(403, None)
         if self._has_base_path:
             check_base_path(target)
-        if hdrs.TRANSFER_ENCODING in headers:
-            check_transfer_coding(headers)
+        if coding is not None:
+            check_transfer_coding(coding)
         return target
 
     def _say_refused(self, host: str) -> None:
@@ -244,8 +245,9 @@ class Proxy:
             self._access_log(x)
 
     async def _handle(self, request: web.Request, route: Route, x: Exchange) -> web.StreamResponse:
-        target = self.admit(request)
-        headers = self._head.headers(request)
+        # One pass over the head: filtered, and the Host and Transfer-Encoding it carries.
+        headers, host, coding = self._head.headers(request)
+        target = self._admit(request, host, coding)
         config = self._config
         body, data, hold = await read_body(
             request, route, config.max_inspect_bytes, self._budget, config.keepalive_timeout
