@@ -6,6 +6,7 @@ import asyncio
 import io
 import logging
 import re
+from collections.abc import Iterator
 
 import aiohttp
 import orjson
@@ -158,48 +159,49 @@ async def test_a_stream_the_client_abandons_gets_its_line(
     assert "error=client_disconnect" in line
 
 
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """Tests here call setup_logging as the command does; give pytest its logging back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    server = logging.getLogger("aiohttp.server")
+    filters = server.filters[:]
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    server.filters[:] = filters
+
+
+async def send_raw(meter: Meter, data: bytes) -> bytes:
+    host, port = meter.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(-1), timeout=5)
+    finally:
+        writer.close()
+
+
+@pytest.mark.usefixtures("restored_logging")
 async def test_a_malformed_request_is_a_debug_line_not_an_error(
     meter: Meter, caplog: pytest.LogCaptureFixture
 ) -> None:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    server = logging.getLogger("aiohttp.server")
-    filters = server.filters[:]
-    try:
-        setup_logging("text")
-        host, port = meter.url.removeprefix("http://").split(":")
-        for _ in range(3):
-            reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(b"GET /" + b"x" * 70_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            await writer.drain()
-            assert (await asyncio.wait_for(reader.read(-1), timeout=5)).startswith(b"HTTP/1.")
-            writer.close()
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        server.filters[:] = filters
+    setup_logging("text")
+    for _ in range(3):
+        reply = await send_raw(
+            meter, b"GET /" + b"x" * 70_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        )
+        assert reply.startswith(b"HTTP/1.")
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+@pytest.mark.usefixtures("restored_logging")
 async def test_a_malformed_request_cannot_break_the_debug_log(
     meter: Meter, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    server = logging.getLogger("aiohttp.server")
-    filters = server.filters[:]
-    try:
-        setup_logging("text", "DEBUG")
-        host, port = meter.url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"GET /a?%s%d\x01 HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        await writer.drain()
-        await asyncio.wait_for(reader.read(-1), timeout=5)
-        writer.close()
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        server.filters[:] = filters
+    setup_logging("text", "DEBUG")
+    await send_raw(meter, b"GET /a?%s%d\x01 HTTP/1.1\r\nHost: localhost\r\n\r\n")
     err = capsys.readouterr().err
     assert "Logging error" not in err
     assert "DEBUG aiohttp.server" in err
