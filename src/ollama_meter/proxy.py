@@ -79,7 +79,6 @@ SESSION: Final = web.AppKey("upstream_session", aiohttp.ClientSession)
 
 _STREAMED: Final = (Framing.NDJSON, Framing.SSE)
 _JSON_ERROR: Final = "application/json; charset=utf-8"
-_RESPONSE_DROP: Final = HOP_BY_HOP
 _V1_CHAT: Final = "/v1/chat/completions"
 _REFUSED_HOSTS_LOGGED: Final = 64
 
@@ -326,7 +325,7 @@ class Proxy:
         response = _PassthroughResponse(
             status=status,
             reason=upstream.reason,
-            headers=filtered_headers(upstream.headers, _RESPONSE_DROP),
+            headers=filtered_headers(upstream.headers, HOP_BY_HOP),
         )
         await response.prepare(request)
         content = upstream.content
