@@ -1,0 +1,1 @@
+"""The gateway: who may do what, and what they did."""
