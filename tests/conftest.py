@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,11 +12,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 from pytest_aiohttp import AiohttpServer
 
 from ollama_meter.app import METRICS, create_app
 from ollama_meter.config import Config
 from ollama_meter.metrics import build_registry
+from ollama_meter.settings import Settings
 
 from .fake_ollama import FakeOllama
 
@@ -78,22 +80,36 @@ class Meter:
         ]
 
 
+class _Families:
+    """The ollama_meter_ families of a registry (not the process and platform ones)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        return [m for m in self._registry.collect() if m.name.startswith("ollama_meter_")]
+
+
 MeterFactory = Callable[..., Awaitable[Meter]]
 
 
 @pytest.fixture
 def start_meter(aiohttp_server: AiohttpServer, fake: FakeOllama) -> MeterFactory:
-    """Start ollama-meter; keyword arguments override Config.build's (upstream: the fake)."""
+    """Start ollama-meter; keyword arguments override Config.build's (upstream: the fake),
+    but ``settings``, the gateway's (settings.Settings)."""
 
-    async def start(**overrides: Any) -> Meter:
+    async def start(settings: Settings | None = None, **overrides: Any) -> Meter:
         options: dict[str, Any] = {"listen": "127.0.0.1:0", "upstream": fake.url}
         options.update(overrides)
-        app = create_app(Config.build(**options), build_registry())
+        registry = build_registry()
+        app = create_app(Config.build(**options), registry, settings)
         server = await aiohttp_server(app)
         # Read the app's metrics through prometheus_client's own Collector interface (the
-        # /metrics handler renders the same samples faster; tests/test_metrics.py checks that).
+        # /metrics handler renders the same samples faster; tests/test_metrics.py checks that),
+        # and the gateway's families, which live in the registry.
         view = CollectorRegistry()
         view.register(app[METRICS])
+        view.register(_Families(registry))
         return Meter(server, view, app)
 
     return start

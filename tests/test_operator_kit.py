@@ -394,7 +394,8 @@ def test_readme_says_how_a_refused_start_exits() -> None:
     for args in (("--read-timeout", "soon"), ("--log-format", "xml")):
         rejected = run(*ollama_meter, *args)
         assert rejected.returncode == 2, args
-        assert rejected.stderr.startswith("Usage: ollama-meter [OPTIONS]\n"), rejected.stderr
+        usage = "Usage: ollama-meter [OPTIONS] [COMMAND]"
+        assert rejected.stderr.startswith(usage), rejected.stderr
         assert "Error: Invalid value for" in rejected.stderr
     # A start that cannot work: one line, status 1.
     loop = run(*ollama_meter, "--listen", "127.0.0.1:11434", "--upstream", "localhost")

@@ -20,6 +20,11 @@ from prometheus_client import CollectorRegistry
 
 from . import __version__
 from .config import Config
+from .gateway.access import Access
+from .gateway.audit import AuditLog
+from .gateway.identity import KeyRing
+from .gateway.reload import KeysFile
+from .gateway.usage import KeyUsage
 from .hosts import HostCheck, host_check_for
 from .inbound import Refusal, target_of
 from .labels import ModelLabels
@@ -27,6 +32,7 @@ from .logs import AccessLog
 from .metrics import Metrics, exposition_handler
 from .proxy import SESSION, Proxy
 from .responses import OwnResponse, own_route
+from .settings import AccessSettings, Listener, Settings
 from .upstreams import Upstream
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,10 @@ ACCESS_LOG: Final = web.AppKey("access_log", AccessLog)
 UPSTREAM: Final = web.AppKey("upstream", Upstream)
 #: The runner of the --metrics-listen listener (its ``addresses`` say where it listens).
 METRICS_RUNNER: Final = web.AppKey("metrics_runner", web.AppRunner)
+#: With access control on: the keys file, the access step, and the runners of role listeners.
+KEYS_FILE: Final = web.AppKey("keys_file", KeysFile)
+ACCESS: Final = web.AppKey("access", Access)
+LISTENER_RUNNERS: Final = web.AppKey("listener_runners", list[web.AppRunner])
 
 # The session adds none of its default headers: what the client sent is what Ollama gets.
 NO_AUTO_HEADERS: Final = (
@@ -64,12 +74,20 @@ HANDLER_ARGS: Final = {
 }
 
 
-def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
+def create_app(
+    config: Config, registry: CollectorRegistry, settings: Settings | None = None
+) -> web.Application:
+    """The application. Raises KeysFileError when access control is on and its keys file
+    does not load."""
     app = web.Application(handler_args=HANDLER_ARGS)
     metrics = Metrics(__version__)
     labels = ModelLabels(config.max_models)
     access_log = AccessLog(config.log_format) if config.access_log else None
-    proxy = Proxy(config, metrics, labels, access_log)
+    settings = settings or Settings()
+    access = None
+    if settings.access is not None:
+        access = _access_control(app, settings.access, registry)
+    proxy = Proxy(config, metrics, labels, access_log, access)
     app[METRICS] = metrics
     app[PROXY] = proxy
     if access_log is not None:
@@ -167,7 +185,79 @@ def create_app(config: Config, registry: CollectorRegistry) -> web.Application:
     own_route(app, "/-/healthy", healthy)
     own_route(app, "/-/ready", _host_checked(proxy.host_check, ready))
     app.router.add_route("*", "/{tail:.*}", proxy.handle, expect_handler=proxy.expect)
+    if settings.access is not None:
+        for listener in settings.access.listeners:
+            app.cleanup_ctx.append(_role_listener(config, listener, proxy))
     return app
+
+
+def _access_control(
+    app: web.Application, settings: AccessSettings, registry: CollectorRegistry
+) -> Access:
+    """Keys (loaded now, then reloaded while the app runs), per-key usage and the audit log."""
+    usage = KeyUsage(registry, settings.max_key_labels)
+    audit = None
+    if settings.audit_log is not None:
+        audit = AuditLog(settings.audit_log, usage.audit_errors.inc)
+
+    def loaded(ring: KeyRing, ok: bool) -> None:
+        access.ring = ring
+        usage.keys_configured.set(len(ring))
+        usage.reloads.labels("ok" if ok else "error").inc()
+
+    keys = KeysFile(settings.keys_file, loaded)
+    ring = keys.load()
+    usage.keys_configured.set(len(ring))
+    access = Access(
+        ring,
+        usage,
+        anonymous=settings.anonymous,
+        max_keep_alive=settings.max_keep_alive,
+        audit=audit,
+    )
+    app[KEYS_FILE] = keys
+    app[ACCESS] = access
+
+    async def running(app: web.Application) -> AsyncIterator[None]:
+        if audit is not None:
+            audit.start()
+        try:
+            async with keys.watching():
+                yield
+        finally:
+            if audit is not None:
+                await asyncio.to_thread(audit.close)
+
+    app.cleanup_ctx.append(running)
+    return access
+
+
+def _role_listener(
+    config: Config, listener: Listener, proxy: Proxy
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A listener whose requests all have the listener's role (``[[access.listener]]``)."""
+
+    async def serve(app: web.Application) -> AsyncIterator[None]:
+        role_app = web.Application(handler_args=HANDLER_ARGS)
+        role_app[SESSION] = app[SESSION]
+        role_app.router.add_route(
+            "*", "/{tail:.*}", proxy.handler_for(listener.role, listener.listen)
+        )
+        runner = web.AppRunner(
+            role_app,
+            access_log=None,
+            handler_cancellation=True,
+            keepalive_timeout=config.keepalive_timeout,
+        )
+        await runner.setup()
+        app.setdefault(LISTENER_RUNNERS, []).append(runner)
+        try:
+            await web.TCPSite(runner, listener.listen.host, listener.listen.port).start()
+            yield
+        finally:
+            await runner.cleanup()
+
+    return serve
 
 
 def _host_checked(check: HostCheck | None, handler: Handler) -> Handler:

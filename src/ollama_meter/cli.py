@@ -19,9 +19,13 @@ from aiohttp import web
 
 from . import __version__
 from .app import UPSTREAM_ANSWERED, create_app
+from .cli_config import Invocation, config_command, gateway_settings
+from .cli_keys import keys_command
 from .config import Config, ConfigError, HostCheckMode, LogFormat
+from .gateway.keys import KeysFileError
 from .logs import setup_logging
 from .metrics import build_registry
+from .settings import Settings
 
 log = logging.getLogger("ollama_meter")
 
@@ -39,7 +43,22 @@ def _option(name: str, **kwargs: Any) -> Callable[[_F], _F]:
     return click.option(name, envvar=env, show_envvar=True, show_default=True, **kwargs)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@_option(
+    "--config",
+    default=None,
+    metavar="PATH",
+    help="The gateway's settings file (TOML): access control, and more in later versions.",
+)
+@_option(
+    "--keys-file",
+    default=None,
+    metavar="PATH",
+    help="The API keys file: turns access control on (over [access] keys_file of --config).",
+)
 @_option(
     "--listen", default="127.0.0.1:11435", metavar="HOST:PORT", help="Where the proxy listens."
 )
@@ -161,7 +180,11 @@ def _option(name: str, **kwargs: Any) -> Callable[[_F], _F]:
     help="Write one log line per request (never prompt or completion text).",
 )
 @click.version_option(__version__, prog_name="ollama-meter")
+@click.pass_context
 def main(
+    ctx: click.Context,
+    config: str | None,
+    keys_file: str | None,
     listen: str,
     upstream: str,
     metrics_listen: str | None,
@@ -187,9 +210,13 @@ def main(
 
     Point clients at it instead of Ollama (OLLAMA_HOST=127.0.0.1:11435, or
     base_url="http://127.0.0.1:11435/v1" for OpenAI SDKs) and scrape GET /metrics.
+    Without a command it serves; the commands manage API keys and check settings.
     """
+    ctx.obj = Invocation(config, keys_file, ctx.params)
+    if ctx.invoked_subcommand is not None:
+        return
     try:
-        config = Config.build(
+        core = Config.build(
             listen=listen,
             upstream=upstream,
             metrics_listen=metrics_listen,
@@ -211,10 +238,15 @@ def main(
             # Access lines are info lines: a higher log level turns them off too.
             access_log=access_log and log_level.lower() in ("debug", "info"),
         )
+        settings = gateway_settings(config, keys_file, core)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     setup_logging(log_format, log_level)
-    run(config)
+    run(core, settings)
+
+
+main.add_command(keys_command)
+main.add_command(config_command)
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -237,11 +269,13 @@ def tune_runtime() -> None:
     gc.set_threshold(_GC_THRESHOLD, 20, 20)
 
 
-def run(config: Config) -> None:
+def run(config: Config, settings: Settings | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain for up to ``shutdown_timeout`` seconds."""
     metrics_at = config.metrics_listen.url if config.metrics_listen else config.listen.url
-
-    app = create_app(config, build_registry())
+    try:
+        app = create_app(config, build_registry(), settings)
+    except KeysFileError as exc:
+        raise click.ClickException(str(exc)) from None
 
     def announce(_: str) -> None:
         log.info(

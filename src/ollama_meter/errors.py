@@ -26,8 +26,11 @@ from . import exchange
 #: OpenAI's error type for each status we answer ourselves.
 _OPENAI_TYPES: Final = {
     400: "invalid_request_error",
+    401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
     501: "invalid_request_error",
     503: "server_overloaded",
 }

@@ -7,9 +7,12 @@ the request or response, only sizes, times, labels and what the upstream reporte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from .ollama import Usage
+
+if TYPE_CHECKING:
+    from .gateway.access import Gate
 
 # Values of the ``reason`` label of request_errors_total (a fixed enum).
 UPSTREAM_UNREACHABLE: Final = "upstream_unreachable"
@@ -53,6 +56,11 @@ class Exchange:
     error: str | None = None  # one of ERROR_REASONS
     in_flight: bool = False  # counted in requests_in_flight (the model label was known)
     recorded: bool = False  # metrics taken (exactly once)
+    #: With access control on: the key's name (None: anonymous), its team, and what access
+    #: control learnt of the request (a gateway.access.Gate), for the record step.
+    key: str | None = None
+    team: str | None = None
+    gate: Gate | None = None
 
     @property
     def duration(self) -> float:

@@ -12,7 +12,8 @@ Rules:
    not be asked to answer it a second time); ``Host`` (the upstream's, unless
    --preserve-host); ``X-Forwarded-For`` (the peer is appended); ``X-Forwarded-Proto``,
    ``-Host`` and ``-Port``, believed only from a trusted proxy (--trusted-proxies), replaced
-   (Proto) or removed (Host, Port) for anyone else.
+   (Proto) or removed (Host, Port) for anyone else; with access control on,
+   ``Authorization`` and ``x-api-key`` (the client's key is for the proxy, never Ollama's).
 4. What cannot be forwarded intact is refused rather than changed: a header value that is not
    UTF-8 (the client's HTTP writer can only send text), and a transfer coding other than
    ``chunked`` (RFC 9112 §6.1: 501).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from typing import Final
 from urllib.parse import unquote
 
@@ -47,6 +49,8 @@ HOP_BY_HOP: Final = frozenset(
 )
 # Answered or replaced by the proxy itself, never forwarded as the client sent them.
 _REQUEST_ONLY: Final = HOP_BY_HOP | {"expect"}
+# With access control on, the client's key stays with the proxy.
+_CREDENTIALS: Final = frozenset({"authorization", "x-api-key"})
 # Believed only from a trusted proxy, with every other X-Forwarded-* but -For (Proto is then
 # set from what the proxy saw).
 _UNTRUSTED: Final = frozenset({"forwarded", "x-real-ip"})
@@ -59,12 +63,22 @@ class Refusal(Exception):
     """A request the proxy answers itself, before anything goes upstream.
 
     ``message`` None means an empty body (Ollama's own 403 for a foreign Host has none).
+    ``headers`` go with the answer (``WWW-Authenticate``, ``Retry-After``); ``reason`` is a
+    fixed word for metrics and the audit log (``missing``, ``forbidden_route``, ...).
     """
 
-    def __init__(self, status: int, message: str | None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str | None,
+        headers: Mapping[str, str] | None = None,
+        reason: str | None = None,
+    ) -> None:
         super().__init__(message or str(status))
         self.status = status
         self.message = message
+        self.headers = headers
+        self.reason = reason
 
 
 def target_of(request: web.BaseRequest) -> tuple[str, str]:
@@ -137,8 +151,11 @@ class HeadWriter:
 
     __slots__ = ("_drop", "_drop_untrusted", "_trusted")
 
-    def __init__(self, preserve_host: bool, trusted: tuple[IPNetwork, ...]) -> None:
-        self._drop = _REQUEST_ONLY if preserve_host else _REQUEST_ONLY | {"host"}
+    def __init__(
+        self, preserve_host: bool, trusted: tuple[IPNetwork, ...], drop_credentials: bool = False
+    ) -> None:
+        drop = _REQUEST_ONLY | _CREDENTIALS if drop_credentials else _REQUEST_ONLY
+        self._drop = drop if preserve_host else drop | {"host"}
         self._drop_untrusted = self._drop | _UNTRUSTED
         self._trusted = trusted
 

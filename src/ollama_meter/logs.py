@@ -54,6 +54,8 @@ def access_fields(x: Exchange) -> dict[str, object]:
         fields["completion_tokens"] = x.usage.completion_tokens
     if x.error is not None:
         fields["error"] = x.error
+    if x.gate is not None:
+        fields["key"] = x.key or "anonymous"
     return fields
 
 
@@ -85,6 +87,8 @@ def access_text(x: Exchange) -> str:
         text += f" prompt_tokens={usage.prompt_tokens} completion_tokens={usage.completion_tokens}"
     if x.error is not None:
         text += f" error={x.error}"
+    if x.gate is not None:  # access control is on
+        text += f" key={x.key or 'anonymous'}"
     return text
 
 

@@ -5,10 +5,12 @@ Rules:
 1. Bytes are never changed, added or held back. Request bodies stream upstream as they arrive,
    except the JSON body of a route that names a model, read whole within bounds to learn the
    model and stream flag (bodies.py). Response chunks are written to the client as they
-   arrive. Observing them (ollama.tail_for) is a side channel that cannot fail. (The one
-   opt-in exception: stream_usage.py.)
-2. What a client may send and what goes upstream in the head is inbound.py's: refusals there
-   are answered here, in the route's error shape, before anything goes upstream.
+   arrive. Observing them (ollama.tail_for) is a side channel that cannot fail. (The
+   opt-in exceptions: stream_usage.py, and gateway/keep_alive.py for keys under
+   ``max_keep_alive``.)
+2. What a client may send and what goes upstream in the head is inbound.py's, and who may
+   send it is gateway/access.py's (with access control on): refusals there are answered
+   here, in the route's error shape, before anything goes upstream.
 3. A request is recorded exactly once, and before the client can see the end of its response:
    when the final record of a stream passes (before it is written), else before
    ``write_eof`` for chunked bodies and before the last write for fixed-length ones. A client
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Final
 
@@ -36,7 +38,7 @@ from yarl import URL
 
 from . import exchange as ex
 from .bodies import InspectBudget, read_body, sent
-from .config import Config
+from .config import Config, HostPort
 from .errors import (
     UpstreamClosed,
     UpstreamError,
@@ -45,7 +47,9 @@ from .errors import (
     error_body,
 )
 from .exchange import Exchange
-from .hosts import host_check_for
+from .gateway.access import Access, Gate
+from .gateway.keys import Role
+from .hosts import HostCheck, host_check_for
 from .inbound import (
     HOP_BY_HOP,
     HeadWriter,
@@ -120,6 +124,7 @@ class Proxy:
         metrics: Metrics,
         labels: ModelLabels,
         access_log: Callable[[Exchange], None] | None,
+        access: Access | None = None,
     ) -> None:
         self._base = str(config.upstream).rstrip("/")
         self._has_base_path = bool(config.upstream.path.strip("/"))
@@ -127,7 +132,10 @@ class Proxy:
         self._metrics = metrics
         self._labels = labels
         self._access_log = access_log
-        self._head = HeadWriter(config.preserve_host, config.trusted_proxies)
+        self._access = access
+        self._head = HeadWriter(
+            config.preserve_host, config.trusted_proxies, drop_credentials=access is not None
+        )
         self.host_check = host_check_for(config, config.listen)
         self._budget = InspectBudget(config.max_inspect_total)
         self._refused_hosts: set[str] = set()
@@ -152,12 +160,30 @@ class Proxy:
         return len(tasks)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, None, self.host_check)
+
+    def handler_for(
+        self, role: Role, listen: HostPort
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """The handler of a role listener on ``listen``: its requests have at least ``role``,
+        and the Host rule applies as it would on any listener there (a loopback listener that
+        grants a role is what a DNS-rebinding page would aim at)."""
+        check = host_check_for(self._config, listen)
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self._serve(request, role, check)
+
+        return handle
+
+    async def _serve(
+        self, request: web.Request, role: Role | None, check: HostCheck | None
+    ) -> web.StreamResponse:
         route = route_for(request.path)
         x = Exchange(request.method, route.template, perf_counter(), inference=route.inference)
         task = request.task  # the handler's task (asyncio.current_task() costs a getpid())
         self._tasks.add(task)
         try:
-            return await self._handle(request, route, x)
+            return await self._handle(request, route, x, role, check)
         except Refusal as refusal:
             return self._refuse(request, x, refusal)
         except asyncio.CancelledError:
@@ -197,6 +223,10 @@ class Proxy:
             self.admit(request)
         except Refusal:
             return
+        if self._access is not None:
+            route = route_for(request.path)
+            if self._access.identify(request.headers, request.method, route).refusal:
+                return
         if request.version == aiohttp.HttpVersion11:
             if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
                 raise web.HTTPExpectationFailed(text="unknown Expect")
@@ -206,13 +236,15 @@ class Proxy:
     def admit(self, request: web.BaseRequest) -> str:
         """The target to send upstream, or a Refusal (inbound.py's rules, and the Host rule)."""
         headers = request.headers
-        return self._admit(request, headers.get(hdrs.HOST, ""), headers.get(hdrs.TRANSFER_ENCODING))
+        host, coding = headers.get(hdrs.HOST, ""), headers.get(hdrs.TRANSFER_ENCODING)
+        return self._admit(request, host, coding, self.host_check)
 
-    def _admit(self, request: web.BaseRequest, host: str, coding: str | None) -> str:
+    def _admit(
+        self, request: web.BaseRequest, host: str, coding: str | None, check: HostCheck | None
+    ) -> str:
         target = request.raw_path
         if target[:1] != "/":
             target, host = target_of(request)
-        check = self.host_check
         if check is not None and not check.allows(host):
             self._say_refused(host)
             raise Refusal(403, None)
@@ -240,13 +272,30 @@ class Proxy:
         x.finished = perf_counter()
         x.request_bytes = request.content.total_bytes
         self._metrics.request_finished(x)
+        if self._access is not None:
+            self._access.finished(x, x.gate, request.remote, request.path)
         if self._access_log is not None:
             self._access_log(x)
 
-    async def _handle(self, request: web.Request, route: Route, x: Exchange) -> web.StreamResponse:
+    async def _handle(
+        self,
+        request: web.Request,
+        route: Route,
+        x: Exchange,
+        role: Role | None,
+        check: HostCheck | None,
+    ) -> web.StreamResponse:
         # One pass over the head: filtered, and the Host and Transfer-Encoding it carries.
         headers, host, coding = self._head.headers(request)
-        target = self._admit(request, host, coding)
+        target = self._admit(request, host, coding, check)
+        gate: Gate | None = None
+        if self._access is not None:
+            x.gate = gate = self._access.identify(request.headers, request.method, route, role)
+            identity = gate.identity
+            if identity.keyed:
+                x.key, x.team = identity.name, identity.team
+            if gate.refusal is not None:
+                raise gate.refusal
         config = self._config
         body, data, hold = await read_body(
             request, route, config.max_inspect_bytes, self._budget, config.keepalive_timeout
@@ -259,6 +308,12 @@ class Proxy:
                 model = request.path[len("/v1/models/") :] or None
             x.model = self._labels.label(model)
             x.stream = facts.stream
+            if gate is not None and self._access is not None:
+                read = body is not None or not request.body_exists
+                changed = self._access.check_body(gate, route, model, body, read)
+                if changed is not None:
+                    body, data = changed, sent(changed, hold)
+                    headers[hdrs.CONTENT_LENGTH] = str(len(changed))
             if config.openai_stream_usage and body is not None and route.template == _V1_CHAT:
                 asking = with_include_usage(body)
                 if asking is not None:
@@ -452,7 +507,7 @@ class Proxy:
             response = OwnResponse(
                 status=refusal.status,
                 body=error_body(x.endpoint, refusal.status, refusal.message),
-                headers={hdrs.CONTENT_TYPE: _JSON_ERROR},
+                headers={hdrs.CONTENT_TYPE: _JSON_ERROR, **(refusal.headers or {})},
             )
         if refusal.status in (408, 501):
             # The rest of the body is in doubt: never read another request on this connection.

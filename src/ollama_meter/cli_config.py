@@ -1,0 +1,117 @@
+"""``ollama-meter config check`` and ``config show``: the settings file, checked without
+starting, and the effective settings printed.
+
+Both take the same options as the server (``ollama-meter --keys-file K config show``), and
+``--config`` also after the command name. A problem is one line naming the file and the key,
+and exit status 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import tomlkit
+
+from .config import Config, ConfigError, HostPort
+from .gateway.keys import KeysFileError, load_keys
+from .settings import Settings, load_settings, with_keys_file
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """What the top-level command was given, for its subcommands."""
+
+    config: str | None
+    keys_file: str | None
+    params: dict[str, Any]
+
+
+def gateway_settings(path: str | None, keys_file: str | None, core: Config) -> Settings:
+    """The settings file (and --keys-file over it), checked against the core's listeners."""
+    settings = with_keys_file(load_settings(path), keys_file)
+    access = settings.access
+    if access is not None:
+        taken: list[HostPort] = [core.listen]
+        if core.metrics_listen is not None:
+            taken.append(core.metrics_listen)
+        for number, listener in enumerate(access.listeners, 1):
+            if listener.listen in taken:
+                raise ConfigError(
+                    f"{settings.source}: access.listener[{number}].listen: "
+                    f"{listener.listen} is already a listener of this proxy"
+                )
+            taken.append(listener.listen)
+    return settings
+
+
+def _core(invocation: Invocation) -> Config:
+    accepted = inspect.signature(Config.build).parameters
+    params = invocation.params or {"listen": "127.0.0.1:11435", "upstream": "127.0.0.1:11434"}
+    return Config.build(**{k: v for k, v in params.items() if k in accepted})
+
+
+def _load(ctx: click.Context, config: str | None) -> tuple[Config, Settings]:
+    invocation: Invocation = ctx.find_object(Invocation) or Invocation(None, None, {})
+    try:
+        core = _core(invocation)
+        settings = gateway_settings(config or invocation.config, invocation.keys_file, core)
+        if settings.access is not None:
+            load_keys(settings.access.keys_file)
+    except (ConfigError, KeysFileError) as exc:
+        raise click.ClickException(str(exc)) from None
+    return core, settings
+
+
+_config_option = click.option(
+    "--config", "config", default=None, metavar="PATH", help="The settings file to use."
+)
+
+
+@click.group("config")
+def config_command() -> None:
+    """Check the settings file, or print the effective settings."""
+
+
+@config_command.command("check")
+@_config_option
+@click.pass_context
+def check(ctx: click.Context, config: str | None) -> None:
+    """Check the settings (file, options, variables, and the keys file) without starting."""
+    _, settings = _load(ctx, config)
+    what = settings.source or "no settings file"
+    if settings.access is not None:
+        count = len(load_keys(settings.access.keys_file))
+        what += f"; access control on, {count} keys in {settings.access.keys_file}"
+    click.echo(f"ok: {what}")
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, HostPort | Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+@config_command.command("show")
+@_config_option
+@click.pass_context
+def show(ctx: click.Context, config: str | None) -> None:
+    """Print the effective settings, as TOML (nothing in them is secret: keys are in their
+    own file, as hashes, and are not printed)."""
+    core, settings = _load(ctx, config)
+    doc: dict[str, Any] = {"settings_file": settings.source or ""}
+    doc["core"] = {k: v for k, v in dict(_plain(core)).items() if v is not None}  # type: ignore[call-overload]
+    if settings.access is not None:
+        access = _plain(settings.access)
+        doc["access"] = {k: v for k, v in dict(access).items() if v is not None}  # type: ignore[call-overload]
+    click.echo(tomlkit.dumps(doc), nl=False)

@@ -1,0 +1,132 @@
+"""Per-key usage and the access layer's own health, as Prometheus metrics.
+
+These families exist only with access control on (the core's metric set is unchanged
+without it), and stay apart from the core's endpoint x model x stream x status matrix.
+
+Rules:
+1. ``key`` is a key's configured name, never its id, hash or secret; ``anonymous`` without
+   one. At most ``max_key_labels`` names get their own series, in the order they are first
+   seen; the rest are ``other``. ``team`` is bounded the same way.
+2. ``model`` is the core's bounded model label (labels.ModelLabels).
+3. Updated once per request, from the record step. prometheus_client's own metric types:
+   three increments a request, and the audit writer's thread may count its errors safely.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from ..exchange import STATUS_CLIENT_CLOSED, Exchange
+from .identity import ANONYMOUS
+
+OTHER: Final = "other"
+AUTH_FAILURE_REASONS: Final = (
+    "missing",
+    "invalid",
+    "disabled",
+    "expired",
+    "forbidden_route",
+    "forbidden_model",
+)
+_NS: Final = "ollama_meter"
+
+
+class _Bounded:
+    """At most ``limit`` distinct values, then ``other``."""
+
+    __slots__ = ("_limit", "_seen")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self._limit:
+            return OTHER
+        self._seen.add(value)
+        return value
+
+
+def status_class(status: int) -> str:
+    if status == STATUS_CLIENT_CLOSED:
+        return "499"
+    return f"{status // 100}xx"
+
+
+class KeyUsage:
+    def __init__(self, registry: CollectorRegistry, max_key_labels: int) -> None:
+        self._keys = _Bounded(max_key_labels)
+        self._teams = _Bounded(max_key_labels)
+        self.requests = Counter(
+            "key_requests",
+            "Requests by API key (anonymous: without one; other: past max_key_labels), by "
+            "the class of the status the client got (499: it went away first).",
+            ["key", "team", "status_class"],
+            namespace=_NS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "key_prompt_tokens",
+            "Prompt tokens Ollama reported, by API key and model.",
+            ["key", "team", "model"],
+            namespace=_NS,
+            registry=registry,
+        )
+        self.completion_tokens = Counter(
+            "key_completion_tokens",
+            "Generated tokens Ollama reported, by API key and model.",
+            ["key", "team", "model"],
+            namespace=_NS,
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            "auth_failures",
+            f"Requests refused by access control, by reason ({', '.join(AUTH_FAILURE_REASONS)}).",
+            ["reason"],
+            namespace=_NS,
+            registry=registry,
+        )
+        for reason in AUTH_FAILURE_REASONS:
+            self.auth_failures.labels(reason)
+        self.keys_configured = Gauge(
+            "keys_configured",
+            "API keys in the keys file now in force (disabled and expired ones included).",
+            namespace=_NS,
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "config_reloads",
+            "Reloads of the keys file, by result (error: the previous keys stay in force).",
+            ["result"],
+            namespace=_NS,
+            registry=registry,
+        )
+        for result in ("ok", "error"):
+            self.reloads.labels(result)
+        self.audit_errors = Counter(
+            "audit_write_errors",
+            "Audit lines that could not be written (or were dropped while the writer was behind).",
+            namespace=_NS,
+            registry=registry,
+        )
+
+    def label(self, name: str | None, team: str | None) -> tuple[str, str]:
+        """The (key, team) label values of a key name (None: anonymous)."""
+        if name is None:
+            return ANONYMOUS, ""
+        key = self._keys(name)
+        if key == OTHER:
+            return OTHER, OTHER if team else ""
+        return key, self._teams(team) if team else ""
+
+    def finished(self, x: Exchange) -> None:
+        key, team = self.label(x.key, x.team)
+        self.requests.labels(key, team, status_class(x.status)).inc()
+        usage = x.usage
+        if usage is not None and usage.tokens_reported:
+            self.prompt_tokens.labels(key, team, x.model).inc(usage.prompt_tokens)
+            self.completion_tokens.labels(key, team, x.model).inc(usage.completion_tokens)

@@ -1,0 +1,185 @@
+"""The gateway's settings file (``--config PATH``): TOML in, validated frozen settings out.
+
+Rules:
+1. Read with the standard library's ``tomllib``. Every table and key is known: an unknown one
+   is an error, so a typo never silently turns a feature off.
+2. Every problem is a ``ConfigError`` of one line naming the file, the table and the key:
+   ``ollama-meter.toml: access.anonymous: must be none, read or inference, got 'all'``.
+3. Paths in the file are relative to the file's own directory.
+4. No I/O beyond reading the file: the keys file it names is read by the gateway.
+
+The tables (each gateway issue adds its own):
+
+``[access]``
+    ``keys_file`` (turns access control on), ``anonymous`` (``none``, ``read`` or
+    ``inference``), ``max_keep_alive`` (a duration such as ``"30m"``), ``audit_log`` (a path,
+    or ``-`` for standard output), ``max_key_labels`` (default 100), and
+    ``[[access.listener]]`` tables (``listen``, ``role``): a listener whose every request has
+    that role without a key (for the Go CLI on loopback).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal, cast
+
+from .config import ConfigError, HostPort, parse_listen
+from .gateway.keys import ROLES, Role
+
+AnonymousRole = Literal["none", "read", "inference"]
+
+_DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_ACCESS_KEYS: Final = frozenset(
+    {"keys_file", "anonymous", "max_keep_alive", "audit_log", "max_key_labels", "listener"}
+)
+
+
+def parse_duration(value: object, where: str) -> float:
+    """``"30s"``, ``"30m"``, ``"1h30m"``, ``"400d"``, or a number of seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f'{where}: must be a duration such as "30m", got {value!r}')
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and value and _DURATION.sub("", value) == "":
+        seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(value))
+    else:
+        raise ConfigError(f'{where}: must be a duration such as "30m", got {value!r}'[:300])
+    if seconds < 0:
+        raise ConfigError(f"{where}: must not be negative")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A listener whose requests all have ``role``, keyed or not."""
+
+    listen: HostPort
+    role: Role
+
+
+@dataclass(frozen=True, slots=True)
+class AccessSettings:
+    keys_file: Path
+    #: What a client without a key may do beyond the public routes (None: nothing).
+    anonymous: Role | None = None
+    #: Longest keep_alive a non-admin key may ask for, in seconds (None: no clamp).
+    max_keep_alive: float | None = None
+    #: A file path, "-" for standard output, or None for no audit log.
+    audit_log: str | None = None
+    max_key_labels: int = 100
+    listeners: tuple[Listener, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the settings file can set; the defaults are the core's behaviour."""
+
+    source: str | None = None
+    access: AccessSettings | None = None
+    #: The file's tables as read (for ``config show``).
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+def load_settings(path: str | None) -> Settings:
+    """The settings in ``path`` (None: no file, the defaults)."""
+    if path is None:
+        return Settings()
+    source = Path(path)
+    try:
+        with source.open("rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_settings(doc, path, source.parent)
+
+
+def parse_settings(doc: dict[str, Any], name: str, base: Path) -> Settings:
+    unknown = sorted(set(doc) - {"access"})
+    if unknown:
+        raise ConfigError(f"{name}: {unknown[0]}: unknown table or key")
+    access = doc.get("access")
+    return Settings(
+        source=name,
+        access=None if access is None else _access(access, f"{name}: access", base),
+        raw=doc,
+    )
+
+
+def _access(table: object, where: str, base: Path) -> AccessSettings | None:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    unknown = sorted(set(table) - _ACCESS_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key")
+    keys_file = table.get("keys_file")
+    if keys_file is None:
+        if len(table):
+            raise ConfigError(f"{where}.keys_file: missing (it turns access control on)")
+        return None
+    if not isinstance(keys_file, str) or not keys_file:
+        raise ConfigError(f"{where}.keys_file: must be a path")
+    anonymous = table.get("anonymous", "none")
+    if anonymous not in ("none", "read", "inference"):
+        raise ConfigError(
+            f"{where}.anonymous: must be none, read or inference, got {anonymous!r}"[:300]
+        )
+    keep = table.get("max_keep_alive")
+    audit = table.get("audit_log")
+    if audit is not None and (not isinstance(audit, str) or not audit):
+        raise ConfigError(f"{where}.audit_log: must be a path, or - for standard output")
+    labels = table.get("max_key_labels", 100)
+    if isinstance(labels, bool) or not isinstance(labels, int) or labels < 0:
+        raise ConfigError(f"{where}.max_key_labels: must be an integer >= 0")
+    return AccessSettings(
+        keys_file=base / keys_file,
+        anonymous=None if anonymous == "none" else cast(Role, anonymous),
+        max_keep_alive=None if keep is None else parse_duration(keep, f"{where}.max_keep_alive"),
+        audit_log=audit if audit in (None, "-") else str(base / audit),
+        max_key_labels=labels,
+        listeners=_listeners(table.get("listener", []), f"{where}.listener"),
+    )
+
+
+def _listeners(tables: object, where: str) -> tuple[Listener, ...]:
+    if not isinstance(tables, list):
+        raise ConfigError(f"{where}: must be [[access.listener]] tables")
+    listeners = []
+    for number, table in enumerate(tables, 1):
+        at = f"{where}[{number}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{at}: must be a table")
+        unknown = sorted(set(table) - {"listen", "role"})
+        if unknown:
+            raise ConfigError(f"{at}.{unknown[0]}: unknown key")
+        listen, role = table.get("listen"), table.get("role")
+        if not isinstance(listen, str):
+            raise ConfigError(f"{at}.listen: must be HOST:PORT")
+        if role not in ROLES:
+            raise ConfigError(f"{at}.role: must be read, inference or admin, got {role!r}"[:300])
+        listeners.append(Listener(parse_listen(listen, f"{at}.listen"), cast(Role, role)))
+    return tuple(listeners)
+
+
+def with_keys_file(settings: Settings, keys_file: str | None) -> Settings:
+    """``--keys-file`` over the file's ``[access] keys_file`` (turning access on if need be)."""
+    if not keys_file:
+        return settings
+    access = settings.access or AccessSettings(keys_file=Path(keys_file))
+    return Settings(
+        source=settings.source,
+        access=AccessSettings(
+            keys_file=Path(keys_file),
+            anonymous=access.anonymous,
+            max_keep_alive=access.max_keep_alive,
+            audit_log=access.audit_log,
+            max_key_labels=access.max_key_labels,
+            listeners=access.listeners,
+        ),
+        raw=settings.raw,
+    )

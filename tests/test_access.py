@@ -1,0 +1,330 @@
+"""Access control over real sockets: every route class against every kind of caller, the ways
+clients send keys, what reaches Ollama, and the refusals' shapes."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Final
+
+import aiohttp
+import orjson
+import pytest
+
+from ollama_meter.app import KEYS_FILE
+
+from .access_keys import Keys, access_settings, make_keys
+from .conftest import Meter, MeterFactory
+from .fake_ollama import FakeOllama
+
+_MODEL: Final = b'{"model":"llama3.2","stream":false,"prompt":"hi","messages":[],"input":"x"}'
+
+#: (method, path, body, class)
+ROUTES: Final = [
+    ("GET", "/", None, "public"),
+    ("HEAD", "/", None, "public"),
+    ("GET", "/api/version", None, "public"),
+    ("HEAD", "/api/version", None, "public"),
+    ("OPTIONS", "/api/chat", None, "public"),
+    ("GET", "/api/tags", None, "read"),
+    ("HEAD", "/api/tags", None, "read"),
+    ("GET", "/api/ps", None, "read"),
+    ("GET", "/api/status", None, "read"),
+    ("GET", "/v1/models", None, "read"),
+    ("GET", "/v1/models/llama3.2", None, "read"),
+    ("POST", "/api/show", b'{"model":"llama3.2"}', "read"),
+    ("HEAD", "/api/blobs/sha256:" + "a" * 64, None, "read"),
+    ("POST", "/api/generate", _MODEL, "inference"),
+    ("POST", "/api/chat", _MODEL, "inference"),
+    ("POST", "/api/embed", _MODEL, "inference"),
+    ("POST", "/api/embeddings", _MODEL, "inference"),
+    ("POST", "/v1/chat/completions", _MODEL, "inference"),
+    ("POST", "/v1/completions", _MODEL, "inference"),
+    ("POST", "/v1/embeddings", _MODEL, "inference"),
+    ("POST", "/v1/responses", _MODEL, "inference"),
+    ("POST", "/v1/messages", _MODEL, "inference"),
+    ("POST", "/v1/audio/transcriptions", b"--x\r\n", "inference"),
+    ("POST", "/api/pull", b'{"model":"llama3.2","stream":false}', "admin"),
+    ("POST", "/api/push", b'{"model":"me/llama3.2","stream":false}', "admin"),
+    ("POST", "/api/create", b'{"model":"mine","from":"llama3.2","stream":false}', "admin"),
+    ("POST", "/api/copy", b'{"source":"llama3.2","destination":"b"}', "admin"),
+    ("DELETE", "/api/delete", b'{"model":"b"}', "admin"),
+    ("POST", "/api/blobs/sha256:" + "b" * 64, b"blob", "admin"),
+    ("GET", "/api/me", None, "admin"),
+    ("POST", "/api/signout", None, "admin"),
+    ("POST", "/api/experimental/web_search", b"{}", "admin"),
+    ("DELETE", "/api/user/keys/abc", None, "admin"),
+    ("GET", "/api/unknown", None, "admin"),
+    ("PUT", "/api/tags", None, "admin"),
+    ("POST", "/", None, "admin"),
+    ("GET", "/api/generate", None, "admin"),
+]
+
+#: The roles that may use each class, by caller.
+ALLOWED: Final = {
+    "public": {"admin", "inference", "read", "limited", "none", "bad", "unknown", "off", "old"},
+    "read": {"admin", "inference", "read", "limited"},
+    "inference": {"admin", "inference"},  # limited may use qwen* only: these name llama3.2
+    "admin": {"admin"},
+}
+#: Callers refused with 401 (who they are is not known, or their key does not work).
+UNAUTHENTICATED: Final = {"none", "bad", "unknown", "off", "old"}
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return make_keys(tmp_path)
+
+
+def _callers(keys: Keys) -> dict[str, str | None]:
+    return {
+        "admin": keys.admin,
+        "inference": keys.inference,
+        "read": keys.read,
+        "limited": keys.limited,
+        "none": None,
+        "bad": keys.bad_secret(),
+        "unknown": keys.unknown_id(),
+        "off": keys.disabled,
+        "old": keys.expired,
+    }
+
+
+async def test_every_route_class_against_every_caller(
+    start_meter: MeterFactory, fake: FakeOllama, keys: Keys
+) -> None:
+    meter = await start_meter(settings=access_settings(keys))
+    wrong: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        for caller, key in _callers(keys).items():
+            for method, path, body, cls in ROUTES:
+                headers = {"Content-Type": "application/json"}
+                if key is not None:
+                    headers["Authorization"] = f"Bearer {key}"
+                before = len(fake.received)
+                async with session.request(
+                    method, meter.url + path, data=body, headers=headers
+                ) as response:
+                    await response.read()
+                    status = response.status
+                    challenge = response.headers.get("WWW-Authenticate")
+                reached = len(fake.received) > before
+                if caller in ALLOWED[cls]:
+                    expected = "through"
+                elif caller in UNAUTHENTICATED:
+                    expected = "401"
+                else:
+                    expected = "403"
+                got = "through" if reached and status not in (401, 403) else str(status)
+                if status == 401 and challenge != 'Bearer realm="ollama-meter"':
+                    got = "401 without WWW-Authenticate"
+                if reached and status in (401, 403):
+                    got = f"{status} from upstream"
+                if got != expected:
+                    wrong.append(f"{caller} {method} {path}: {got}, expected {expected}")
+    assert wrong == []
+
+
+async def test_a_model_allow_list_admits_its_models_only(
+    start_meter: MeterFactory, fake: FakeOllama, keys: Keys
+) -> None:
+    meter = await start_meter(settings=access_settings(keys))
+    headers = {"Authorization": f"Bearer {keys.limited}"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        for model, status in (("qwen3:8b", 200), ("QWEN3:8B", 200), ("llama3.2", 403)):
+            body = {"model": model, "prompt": "hi", "stream": False}
+            async with session.post(meter.url + "/api/generate", json=body) as response:
+                assert response.status == status, model
+                if status == 403:
+                    assert await response.json() == {
+                        "error": f"ollama-meter: key 'limited' may not use model '{model}'"
+                    }
+        # A body whose model cannot be read is refused, never let through unchecked.
+        gzipped = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        url = meter.url + "/api/generate"
+        async with session.post(url, data=b"\x1f\x8b", headers=gzipped) as r:
+            assert r.status == 403
+            assert "cannot be read" in (await r.json())["error"]
+    assert meter.value("auth_failures_total", reason="forbidden_model") == 2
+
+
+async def test_keys_come_the_ways_clients_send_them(
+    start_meter: MeterFactory, fake: FakeOllama, keys: Keys
+) -> None:
+    meter = await start_meter(settings=access_settings(keys))
+    key = keys.inference
+    basic = base64.b64encode(f"any:{key}".encode()).decode()
+    user_only = base64.b64encode(f"{key}:".encode()).decode()
+    forms: list[tuple[dict[str, str], int]] = [
+        ({"Authorization": f"Bearer {key}"}, 200),
+        ({"authorization": f"bearer  {key} "}, 200),
+        ({"Authorization": f"Basic {basic}"}, 200),
+        ({"Authorization": f"Basic {user_only}"}, 200),
+        ({"x-api-key": key}, 200),
+        ({"Authorization": "Basic not*base64"}, 401),
+        ({"Authorization": "Bearer om_short_key"}, 401),
+        ({"Authorization": "Bearer " + "A" * 10_000}, 401),
+        ({"Authorization": f"Token {key}"}, 401),
+        ({"x-api-key": key.upper()}, 401),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for headers, status in forms:
+            body = {"model": "llama3.2", "prompt": "hi", "stream": False}
+            async with session.post(
+                meter.url + "/api/generate", json=body, headers=headers
+            ) as response:
+                assert response.status == status, headers
+        two = [("Authorization", f"Bearer {key}"), ("Authorization", f"Bearer {key}")]
+        async with session.get(meter.url + "/api/tags", headers=two) as response:
+            assert response.status == 401
+    assert meter.value("auth_failures_total", reason="invalid") == 6
+
+
+async def test_credentials_never_reach_ollama_and_everything_else_does(
+    start_meter: MeterFactory, fake: FakeOllama, keys: Keys
+) -> None:
+    meter = await start_meter(settings=access_settings(keys))
+    body = b'{"model":"llama3.2","prompt":"hi","stream":false}'
+    extra = {"X-Custom": "kept", "Content-Type": "application/json", "User-Agent": "t/1"}
+    async with aiohttp.ClientSession(skip_auto_headers=["Accept-Encoding", "Accept"]) as session:
+        async with session.post(fake.url + "/api/generate", data=body, headers=extra) as r:
+            direct_answer = await r.read()
+        direct = fake.received[-1]
+        with_key = {**extra, "Authorization": f"Bearer {keys.admin}", "x-api-key": keys.admin}
+        async with session.post(meter.url + "/api/generate", data=body, headers=with_key) as r:
+            assert await r.read() == direct_answer
+        proxied = fake.received[-1]
+    assert "Authorization" not in proxied.headers
+    assert "x-api-key" not in proxied.headers
+    assert proxied.view() == direct.view()
+
+
+async def test_refusals_speak_each_routes_error_shape(
+    start_meter: MeterFactory, fake: FakeOllama, keys: Keys
+) -> None:
+    meter = await start_meter(settings=access_settings(keys))
+    before = len(fake.received)  # the start-up probe of /api/tags
+    async with aiohttp.ClientSession() as session:
+        async with session.post(meter.url + "/v1/chat/completions", json={}) as response:
+            assert response.status == 401
+            error = (await response.json())["error"]
+            assert error["type"] == "authentication_error"
+            assert error["message"].startswith("ollama-meter: ")
+        headers = {"Authorization": f"Bearer {keys.read}"}
+        async with session.post(
+            meter.url + "/api/pull", json={"model": "x"}, headers=headers
+        ) as response:
+            assert response.status == 403
+            assert await response.json() == {
+                "error": "ollama-meter: key 'reader' (role read) may not use POST /api/pull"
+            }
+        headers = {"Authorization": f"Bearer {keys.disabled}"}
+        async with session.get(meter.url + "/api/tags", headers=headers) as response:
+            assert response.status == 401
+            assert await response.json() == {"error": "ollama-meter: the API key 'off' is disabled"}
+    assert len(fake.received) == before
+
+
+async def test_anonymous_clients_get_the_role_configured(
+    start_meter: MeterFactory, fake: FakeOllama, keys: Keys
+) -> None:
+    meter = await start_meter(settings=access_settings(keys, anonymous="read"))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(meter.url + "/api/tags") as response:
+            assert response.status == 200
+        async with session.post(meter.url + "/api/chat", json={"model": "llama3.2"}) as response:
+            assert response.status == 403
+        # A key that does not work is an error, never a way to be anonymous.
+        headers = {"Authorization": f"Bearer {keys.bad_secret()}"}
+        async with session.get(meter.url + "/api/tags", headers=headers) as response:
+            assert response.status == 401
+
+
+async def test_a_100_continue_upload_is_refused_before_its_body(
+    start_meter: MeterFactory, fake: FakeOllama, keys: Keys
+) -> None:
+    meter = await start_meter(settings=access_settings(keys))
+    before = len(fake.received)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            meter.url + "/api/blobs/sha256:" + "c" * 64,
+            data=b"x" * 100_000,
+            headers={"Authorization": f"Bearer {keys.inference}"},
+            expect100=True,
+        ) as response,
+    ):
+        assert response.status == 403
+    assert len(fake.received) == before
+
+
+async def test_the_keys_file_is_reloaded_on_change_and_on_sighup(
+    start_meter: MeterFactory, fake: FakeOllama, keys: Keys
+) -> None:
+    import asyncio
+    import os
+    import signal
+
+    from ollama_meter.gateway.keys import append_key, edit_key
+
+    meter = await start_meter(settings=access_settings(keys))
+    watcher = meter.app[KEYS_FILE]
+
+    async def status(key: str) -> int:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with (
+            aiohttp.ClientSession(headers=headers) as session,
+            session.get(meter.url + "/api/tags") as response,
+        ):
+            return response.status
+
+    # Added by the command line's code: works within the 2 s poll, without a signal.
+    reloaded = watcher.next_reload()
+    new, _ = append_key(keys.path, name="bob", role="read")
+    assert await status(new) == 401
+    await asyncio.wait_for(reloaded.wait(), 3)
+    assert await status(new) == 200
+    assert meter.value("keys_configured") == 7
+    # Removed, then SIGHUP: at once.
+    reloaded = watcher.next_reload()
+    edit_key(keys.path, "bob", None)
+    os.kill(os.getpid(), signal.SIGHUP)
+    await asyncio.wait_for(reloaded.wait(), 1)
+    assert await status(new) == 401
+    # A broken file keeps the keys in force and counts the error.
+    reloaded = watcher.next_reload()
+    keys.path.write_text(keys.path.read_text() + "\n[[key]]\nname = 'x'\n")
+    os.kill(os.getpid(), signal.SIGHUP)
+    await asyncio.wait_for(reloaded.wait(), 1)
+    assert await status(keys.admin) == 200
+    assert meter.value("config_reloads_total", result="error") == 1
+    assert meter.value("config_reloads_total", result="ok") == 2
+
+
+def _stream_body(model: str) -> bytes:
+    return orjson.dumps({"model": model, "prompt": "hi"})
+
+
+async def test_per_key_usage_matches_what_ollama_reported(
+    start_meter: MeterFactory, fake: FakeOllama, keys: Keys
+) -> None:
+    meter: Meter = await start_meter(settings=access_settings(keys, anonymous="inference"))
+    async with aiohttp.ClientSession() as session:
+        for key in (keys.admin, keys.inference, None):
+            headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+            for stream in (True, False):
+                body = {"model": "llama3.2", "prompt": "hi", "stream": stream}
+                async with session.post(
+                    meter.url + "/api/generate", json=body, headers=headers
+                ) as response:
+                    assert response.status == 200
+                    await response.read()
+    for key, team in (("admin", "ml"), ("alice", "ml"), ("anonymous", "")):
+        prompt = meter.value("key_prompt_tokens_total", key=key, team=team, model="llama3.2:latest")
+        core_prompt = meter.value(
+            "prompt_tokens_total", endpoint="/api/generate", model="llama3.2:latest", stream="true"
+        ) + meter.value(
+            "prompt_tokens_total", endpoint="/api/generate", model="llama3.2:latest", stream="false"
+        )
+        assert prompt * 3 == core_prompt
+        assert meter.value("key_requests_total", key=key, team=team, status_class="2xx") == 2
