@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
+import ollama
+import openai
 import orjson
 import pytest
 
 from ollama_meter.app import KEYS_FILE
+from ollama_meter.gateway.keys import digest_of, new_key
+from ollama_meter.settings import AccessSettings, Settings
 
 from .access_keys import Keys, access_settings, make_keys
+from .clients import openai_httpx
 from .conftest import Meter, MeterFactory
 from .fake_ollama import FakeOllama
 
@@ -328,3 +333,74 @@ async def test_per_key_usage_matches_what_ollama_reported(
         )
         assert prompt * 3 == core_prompt
         assert meter.value("key_requests_total", key=key, team=team, status_class="2xx") == 2
+
+
+async def test_the_official_clients_get_in_with_their_own_mechanisms(
+    start_meter: MeterFactory, fake: FakeOllama, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    meter = await start_meter(settings=access_settings(keys))
+    # ollama-python reads OLLAMA_API_KEY and sends it as a Bearer token.
+    monkeypatch.setenv("OLLAMA_API_KEY", keys.inference)
+    async with ollama.AsyncClient(host=meter.url) as client:
+        reply = await client.generate("llama3.2", "hi")
+        assert reply.done
+        with pytest.raises(ollama.ResponseError) as refused:
+            await client.pull("llama3.2")
+        assert refused.value.status_code == 403
+        assert "may not use POST /api/pull" in refused.value.error
+    monkeypatch.setenv("OLLAMA_API_KEY", keys.bad_secret())
+    async with ollama.AsyncClient(host=meter.url) as client:
+        with pytest.raises(ollama.ResponseError) as refused:
+            await client.generate("llama3.2", "hi")
+        assert refused.value.status_code == 401
+        assert refused.value.error == "ollama-meter: the API key is not valid"
+    monkeypatch.delenv("OLLAMA_API_KEY")
+    # The openai SDK sends its api_key as a Bearer token too.
+    http = openai_httpx().AsyncClient()
+    for key, raised in (
+        (keys.inference, None),
+        (keys.read, openai.PermissionDeniedError),
+        ("sk-not-ours", openai.AuthenticationError),
+    ):
+        client_ = openai.AsyncOpenAI(
+            base_url=meter.url + "/v1", api_key=key, http_client=http, max_retries=0
+        )
+        messages: Any = [{"role": "user", "content": "hi"}]
+        if raised is None:
+            done = await client_.chat.completions.create(model="llama3.2", messages=messages)
+            assert done.usage is not None
+            assert done.usage.completion_tokens > 0
+            continue
+        with pytest.raises(raised) as error:
+            await client_.chat.completions.create(model="llama3.2", messages=messages)
+        body: Any = error.value.body
+        assert body["message"].startswith("ollama-meter: ")
+        assert str(error.value.message).endswith(" - " + body["message"])
+    await http.aclose()
+
+
+async def test_500_key_names_leave_a_bounded_label_set(
+    start_meter: MeterFactory, fake: FakeOllama, tmp_path: Path
+) -> None:
+    lines = []
+    secrets: list[str | None] = []
+    for number in range(500):
+        secret, ident = new_key()
+        secrets.append(secret)
+        lines.append(
+            f'[[key]]\nid = "{ident}"\nname = "user{number}"\n'
+            f'sha256 = "{digest_of(secret).hex()}"\nrole = "read"\n'
+        )
+    path = tmp_path / "keys.toml"
+    path.write_text("".join(lines))
+    settings = Settings(access=AccessSettings(keys_file=path, max_key_labels=10, anonymous="read"))
+    meter = await start_meter(settings=settings)
+    async with aiohttp.ClientSession() as session:
+        for key in [*secrets, None]:  # the last: anonymous
+            headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+            async with session.get(meter.url + "/api/tags", headers=headers) as response:
+                assert response.status == 200
+    names = {s["key"] for s in meter.series("key_requests_total")}
+    assert len(names) == 10 + 2
+    assert {"anonymous", "other"} <= names
+    assert meter.value("key_requests_total", key="other", team="", status_class="2xx") == 490

@@ -85,6 +85,9 @@ _STREAMED: Final = (Framing.NDJSON, Framing.SSE)
 _JSON_ERROR: Final = "application/json; charset=utf-8"
 _V1_CHAT: Final = "/v1/chat/completions"
 _REFUSED_HOSTS_LOGGED: Final = 64
+#: A refused request's body, when it came whole with the head and is no larger, is read for
+#: its audit line (which model someone tried to pull).
+_HELD: Final = 64 * 1024
 
 
 class _PassthroughResponse(web.StreamResponse):
@@ -295,6 +298,9 @@ class Proxy:
             if identity.keyed:
                 x.key, x.team = identity.name, identity.team
             if gate.refusal is not None:
+                content = request.content
+                if route.inspects_body and content.is_eof() and content.total_bytes <= _HELD:
+                    gate.body = content.read_nowait()  # arrived with the head: for the audit
                 raise gate.refusal
         config = self._config
         body, data, hold = await read_body(

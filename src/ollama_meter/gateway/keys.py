@@ -94,8 +94,13 @@ def new_key(taken: Callable[[str], bool] = lambda _: False) -> tuple[str, str]:
 def parse_expiry(value: object, where: str) -> float:
     """A TOML date or offset date-time (or its text) as Unix time; a date is 00:00 UTC."""
     if isinstance(value, str):
+        text = value.strip()
         try:
-            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            value = (
+                date.fromisoformat(text)
+                if len(text) == 10
+                else datetime.fromisoformat(text.replace("Z", "+00:00"))
+            )
         except ValueError:
             raise KeysFileError(f"{where}: {value!r} is not a date or date-time") from None
     if isinstance(value, datetime):
