@@ -24,6 +24,8 @@ def _restore_logging() -> Iterator[None]:
 
 
 OPTIONS = {
+    "--config": None,
+    "--keys-file": None,
     "--listen": "127.0.0.1:11435",
     "--upstream": "http://127.0.0.1:11434",
     "--metrics-listen": None,
