@@ -144,13 +144,21 @@ async def test_a_model_allow_list_admits_its_models_only(
                     assert await response.json() == {
                         "error": f"ollama-meter: key 'limited' may not use model '{model}'"
                     }
+        # Ollama's decoder matches keys case-insensitively and keeps the last: a body that
+        # spells "model" twice is refused rather than guessed at.
+        before = len(fake.received)
+        two = b'{"model":"qwen3:8b","MODEL":"llama3.2","prompt":"hi","stream":false}'
+        async with session.post(meter.url + "/api/generate", data=two) as r:
+            assert r.status == 400
+            assert "more than one spelling" in (await r.json())["error"]
+        assert len(fake.received) == before
         # A body whose model cannot be read is refused, never let through unchecked.
         gzipped = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
         url = meter.url + "/api/generate"
         async with session.post(url, data=b"\x1f\x8b", headers=gzipped) as r:
             assert r.status == 403
             assert "cannot be read" in (await r.json())["error"]
-    assert meter.value("auth_failures_total", reason="forbidden_model") == 2
+    assert meter.value("auth_failures_total", reason="forbidden_model") == 3
 
 
 async def test_keys_come_the_ways_clients_send_them(

@@ -18,7 +18,7 @@ import click
 from aiohttp import web
 
 from . import __version__
-from .app import UPSTREAM_ANSWERED, create_app
+from .app import ACCESS, UPSTREAM_ANSWERED, create_app
 from .cli_config import Invocation, config_command, gateway_settings
 from .cli_keys import keys_command
 from .config import Config, ConfigError, HostCheckMode, LogFormat
@@ -285,6 +285,14 @@ def run(config: Config, settings: Settings | None = None) -> None:
             config.upstream,
             metrics_at,
         )
+        access = app.get(ACCESS)
+        if access is not None and settings is not None and settings.access is not None:
+            log.info(
+                "access control on: %d keys from %s; clients without a key: %s",
+                len(access.ring),
+                settings.access.keys_file,
+                settings.access.anonymous or "public routes only",
+            )
         if not app.get(UPSTREAM_ANSWERED, False):
             log.warning(
                 "Ollama at %s does not answer: requests will get 502 until it does",

@@ -34,7 +34,7 @@ from .audit import AuditLog, audit_line, request_names
 from .identity import ANONYMOUS, MISSING, Identity, KeyRing, credential
 from .keep_alive import clamp_keep_alive
 from .keys import ROLES, Role
-from .policy import RouteClass, allows, model_allowed, route_class
+from .policy import AMBIGUOUS, RouteClass, allows, model_allowed, model_ollama_runs, route_class
 from .usage import KeyUsage
 
 _CHALLENGE: Final = {"WWW-Authenticate": 'Bearer realm="ollama-meter"'}
@@ -138,8 +138,18 @@ class Access:
         identity = gate.identity
         if gate.cls is not RouteClass.INFERENCE:
             return None
+        if identity.models is not None:
+            model = model_ollama_runs(body)
         if identity.models is not None and not model_allowed(identity.models, model):
             gate.body = body
+            if model == AMBIGUOUS:
+                raise _refuse(
+                    gate,
+                    400,
+                    "forbidden_model",
+                    "ollama-meter: the request body names its model under more than one "
+                    "spelling of 'model'",
+                )
             if not read:
                 message = (
                     f"ollama-meter: key {identity.name!r} may use only some models, and the "

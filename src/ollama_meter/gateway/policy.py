@@ -23,6 +23,11 @@ Rules:
    (``llama3`` is ``llama3:latest``, case-insensitively): a pattern without wildcards is one
    model, ``llama3*`` every name that starts so.
 
+3. The model a key's list is checked against is the one Ollama will run: Go's JSON decoder
+   matches keys case-insensitively and keeps the last, so ``{"model": "qwen3", "MODEL":
+   "llama3"}`` runs llama3. A body that spells ``model`` more than one way is refused
+   rather than guessed at.
+
 Pure: no I/O, no clock.
 """
 
@@ -32,6 +37,8 @@ import enum
 from fnmatch import fnmatchcase
 from functools import lru_cache
 from typing import Final
+
+import orjson
 
 from ..labels import MAX_NAME_LENGTH
 from ..ollama import canonical_model
@@ -160,3 +167,25 @@ def model_allowed(patterns: tuple[str, ...] | None, model: str | None) -> bool:
         elif form == name:
             return True
     return False
+
+
+#: The body names its model under several spellings (see rule 3).
+AMBIGUOUS: Final = "\x00ambiguous"
+
+
+def model_ollama_runs(body: bytes | None) -> str | None:
+    """The ``model`` of an inference body as Ollama's decoder reads it; None if it names
+    none (or is not a JSON object), AMBIGUOUS if it spells the key several ways."""
+    if body is None:
+        return None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    spellings = [key for key in doc if key.casefold() == "model"]
+    if len(spellings) > 1:
+        return AMBIGUOUS
+    value = doc.get(spellings[0]) if spellings else None
+    return value if isinstance(value, str) else None
