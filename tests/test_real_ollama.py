@@ -15,6 +15,7 @@ import contextlib
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
@@ -24,6 +25,7 @@ import orjson
 import pytest
 
 from . import real_ollama
+from .access_keys import access_settings, make_keys
 from .clients import VOLATILE, Captured, collect, make_ollama, make_openai, recording_transport_for
 from .conftest import Meter, MeterFactory
 from .fake_ollama import FakeOllama
@@ -613,3 +615,39 @@ async def test_dropped_stream_is_counted_and_the_runner_cancels(
     assert meter.value("request_errors_total", **labels, reason="client_disconnect") == 1
     assert meter.value("requests_in_flight", **labels) == 0
     assert meter.value("completion_tokens_total", **labels, stream="true") == 0
+
+
+async def test_keys_and_roles_in_front_of_the_real_server(
+    server: RealOllama, start_meter: MeterFactory, tmp_path: Path
+) -> None:
+    """With access control on, a keyed client gets the same answers as direct, with the
+    key's usage counted; a keyless one and a read key are refused before Ollama sees them."""
+    keys = make_keys(tmp_path)
+    meter = await start_meter(upstream=server.url, settings=access_settings(keys))
+
+    async def act(client: ollama.AsyncClient) -> Any:
+        return await client.list(), await client.show("tiny")
+
+    direct = await run(server.url, make_ollama, act)
+    transport = recording_transport_for(make_ollama)
+    async with ollama.AsyncClient(
+        host=meter.url, transport=transport, headers={"Authorization": f"Bearer {keys.read}"}
+    ) as client:
+        proxied = Run(transport.captured, await act(client))
+        with pytest.raises(ollama.ResponseError) as refused:
+            await client.generate(model="tiny", prompt="hi")
+        assert refused.value.status_code == 403
+    # The two answers, then the refusal.
+    compared = [c.comparable() for c in proxied.captured[:2]]
+    assert compared == [c.comparable() for c in direct.captured]
+    async with ollama.AsyncClient(
+        host=meter.url, headers={"Authorization": f"Bearer {keys.inference}"}
+    ) as user:
+        reply = await user.generate(model="tiny", prompt="hi", options={"num_predict": 3})
+    assert reply.eval_count
+    tokens = meter.value("key_completion_tokens_total", key="alice", team="ml", model=TINY)
+    assert tokens == reply.eval_count
+    async with ollama.AsyncClient(host=meter.url) as anonymous:
+        with pytest.raises(ollama.ResponseError) as refused:
+            await anonymous.list()
+    assert refused.value.status_code == 401
