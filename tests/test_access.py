@@ -3,14 +3,15 @@ clients send keys, what reaches Ollama, and the refusals' shapes."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import shutil
 from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
 import ollama
 import openai
-import orjson
 import pytest
 
 from ollama_meter.app import KEYS_FILE
@@ -314,33 +315,63 @@ async def test_the_keys_file_is_reloaded_on_change_and_on_sighup(
     assert meter.value("config_reloads_total", result="ok") == 2
 
 
-def _stream_body(model: str) -> bytes:
-    return orjson.dumps({"model": model, "prompt": "hi"})
+#: (endpoint, body) of the traffic each caller sends: native and /v1, streamed and not.
+_TRAFFIC: Final[list[tuple[str, dict[str, Any]]]] = [
+    ("/api/generate", {"prompt": "hi", "stream": True}),
+    ("/api/generate", {"prompt": "hi", "stream": False}),
+    ("/api/chat", {"messages": [{"role": "user", "content": "hi"}], "stream": True}),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+]
 
 
 async def test_per_key_usage_matches_what_ollama_reported(
     start_meter: MeterFactory, fake: FakeOllama, keys: Keys
 ) -> None:
+    """Each model is used by known callers only, so the per-key counters of a model must add
+    up to the core's counters of that model, over every endpoint."""
     meter: Meter = await start_meter(settings=access_settings(keys, anonymous="inference"))
+    callers = [(keys.admin, "llama3.2"), (None, "llama3.2"), (keys.inference, "qwen3:8b")]
     async with aiohttp.ClientSession() as session:
-        for key in (keys.admin, keys.inference, None):
+        for key, model in callers:
             headers = {} if key is None else {"Authorization": f"Bearer {key}"}
-            for stream in (True, False):
-                body = {"model": "llama3.2", "prompt": "hi", "stream": stream}
+            for endpoint, body in _TRAFFIC:
                 async with session.post(
-                    meter.url + "/api/generate", json=body, headers=headers
+                    meter.url + endpoint, json={"model": model, **body}, headers=headers
                 ) as response:
                     assert response.status == 200
                     await response.read()
-    for key, team in (("admin", "ml"), ("alice", "ml"), ("anonymous", "")):
-        prompt = meter.value("key_prompt_tokens_total", key=key, team=team, model="llama3.2:latest")
-        core_prompt = meter.value(
-            "prompt_tokens_total", endpoint="/api/generate", model="llama3.2:latest", stream="true"
-        ) + meter.value(
-            "prompt_tokens_total", endpoint="/api/generate", model="llama3.2:latest", stream="false"
+
+    def core(name: str, model: str) -> float:
+        return sum(
+            meter.value(name, endpoint=endpoint, model=model, stream=stream)
+            for endpoint in {e for e, _ in _TRAFFIC}
+            for stream in ("true", "false")
         )
-        assert prompt * 3 == core_prompt
-        assert meter.value("key_requests_total", key=key, team=team, status_class="2xx") == 2
+
+    def per_key(name: str, model: str, *who: tuple[str, str]) -> float:
+        return sum(meter.value(name, key=k, team=t, model=model) for k, t in who)
+
+    for kind in ("prompt", "completion"):
+        llama, qwen = "llama3.2:latest", "qwen3:8b"
+        both = (("admin", "ml"), ("anonymous", ""))
+        assert per_key(f"key_{kind}_tokens_total", llama, *both) == core(
+            f"{kind}_tokens_total", llama
+        )
+        assert per_key(f"key_{kind}_tokens_total", qwen, ("alice", "ml")) == core(
+            f"{kind}_tokens_total", qwen
+        )
+        assert core(f"{kind}_tokens_total", qwen) > 0
+    for key, team in (("admin", "ml"), ("alice", "ml"), ("anonymous", "")):
+        requests = meter.value("key_requests_total", key=key, team=team, status_class="2xx")
+        assert requests == len(_TRAFFIC)
 
 
 async def test_the_official_clients_get_in_with_their_own_mechanisms(
@@ -412,3 +443,25 @@ async def test_500_key_names_leave_a_bounded_label_set(
     assert len(names) == 10 + 2
     assert {"anonymous", "other"} <= names
     assert meter.value("key_requests_total", key="other", team="", status_class="2xx") == 490
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_curl_gets_in_with_basic_auth_and_bearer(
+    start_meter: MeterFactory, fake: FakeOllama, keys: Keys
+) -> None:
+    meter = await start_meter(settings=access_settings(keys))
+
+    async def curl(*args: str) -> str:
+        process = await asyncio.create_subprocess_exec(
+            "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", *args,
+            meter.url + "/api/tags",
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await process.communicate()
+        return out.decode()
+
+    assert await curl("-u", f"any:{keys.read}") == "200"
+    assert await curl("-H", f"Authorization: Bearer {keys.read}") == "200"
+    assert await curl("-u", "any:om_wrong") == "401"
+    assert await curl() == "401"
+    assert "Authorization" not in fake.last("/api/tags").headers
