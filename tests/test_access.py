@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -465,3 +466,45 @@ async def test_curl_gets_in_with_basic_auth_and_bearer(
     assert await curl("-u", "any:om_wrong") == "401"
     assert await curl() == "401"
     assert "Authorization" not in fake.last("/api/tags").headers
+
+
+async def test_max_keep_alive_rewrites_that_one_value_for_non_admin_keys(
+    start_meter: MeterFactory, fake: FakeOllama, keys: Keys
+) -> None:
+    meter = await start_meter(
+        settings=access_settings(keys, max_keep_alive=1800), max_inspect_bytes=4096
+    )
+    forever = b'{"model":"llama3.2", "keep_alive" : -1 ,"prompt":"hi \\u00e9","stream":false}'
+    clamped = b'{"model":"llama3.2", "keep_alive" : 1800 ,"prompt":"hi \\u00e9","stream":false}'
+    within = b'{"model":"llama3.2","keep_alive":"5m","prompt":"hi","stream":false}'
+    sent: list[tuple[str, bytes, bytes]] = [
+        (keys.inference, forever, clamped),
+        (keys.inference, within, within),
+        (keys.admin, forever, forever),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for key, body, expected in sent:
+            headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+            async with session.post(
+                meter.url + "/api/generate", data=body, headers=headers
+            ) as response:
+                assert response.status == 200
+            received = fake.last("/api/generate")
+            assert received.body == expected
+            assert received.headers["Content-Length"] == str(len(expected))
+
+        # Chunked, without a length: the same rewrite, and a length that fits it.
+        async def chunks() -> AsyncIterator[bytes]:
+            yield forever[:20]
+            yield forever[20:]
+
+        headers = {"Authorization": f"Bearer {keys.inference}"}
+        async with session.post(meter.url + "/api/chat", data=chunks(), headers=headers) as r:
+            assert r.status in (200, 400)  # the fake's answer to a chat without messages
+        assert fake.last("/api/chat").body == clamped
+        # A body too large to read cannot be checked: refused for such a key.
+        big = b'{"model":"llama3.2","keep_alive":-1,"prompt":"' + b"x" * 8000 + b'"}'
+        before = len(fake.received)
+        async with session.post(meter.url + "/api/generate", data=big, headers=headers) as r:
+            assert r.status == 403
+        assert len(fake.received) == before
