@@ -1,1 +1,1 @@
-"""The gateway: who may do what, and what they did."""
+"""Policy the proxy enforces on requests per API key, as pure functions of the request bytes."""
