@@ -316,7 +316,7 @@ class Proxy:
             x.stream = facts.stream
             if gate is not None and self._access is not None:
                 read = body is not None or not request.body_exists
-                changed = self._access.check_body(gate, route, model, body, read)
+                changed = await self._access.check_body(gate, route, model, body, read)
                 if changed is not None:
                     body, data = changed, sent(changed, hold)
                     headers[hdrs.CONTENT_LENGTH] = str(len(changed))

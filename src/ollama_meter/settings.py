@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, cast
 
 from .config import ConfigError, HostPort, parse_listen
+from .gateway.keep_alive import MAX_BOUND_SECONDS
 from .gateway.keys import ROLES, Role
 
 AnonymousRole = Literal["none", "read", "inference"]
@@ -130,6 +131,10 @@ def _access(table: object, where: str, base: Path) -> AccessSettings | None:
             f"{where}.anonymous: must be none, read or inference, got {anonymous!r}"[:300]
         )
     keep = table.get("max_keep_alive")
+    if keep is not None:
+        keep = parse_duration(keep, f"{where}.max_keep_alive")
+        if keep > MAX_BOUND_SECONDS:
+            raise ConfigError(f"{where}.max_keep_alive: longer than Ollama can hold (292 years)")
     audit = table.get("audit_log")
     if audit is not None and (not isinstance(audit, str) or not audit):
         raise ConfigError(f"{where}.audit_log: must be a path, or - for standard output")
@@ -139,7 +144,7 @@ def _access(table: object, where: str, base: Path) -> AccessSettings | None:
     return AccessSettings(
         keys_file=base / keys_file,
         anonymous=None if anonymous == "none" else cast(Role, anonymous),
-        max_keep_alive=None if keep is None else parse_duration(keep, f"{where}.max_keep_alive"),
+        max_keep_alive=keep,
         audit_log=audit if audit in (None, "-") else str(base / audit),
         max_key_labels=labels,
         listeners=_listeners(table.get("listener", []), f"{where}.listener"),

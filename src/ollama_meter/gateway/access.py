@@ -19,6 +19,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Callable
@@ -49,6 +50,8 @@ _KEEP_ALIVE_ROUTES: Final = frozenset(
     {"/api/generate", "/api/chat", "/api/embed", "/api/embeddings"}
 )
 _SHOWN_NAME: Final = 100
+#: Bodies up to this size have their keep_alive bounded on the event loop.
+_INLINE: Final = 64 * 1024
 _UPSTREAM: Final = "default"
 
 
@@ -127,7 +130,7 @@ class Access:
             )
         return gate
 
-    def check_body(
+    async def check_body(
         self, gate: Gate, route: Route, model: str | None, body: bytes | None, read: bool
     ) -> bytes | None:
         """Check the key's model allow-list (rule 4) and clamp keep_alive (rule 5): the body
@@ -171,7 +174,12 @@ class Access:
                 "ollama-meter: keep_alive is limited for this key, and this request's body "
                 "cannot be read to check it (an encoded body, or one over --max-inspect-bytes)",
             )
-        return None if body is None else clamp_keep_alive(body, limit)
+        if body is None:
+            return None
+        if len(body) <= _INLINE:
+            return clamp_keep_alive(body, limit)
+        # About 1 us per top-level member: a large body is walked off the event loop.
+        return await asyncio.to_thread(clamp_keep_alive, body, limit)
 
     # --- the record step ---------------------------------------------------------------
 
