@@ -32,7 +32,7 @@ ROUTES: Final = [
     ("HEAD", "/", None, "public"),
     ("GET", "/api/version", None, "public"),
     ("HEAD", "/api/version", None, "public"),
-    ("OPTIONS", "/api/chat", None, "public"),
+    ("OPTIONS", "/api/chat", None, "admin"),  # not a CORS preflight: no Origin
     ("GET", "/api/tags", None, "read"),
     ("HEAD", "/api/tags", None, "read"),
     ("GET", "/api/ps", None, "read"),
@@ -238,6 +238,19 @@ async def test_refusals_speak_each_routes_error_shape(
             assert response.status == 401
             assert await response.json() == {"error": "ollama-meter: the API key 'off' is disabled"}
     assert len(fake.received) == before
+
+
+async def test_a_cors_preflight_needs_no_key(
+    start_meter: MeterFactory, fake: FakeOllama, keys: Keys
+) -> None:
+    meter = await start_meter(settings=access_settings(keys))
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.options(meter.url + "/api/chat", headers=preflight) as response,
+    ):
+        assert response.status not in (401, 403)
+    assert fake.last("/api/chat").method == "OPTIONS"
 
 
 async def test_anonymous_clients_get_the_role_configured(

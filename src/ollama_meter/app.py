@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from . import __version__
 from .config import Config
+from .errors import error_body
 from .gateway.access import Access
 from .gateway.audit import AuditLog
 from .gateway.identity import KeyRing
@@ -30,7 +31,7 @@ from .inbound import Refusal, target_of
 from .labels import ModelLabels
 from .logs import AccessLog
 from .metrics import Metrics, exposition_handler
-from .proxy import SESSION, Proxy
+from .proxy import JSON_ERROR, SESSION, Proxy
 from .responses import OwnResponse, own_route
 from .settings import AccessSettings, Listener, Settings
 from .upstreams import Upstream
@@ -169,7 +170,8 @@ def create_app(
 
     expose = exposition_handler(metrics, registry)
     if config.metrics_listen is None:
-        own_route(app, "/metrics", _host_checked(proxy.host_check, serve_metrics))
+        scrape = serve_metrics if access is None else _keyed(access, serve_metrics)
+        own_route(app, "/metrics", _host_checked(proxy.host_check, scrape))
     else:
         app.cleanup_ctx.append(_metrics_listener(config, serve_metrics))
 
@@ -203,6 +205,7 @@ def _access_control(
     def loaded(ring: KeyRing, ok: bool) -> None:
         access.ring = ring
         usage.keys_configured.set(len(ring))
+        usage.in_force({e.name for e in ring.entries}, {e.team for e in ring.entries if e.team})
         usage.reloads.labels("ok" if ok else "error").inc()
 
     keys = KeysFile(settings.keys_file, loaded)
@@ -258,6 +261,22 @@ def _role_listener(
             await runner.cleanup()
 
     return serve
+
+
+def _keyed(access: Access, handler: Handler) -> Handler:
+    """An endpoint of ours that needs a working API key (access.check_scraper)."""
+
+    async def keyed(request: web.Request) -> web.StreamResponse:
+        refusal = access.check_scraper(request.headers)
+        if refusal is None:
+            return await handler(request)
+        return OwnResponse(
+            status=refusal.status,
+            body=error_body(request.path, refusal.status, refusal.message or ""),
+            headers={aiohttp.hdrs.CONTENT_TYPE: JSON_ERROR, **(refusal.headers or {})},
+        )
+
+    return keyed
 
 
 def _host_checked(check: HostCheck | None, handler: Handler) -> Handler:

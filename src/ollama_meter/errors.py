@@ -37,7 +37,8 @@ _OPENAI_TYPES: Final = {
 
 
 def error_body(endpoint: str, status: int, message: str) -> bytes:
-    """An error of ours in the route's error shape (``endpoint`` is the route template)."""
+    """An error of ours in the route's error shape (``endpoint``: the route template or the
+    request's path; ``/v1/...`` gets OpenAI's shape)."""
     if endpoint.startswith("/v1/"):
         kind = _OPENAI_TYPES.get(status, "api_error")
         error = {"message": message, "type": kind, "param": None, "code": None}

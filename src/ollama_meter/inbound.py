@@ -190,6 +190,23 @@ class HeadWriter:
             headers[hdrs.X_FORWARDED_PROTO] = request.scheme
         return headers, host, coding
 
+    def client_of(self, request: web.BaseRequest) -> str | None:
+        """The client's address: the peer, or behind trusted proxies the last address of
+        X-Forwarded-For that is not one of them."""
+        peer = request.remote
+        if not self._is_trusted(peer):
+            return peer
+        hops = [
+            hop.strip()
+            for value in request.headers.getall(hdrs.X_FORWARDED_FOR, ())
+            for hop in value.split(",")
+            if hop.strip()
+        ]
+        for hop in reversed(hops):
+            if not self._is_trusted(hop):
+                return hop
+        return hops[0] if hops else peer
+
     def _is_trusted(self, peer: str | None) -> bool:
         if not self._trusted or not peer:
             return False

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import time
 from typing import Final, TextIO
@@ -173,10 +174,22 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
+#: What could be a credential in a client's bytes quoted by a parse error: an API key, or the
+#: token after Bearer/Basic.
+_SECRET: Final = re.compile(
+    r"(om_[a-z0-9]{8}_)[A-Za-z0-9_-]+|(\b(?:bearer|basic)\s+)[^\s'\"\\]+", re.IGNORECASE
+)
+
+
+def redact(text: str) -> str:
+    return _SECRET.sub(lambda m: (m.group(1) or m.group(2)) + "***", text)
+
+
 class ClientErrors(logging.Filter):
     """aiohttp logs a request it cannot parse (a malformed or oversized head: the client's
     fault, answered 400) as an error with a traceback, so one hostile client could flood the
-    log. Such records become debug lines without the traceback."""
+    log. Such records become debug lines without the traceback, and with anything that looks
+    like a credential in the quoted bytes masked."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -184,7 +197,7 @@ class ClientErrors(logging.Filter):
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         # The client's bytes are arguments, never part of the format string.
-        record.msg, record.args = "%s: %s", (record.getMessage(), error.message)
+        record.msg, record.args = "%s: %s", (redact(record.getMessage()), redact(error.message))
         record.exc_info = record.exc_text = None
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 

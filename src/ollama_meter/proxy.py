@@ -82,7 +82,7 @@ log = logging.getLogger(__name__)
 SESSION: Final = web.AppKey("upstream_session", aiohttp.ClientSession)
 
 _STREAMED: Final = (Framing.NDJSON, Framing.SSE)
-_JSON_ERROR: Final = "application/json; charset=utf-8"
+JSON_ERROR: Final = "application/json; charset=utf-8"
 _V1_CHAT: Final = "/v1/chat/completions"
 _REFUSED_HOSTS_LOGGED: Final = 64
 #: A refused request's body, when it came whole with the head and is no larger, is read for
@@ -276,7 +276,7 @@ class Proxy:
         x.request_bytes = request.content.total_bytes
         self._metrics.request_finished(x)
         if self._access is not None:
-            self._access.finished(x, x.gate, request.remote, request.path)
+            self._access.finished(x, x.gate, lambda: self._head.client_of(request), request.path)
         if self._access_log is not None:
             self._access_log(x)
 
@@ -502,7 +502,7 @@ class Proxy:
         return OwnResponse(
             status=error.status,
             body=error_body(x.endpoint, error.status, f"ollama-meter: upstream: {error}"),
-            headers={hdrs.CONTENT_TYPE: _JSON_ERROR},
+            headers={hdrs.CONTENT_TYPE: JSON_ERROR},
         )
 
     def _refuse(self, request: web.Request, x: Exchange, refusal: Refusal) -> OwnResponse:
@@ -512,8 +512,10 @@ class Proxy:
         else:
             response = OwnResponse(
                 status=refusal.status,
-                body=error_body(x.endpoint, refusal.status, refusal.message),
-                headers={hdrs.CONTENT_TYPE: _JSON_ERROR, **(refusal.headers or {})},
+                # The shape by the path itself: a /v1 path the route table does not know is
+                # still an OpenAI-style client's.
+                body=error_body(request.path, refusal.status, refusal.message),
+                headers={hdrs.CONTENT_TYPE: JSON_ERROR, **(refusal.headers or {})},
             )
         if refusal.status in (408, 501):
             # The rest of the body is in doubt: never read another request on this connection.

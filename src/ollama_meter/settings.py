@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, cast
 
-from .config import ConfigError, HostPort, parse_listen
+from .config import ConfigError, HostPort, is_loopback_listener, parse_listen
 from .gateway.keep_alive import MAX_BOUND_SECONDS
 from .gateway.keys import ROLES, Role
 
@@ -167,14 +167,24 @@ def _listeners(tables: object, where: str) -> tuple[Listener, ...]:
             raise ConfigError(f"{at}.listen: must be HOST:PORT")
         if role not in ROLES:
             raise ConfigError(f"{at}.role: must be read, inference or admin, got {role!r}"[:300])
-        listeners.append(Listener(parse_listen(listen, f"{at}.listen"), cast(Role, role)))
+        address = parse_listen(listen, f"{at}.listen")
+        if not is_loopback_listener(address):
+            raise ConfigError(
+                f"{at}.listen: {address} is not a loopback address: a role listener lets "
+                "every request in without a key, so it listens on 127.0.0.1 or ::1 only"
+            )
+        listeners.append(Listener(address, cast(Role, role)))
     return tuple(listeners)
 
 
 def with_keys_file(settings: Settings, keys_file: str | None) -> Settings:
-    """``--keys-file`` over the file's ``[access] keys_file`` (turning access on if need be)."""
-    if not keys_file:
+    """``--keys-file`` over the file's ``[access] keys_file`` (turning access on if need be).
+    An empty value is an error, not "off": ``--keys-file "$KEYS"`` with KEYS unset must not
+    start a proxy without access control."""
+    if keys_file is None:
         return settings
+    if not keys_file.strip():
+        raise ConfigError("keys-file: empty (leave the option out to run without API keys)")
     access = settings.access or AccessSettings(keys_file=Path(keys_file))
     return Settings(
         source=settings.source,

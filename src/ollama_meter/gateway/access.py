@@ -35,7 +35,15 @@ from .audit import AuditLog, audit_line, request_names
 from .identity import ANONYMOUS, MISSING, Identity, KeyRing, credential
 from .keep_alive import clamp_keep_alive
 from .keys import ROLES, Role
-from .policy import AMBIGUOUS, RouteClass, allows, model_allowed, model_ollama_runs, route_class
+from .policy import (
+    AMBIGUOUS,
+    RouteClass,
+    allows,
+    is_preflight,
+    model_allowed,
+    model_ollama_runs,
+    route_class,
+)
 from .usage import KeyUsage
 
 _CHALLENGE: Final = {"WWW-Authenticate": 'Bearer realm="ollama-meter"'}
@@ -101,7 +109,7 @@ class Access:
     ) -> Gate:
         """Authenticate, and authorize the route class (rule 1): the gate, with its
         ``refusal`` set when the request may not go on."""
-        cls = route_class(method, route.template)
+        cls = route_class(method, route.template, is_preflight(method, headers.__contains__))
         key = credential(headers)
         found = self.ring.authenticate(key, self._clock())
         if isinstance(found, str):
@@ -129,6 +137,18 @@ class Access:
                 f"{method} {route.template}",
             )
         return gate
+
+    def check_scraper(self, headers: CIMultiDictProxy[str]) -> Refusal | None:
+        """``/metrics`` on the proxy's own listener: it names every key and its usage, so it
+        needs a working key (any role), never anonymous."""
+        found = self.ring.authenticate(credential(headers), self._clock())
+        if not isinstance(found, str):
+            return None
+        self.usage.auth_failures.labels(found).inc()
+        message = _MESSAGES[found].format(name="")
+        if found == MISSING:
+            message = "ollama-meter: /metrics needs an API key (or use --metrics-listen)"
+        return _refuse(Gate(self._anonymous, RouteClass.OTHER), 401, found, message)
 
     async def check_body(
         self, gate: Gate, route: Route, model: str | None, body: bytes | None, read: bool
@@ -188,7 +208,9 @@ class Access:
             gate.refusal is not None or gate.cls is RouteClass.MODEL_ADMIN
         )
 
-    def finished(self, x: Exchange, gate: Gate | None, client: str | None, path: str) -> None:
+    def finished(
+        self, x: Exchange, gate: Gate | None, client: Callable[[], str | None], path: str
+    ) -> None:
         """Per-key usage, and the audit line of a model-management or refused call."""
         self.usage.finished(x)
         if gate is None:
@@ -204,7 +226,7 @@ class Access:
                 request_id=secrets.token_hex(8),
                 key=gate.identity.name,
                 team=gate.identity.team,
-                client=client,
+                client=client(),
                 method=x.method,
                 route=x.endpoint,
                 upstream=_UPSTREAM,

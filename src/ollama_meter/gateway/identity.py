@@ -95,7 +95,7 @@ def _from_authorization(value: str) -> str:
     if scheme == "basic":
         try:
             decoded = b64decode(token, validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):  # not base64, not ASCII, not UTF-8
             return ""
         user, _, password = decoded.partition(":")
         return password or user

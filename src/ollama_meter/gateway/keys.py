@@ -211,23 +211,37 @@ def _locked(path: Path) -> Iterator[tomlkit.TOMLDocument]:
         yield doc
         new_text = tomlkit.dumps(doc)
         parse_keys(new_text, str(path))
-        mode = target.stat().st_mode & 0o777 if target.exists() else 0o600
+        old = target.stat() if target.exists() else None
         fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as out:
                 out.write(new_text)
                 out.flush()
                 os.fsync(out.fileno())
-            os.chmod(temp, mode)
+            if old is None:
+                os.chmod(temp, 0o600)
+            else:
+                # The same owner, group and mode as the file it replaces: a service that reads
+                # it through its group must still be able to (or a revocation would not load).
+                if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+                    os.chown(temp, old.st_uid, old.st_gid)
+                os.chmod(temp, old.st_mode & 0o7777)
             os.replace(temp, target)
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
 
 
-def _tables(doc: tomlkit.TOMLDocument) -> list[Table]:
+def _tables(doc: tomlkit.TOMLDocument, path: Path) -> list[Table]:
     keys = doc.get("key")
-    return list(keys) if isinstance(keys, AoT) else []
+    if keys is None:
+        return []
+    if not isinstance(keys, AoT):
+        raise KeysFileError(
+            f"{path}: key: the command line edits [[key]] tables only; rewrite the keys as "
+            "[[key]] tables to edit them with it"
+        )
+    return list(keys)
 
 
 def append_key(
@@ -241,7 +255,7 @@ def append_key(
 ) -> tuple[str, KeyEntry]:
     """Add a new key to the file (created if absent); (the key, its entry)."""
     with _locked(path) as doc:
-        tables = _tables(doc)
+        tables = _tables(doc, path)
         if any(t.get("name") == name for t in tables):
             raise KeysFileError(f"{path}: a key named {name!r} exists already")
         ids = {t.get("id") for t in tables}
@@ -268,7 +282,7 @@ def append_key(
 def edit_key(path: Path, name: str, change: Callable[[Table], None] | None) -> None:
     """Change the entry named ``name`` in place (``change``), or remove it (None)."""
     with _locked(path) as doc:
-        tables = _tables(doc)
+        tables = _tables(doc, path)
         found = [i for i, table in enumerate(tables) if table.get("name") == name]
         if not found:
             raise KeysFileError(f"{path}: no key named {name!r}")

@@ -7,7 +7,7 @@ Rules:
    =========== ======================================================== =====================
    class       routes                                                   roles
    =========== ======================================================== =====================
-   public      GET/HEAD ``/`` and ``/api/version``; OPTIONS anywhere     anyone
+   public      GET/HEAD ``/`` and ``/api/version``; a CORS preflight     anyone
    read        GET/HEAD tags, ps, status, /v1/models(/{model});           read, inference,
                POST /api/show; HEAD /api/blobs/{digest}                  admin
    inference   POST generate, chat, embed, embeddings and the /v1          inference, admin
@@ -17,8 +17,9 @@ Rules:
    other       anything else (another method, an unknown path)          admin
    =========== ======================================================== =====================
 
-   OPTIONS is public because a browser's CORS preflight never carries credentials and runs
-   nothing: Ollama answers it from its CORS middleware.
+   A CORS preflight (OPTIONS with ``Origin`` and ``Access-Control-Request-Method``, and no
+   body) is public because a browser never sends credentials with one and it runs nothing:
+   Ollama answers it from its CORS middleware. Any other OPTIONS is classed by its path.
 2. A key's ``models`` globs apply to inference only. A name matches as Ollama compares names
    (``llama3`` is ``llama3:latest``, case-insensitively): a pattern without wildcards is one
    model, ``llama3*`` every name that starts so.
@@ -34,6 +35,7 @@ Pure: no I/O, no clock.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from fnmatch import fnmatchcase
 from functools import lru_cache
 from typing import Final
@@ -124,14 +126,26 @@ _ACCOUNT: Final = frozenset(
 )
 
 
-def route_class(method: str, template: str) -> RouteClass:
-    """The class of a request (``template``: its ollama.Route template)."""
+def route_class(method: str, template: str, preflight: bool = False) -> RouteClass:
+    """The class of a request (``template``: its ollama.Route template; ``preflight``: it is
+    a CORS preflight, see rule 1)."""
     found = _CLASSES.get((method, template))
     if found is not None:
         return found
-    if method == "OPTIONS":
+    if preflight and method == "OPTIONS":
         return RouteClass.PUBLIC
     return RouteClass.ACCOUNT if template in _ACCOUNT else RouteClass.OTHER
+
+
+def is_preflight(method: str, has: Callable[[str], bool]) -> bool:
+    """A CORS preflight: OPTIONS with Origin and Access-Control-Request-Method, no body."""
+    return (
+        method == "OPTIONS"
+        and has("Origin")
+        and has("Access-Control-Request-Method")
+        and not has("Content-Length")
+        and not has("Transfer-Encoding")
+    )
 
 
 def allows(role: Role | None, cls: RouteClass) -> bool:

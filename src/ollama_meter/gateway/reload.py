@@ -6,8 +6,10 @@ Rules:
    line and counts ``config_reloads_total{result="error"}``; the same broken file is not
    reported again until it changes.
 2. A reload happens on SIGHUP and when the file changes, checked every ``interval`` seconds
-   (2). "Changes" compares the resolved file's device, inode, modification time and size: a
-   Kubernetes Secret update swaps a symlink, which changes the inode the path resolves to.
+   (2). "Changes" compares the resolved file's device, inode, modification and change times
+   and size: a Kubernetes Secret update swaps a symlink, which changes the inode the path
+   resolves to. Checks run one at a time, so a slow poll can never install an older file
+   after a SIGHUP installed a newer one.
 3. Reading and parsing happen in a thread; the new KeyRing is swapped in on the event loop.
 """
 
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 
 INTERVAL: Final = 2.0
 
-Signature = tuple[int, int, int, int] | None
+Signature = tuple[int, int, int, int, int] | None
 
 
 def _signature(path: Path) -> Signature:
@@ -37,7 +39,9 @@ def _signature(path: Path) -> Signature:
         st = os.stat(path)  # follows symlinks: the file they resolve to now
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    # ctime too: an in-place edit that keeps the size and sets the mtime back (cp -p,
+    # rsync -t) still changes it.
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
 class KeysFile:
@@ -50,6 +54,7 @@ class KeysFile:
         self._ring = KeyRing(())
         self._reloaded = asyncio.Event()
         self._running: asyncio.Task[None] | None = None
+        self._one_at_a_time = asyncio.Lock()
 
     def load(self) -> KeyRing:
         """The first load (raises KeysFileError: the proxy does not start)."""
@@ -62,6 +67,10 @@ class KeysFile:
         return self._reloaded
 
     async def check(self, force: bool = False) -> None:
+        async with self._one_at_a_time:
+            await self._check(force)
+
+    async def _check(self, force: bool) -> None:
         signature = await asyncio.to_thread(_signature, self.path)
         if not force and signature == self._signature:
             return

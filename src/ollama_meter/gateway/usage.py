@@ -6,7 +6,8 @@ without it), and stay apart from the core's endpoint x model x stream x status m
 Rules:
 1. ``key`` is a key's configured name, never its id, hash or secret; ``anonymous`` without
    one. At most ``max_key_labels`` names get their own series, in the order they are first
-   seen; the rest are ``other``. ``team`` is bounded the same way.
+   seen; the rest are ``other``. ``team`` is bounded the same way. A reload frees the places
+   of keys no longer in the file (their series stay).
 2. ``model`` is the core's bounded model label (labels.ModelLabels).
 3. Updated once per request, from the record step. prometheus_client's own metric types:
    three increments a request, and the audit writer's thread may count its errors safely.
@@ -41,6 +42,11 @@ class _Bounded:
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._seen: set[str] = set()
+
+    def keep_only(self, values: set[str]) -> None:
+        """Forget the values not in ``values`` (keys removed from the file): their series
+        stay, but their places go to the keys now in force."""
+        self._seen &= values
 
     def __call__(self, value: str) -> str:
         if value in self._seen:
@@ -113,6 +119,11 @@ class KeyUsage:
             namespace=_NS,
             registry=registry,
         )
+
+    def in_force(self, names: set[str], teams: set[str]) -> None:
+        """The keys file was (re)loaded with these key names and teams."""
+        self._keys.keep_only(names)
+        self._teams.keep_only(teams)
 
     def label(self, name: str | None, team: str | None) -> tuple[str, str]:
         """The (key, team) label values of a key name (None: anonymous)."""
