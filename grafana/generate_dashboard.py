@@ -3,7 +3,8 @@
 The dashboard is kept as code so that a change is a readable diff; tests/test_operator_kit.py
 fails when the committed JSON and this script disagree. Queries use ollama-meter's metric
 contract and the recording rules of prometheus/rules/ollama-meter.yml (for the heavy histogram
-quantiles). Variables: datasource, instance, model, endpoint.
+quantiles). Variables: datasource, instance, model, endpoint. The Keys row reads the
+families access control adds ([access] keys_file).
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ TOKENS_PER_S: Final = "suffix: tok/s"
 NOT_CANCELLED: Final = 'reason!="client_disconnect"'
 # Routes that manage models rather than run them.
 MODEL_MANAGEMENT: Final = 'endpoint=~"/api/(pull|push|create|delete|copy|blobs/.*)"'
+# Grafana's default thresholds turn a stat red from 80: one colour for a count, red for any
+# failure.
+COUNT: Final = [(None, "blue")]
+ANY_IS_BAD: Final = [(None, "green"), (1, "red")]
+# Per-key families exist only with access control on ([access] keys_file).
+WITH_KEYS: Final = "With API keys on ([access] keys_file); empty without them."
 # Keeps only the process_* series of ollama-meter targets, whatever their job is called.
 OF_METER: Final = f" * on (job, instance) group_left () ollama_meter_build_info{{{F_INST}}}"
 
@@ -53,10 +60,14 @@ def panel(
     width: int = 8,
     options: dict[str, Any] | None = None,
     mappings: list[dict[str, Any]] | None = None,
+    thresholds: list[tuple[float | None, str]] | None = None,
 ) -> Panel:
     defaults: dict[str, Any] = {"unit": unit}
     if mappings:
         defaults["mappings"] = mappings
+    if thresholds:
+        steps = [{"value": value, "color": color} for value, color in thresholds]
+        defaults["thresholds"] = {"mode": "absolute", "steps": steps}
     if kind == "timeseries":
         defaults["custom"] = {"fillOpacity": 10, "showPoints": "never", "spanNulls": True}
     return {
@@ -442,6 +453,101 @@ def rows() -> list[tuple[str, list[Panel]]]:
                         )
                     ],
                     width=4,
+                ),
+            ],
+        ),
+        (
+            "Keys: who uses Ollama, and who is refused?",
+            [
+                panel(
+                    "Top keys by tokens",
+                    "Prompt plus completion tokens per second, for the 10 keys using most "
+                    "(anonymous: requests without a key; other: keys past max_key_labels). "
+                    + WITH_KEYS,
+                    TOKENS_PER_S,
+                    [
+                        (
+                            "topk(10, "
+                            + rate_by("key", "ollama_meter_key_prompt_tokens_total", F_MODEL)
+                            + " + "
+                            + rate_by("key", "ollama_meter_key_completion_tokens_total", F_MODEL)
+                            + ")",
+                            "{{key}}",
+                        )
+                    ],
+                    width=10,
+                ),
+                panel(
+                    "Requests by key and status class",
+                    "Requests per second by key and the class of the status the client got "
+                    "(499: it went away first). " + WITH_KEYS,
+                    "reqps",
+                    [
+                        (
+                            rate_by("key, status_class", "ollama_meter_key_requests_total", F_INST),
+                            "{{key}} {{status_class}}",
+                        )
+                    ],
+                    width=10,
+                ),
+                stat(
+                    "Keys configured",
+                    "Keys in the keys file in force, disabled and expired ones included. "
+                    + WITH_KEYS,
+                    "short",
+                    f"max(ollama_meter_keys_configured{{{F_INST}}})",
+                    "keys",
+                    width=4,
+                    thresholds=COUNT,
+                ),
+                panel(
+                    "Refused (4xx) by key",
+                    "Requests per second answered 4xx, by key: access control's refusals "
+                    "(401: no key that works, counted as anonymous; 403: a route or model the "
+                    "key may not use) and Ollama's own 4xx (an unknown model). " + WITH_KEYS,
+                    "reqps",
+                    [
+                        (
+                            rate_by(
+                                "key",
+                                "ollama_meter_key_requests_total",
+                                f'{F_INST}, status_class="4xx"',
+                            ),
+                            "{{key}}",
+                        )
+                    ],
+                    width=8,
+                ),
+                panel(
+                    "Auth failures by reason",
+                    "Requests refused by access control per second: no key (missing), a key "
+                    "that does not work (invalid, disabled, expired), or a route or model the "
+                    "key may not use (forbidden_route, forbidden_model). " + WITH_KEYS,
+                    "reqps",
+                    [(rate_by("reason", "ollama_meter_auth_failures_total", F_INST), "{{reason}}")],
+                    width=8,
+                ),
+                stat(
+                    "Keys file reload errors",
+                    "Reloads of the keys file that failed in the time range (the keys before "
+                    "stay in force; one per broken version of the file). Whether the last one "
+                    "failed: alert OllamaMeterKeysReloadFailed. " + WITH_KEYS,
+                    "short",
+                    "sum(increase(ollama_meter_config_reloads_total"
+                    f'{{{F_INST}, result="error"}}[$__range]))',
+                    "errors",
+                    width=4,
+                    thresholds=ANY_IS_BAD,
+                ),
+                stat(
+                    "Audit lines lost",
+                    "Audit lines that could not be written, or were dropped while the writer "
+                    "was behind, in the time range ([access] audit_log). " + WITH_KEYS,
+                    "short",
+                    f"sum(increase(ollama_meter_audit_write_errors_total{{{F_INST}}}[$__range]))",
+                    "lost",
+                    width=4,
+                    thresholds=ANY_IS_BAD,
                 ),
             ],
         ),

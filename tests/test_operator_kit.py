@@ -19,9 +19,11 @@ import aiohttp
 import click
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
 from ollama_meter.cli import main
 from ollama_meter.config import Config, parse_listen
+from ollama_meter.gateway.usage import KeyUsage
 from ollama_meter.ollama import ENDPOINTS
 
 from .conftest import Meter
@@ -341,7 +343,14 @@ def test_dashboard_panels_have_units_and_use_the_datasource_variable() -> None:
     names = {v["name"] for v in doc["templating"]["list"]}
     assert names == {"datasource", "instance", "model", "endpoint"}
     rows = [p["title"] for p in doc["panels"] if p["type"] == "row"]
-    assert [r.split(":")[0] for r in rows] == ["Traffic", "Latency", "Tokens", "Models", "Proxy"]
+    assert [r.split(":")[0] for r in rows] == [
+        "Traffic",
+        "Latency",
+        "Tokens",
+        "Models",
+        "Proxy",
+        "Keys",
+    ]
     for panel in doc["panels"]:
         if panel["type"] == "row":
             continue
@@ -350,18 +359,25 @@ def test_dashboard_panels_have_units_and_use_the_datasource_variable() -> None:
         assert panel["targets"], panel["title"]
 
 
+def sample_names(family: str, kind: str) -> set[str]:
+    if kind == "counter":
+        return {family + "_total"}
+    if kind == "histogram":
+        return {family + suffix for suffix in ("_bucket", "_sum", "_count")}
+    return {family}
+
+
 def known_names() -> set[str]:
-    """Series names a query may read: our families (with their sample suffixes), the
+    """Series names a query may read: our families (with their sample suffixes), those that
+    access control adds (read from a fresh KeyUsage: the golden list is the core's), the
     recording rules, and the standard process series."""
     names = {"up", "process_resident_memory_bytes", "process_cpu_seconds_total"}
     for line in GOLDEN.read_text().splitlines():
-        family, kind = line.split()[:2]
-        if kind == "counter":
-            names.add(family + "_total")
-        elif kind == "histogram":
-            names.update(family + suffix for suffix in ("_bucket", "_sum", "_count"))
-        else:
-            names.add(family)
+        names.update(sample_names(*line.split()[:2]))
+    registry = CollectorRegistry()
+    KeyUsage(registry, max_key_labels=1)
+    for family in registry.collect():
+        names.update(sample_names(family.name, family.type))
     rules = load_yaml("prometheus/rules/ollama-meter.yml")
     names.update(r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r)
     return names

@@ -4,9 +4,11 @@ Prometheus (Debian's ``prometheus`` package, which .ci/run installs) runs with t
 prometheus/prometheus.yml and rules, changed only in the target address and, to keep the test
 short, the scrape and evaluation intervals (1 s), without its alerting section (the stack's
 Alertmanager is not there), and with the feature flags compose.yaml gives it, those this
-Prometheus knows. Traffic comes from the official ``ollama``
-client: streamed and not, several models, an error and a cancelled stream. Progress is followed
-by events, not sleeps: every scrape makes ollama-meter ask the fake Ollama for /api/ps, so the
+Prometheus knows. ollama-meter runs with API keys on, clients without a key being anonymous
+with the inference role, so the core's traffic is the same as without keys and the Keys row has
+data. Traffic comes from the official ``ollama`` client: streamed and not, several models, an
+error and a cancelled stream, requests with keys and refused ones. Progress is followed by
+events, not sleeps: every scrape makes ollama-meter ask the fake Ollama for /api/ps, so the
 test waits for those arrivals.
 """
 
@@ -27,13 +29,31 @@ import ollama
 import pytest
 import yaml
 
-from .conftest import Meter, unused_port
+from ollama_meter.app import KEYS_FILE
+
+from .access_keys import Keys, access_settings, make_keys
+from .conftest import Meter, MeterFactory, unused_port
 from .fake_ollama import NDJSON, FakeOllama, Reply, lines_of
 from .test_operator_kit import dashboard, load_yaml
 
 ROOT = Path(__file__).parent.parent
 MESSAGES = [{"role": "user", "content": "Why is the sky blue?"}]
 SCRAPE = "/api/ps"  # the fake sees one of these per scrape of ollama-meter
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return make_keys(tmp_path)
+
+
+@pytest.fixture
+async def meter(start_meter: MeterFactory, keys: Keys) -> Meter:
+    """ollama-meter with API keys on; a client without a key may run models (as anonymous)."""
+    return await start_meter(settings=access_settings(keys, anonymous="inference"))
+
+
+def with_key(meter: Meter, key: str) -> ollama.AsyncClient:
+    return ollama.AsyncClient(host=meter.url, headers={"Authorization": f"Bearer {key}"})
 
 
 @pytest.fixture
@@ -119,13 +139,17 @@ async def prometheus(
             await drain
 
 
-async def drive(fake: FakeOllama, meter: Meter) -> None:
+async def drive(fake: FakeOllama, meter: Meter, keys: Keys) -> None:
     """Traffic of every kind the dashboard shows."""
-    async with ollama.AsyncClient(host=meter.url) as client:
-        await _drive(fake, client)
+    async with (
+        ollama.AsyncClient(host=meter.url) as client,
+        with_key(meter, keys.admin) as admin,
+    ):
+        await _drive(fake, client, admin)
+    await _drive_keys(meter, keys)
 
 
-async def _drive(fake: FakeOllama, client: ollama.AsyncClient) -> None:
+async def _drive(fake: FakeOllama, client: ollama.AsyncClient, admin: ollama.AsyncClient) -> None:
     never = asyncio.Event()
     fake.script(
         "POST",
@@ -164,17 +188,39 @@ async def _drive(fake: FakeOllama, client: ollama.AsyncClient) -> None:
     with pytest.raises(ollama.ResponseError):
         async for _ in await client.chat(model="llama3.2", messages=MESSAGES, stream=True):
             pass
-    # `ollama pull` of a mistyped name: model management failing with an in-band error.
+    # `ollama pull` of a mistyped name: model management failing with an in-band error (an
+    # admin's: anonymous clients may only run models).
     with pytest.raises(ollama.ResponseError):
-        async for _ in await client.pull("no-such-model", stream=True):
+        async for _ in await admin.pull("no-such-model", stream=True):
             pass
 
 
-async def drive_and_scrape(fake: FakeOllama, meter: Meter) -> None:
+async def _drive_keys(meter: Meter, keys: Keys) -> None:
+    """Requests with keys, and requests that access control refuses."""
+    async with with_key(meter, keys.inference) as alice:
+        async for _ in await alice.chat(model="llama3.2", messages=MESSAGES, stream=True):
+            pass
+        await alice.generate(model="qwen3:8b", prompt="Hi")
+    async with with_key(meter, keys.limited) as limited:  # may use qwen* only
+        await limited.chat(model="qwen3:8b", messages=MESSAGES)
+        with pytest.raises(ollama.ResponseError) as refused:
+            await limited.chat(model="llama3.2", messages=MESSAGES)
+        assert refused.value.status_code == 403  # forbidden_model
+    async with with_key(meter, keys.read) as reader:
+        with pytest.raises(ollama.ResponseError) as refused:
+            await reader.chat(model="llama3.2", messages=MESSAGES)
+        assert refused.value.status_code == 403  # forbidden_route
+    async with with_key(meter, keys.bad_secret()) as bad:
+        with pytest.raises(ollama.ResponseError) as refused:
+            await bad.chat(model="llama3.2", messages=MESSAGES)
+        assert refused.value.status_code == 401  # invalid, never anonymous
+
+
+async def drive_and_scrape(fake: FakeOllama, meter: Meter, keys: Keys) -> None:
     """Two rounds of traffic with scrapes between them, so every counter and histogram has
     increased between two samples and rates are not zero."""
     for _ in range(2):
-        await drive(fake, meter)
+        await drive(fake, meter, keys)
         await asyncio.wait_for(fake.wait_for(SCRAPE, fake.count(SCRAPE) + 2), timeout=30)
 
 
@@ -203,6 +249,14 @@ async def without_data(
     return missing
 
 
+async def labels_above_zero(
+    session: aiohttp.ClientSession, base: str, expr: str, *names: str
+) -> set[tuple[str, ...]]:
+    """The values of ``names`` of each series of a panel query that is above 0."""
+    result = await query(session, base, substitute(expr))
+    return {tuple(s["metric"][n] for n in names) for s in result if float(s["value"][1]) > 0}
+
+
 def substitute(expr: str, model: str = ".*") -> str:
     """Grafana's variables as Grafana would fill them with "All" (or one model)."""
     return (
@@ -215,9 +269,9 @@ def substitute(expr: str, model: str = ".*") -> str:
 
 
 async def test_dashboard_and_rules_work_on_real_data(
-    fake: FakeOllama, meter: Meter, prometheus: str
+    fake: FakeOllama, meter: Meter, keys: Keys, prometheus: str
 ) -> None:
-    await drive_and_scrape(fake, meter)
+    await drive_and_scrape(fake, meter, keys)
 
     panels = [p for p in dashboard()["panels"] if p["type"] != "row"]
     rules = load_yaml("prometheus/rules/ollama-meter.yml")
@@ -287,16 +341,73 @@ async def test_dashboard_and_rules_work_on_real_data(
     )
 
 
-async def test_cancellations_and_model_management_are_not_inference_errors(
-    fake: FakeOllama, meter: Meter, prometheus: str
+async def test_the_keys_row_says_who_used_ollama_and_who_was_refused(
+    fake: FakeOllama, meter: Meter, keys: Keys, prometheus: str
 ) -> None:
-    await drive_and_scrape(fake, meter)
+    await drive_and_scrape(fake, meter, keys)
+    exprs = {
+        p["title"]: p["targets"][0]["expr"] for p in dashboard()["panels"] if p["type"] != "row"
+    }
+
+    async with aiohttp.ClientSession() as session:
+
+        async def shown(title: str, *names: str) -> set[tuple[str, ...]]:
+            return await labels_above_zero(session, prometheus, exprs[title], *names)
+
+        # Clients without a key are anonymous; the admin only pulled, which reports no tokens.
+        assert await shown("Top keys by tokens", "key") == {
+            ("anonymous",),
+            ("alice",),
+            ("limited",),
+        }
+        assert await shown("Requests by key and status class", "key", "status_class") == {
+            ("anonymous", "2xx"),
+            ("anonymous", "4xx"),  # Ollama's 404 for llama9, and the key that did not work
+            ("anonymous", "5xx"),
+            ("anonymous", "499"),
+            ("admin", "2xx"),  # the pull: its error came in-band, after a 200
+            ("alice", "2xx"),
+            ("limited", "2xx"),
+            ("limited", "4xx"),
+            ("reader", "4xx"),
+        }
+        assert await shown("Refused (4xx) by key", "key") == {
+            ("anonymous",),
+            ("limited",),
+            ("reader",),
+        }
+        assert await shown("Auth failures by reason", "reason") == {
+            ("invalid",),
+            ("forbidden_route",),
+            ("forbidden_model",),
+        }
+        [configured] = await query(session, prometheus, substitute(exprs["Keys configured"]))
+        assert float(configured["value"][1]) == meter.value("keys_configured") == 6
+        errors = substitute(exprs["Keys file reload errors"])
+        assert await labels_above_zero(session, prometheus, errors) == set()
+
+        # The keys file stops loading: the keys in force stay, and the alert says so (pending:
+        # its one minute has not passed).
+        reloaded = meter.app[KEYS_FILE].next_reload()
+        keys.path.write_text(keys.path.read_text() + "\n[[key]]\nname = 'x'\n")
+        await asyncio.wait_for(reloaded.wait(), timeout=10)
+        assert meter.value("config_reloads_total", result="error") == 1
+        alert = 'ALERTS{alertname="OllamaMeterKeysReloadFailed", alertstate="pending"}'
+        assert await without_data(session, prometheus, fake, [alert]) == []
+        [pending] = await query(session, prometheus, alert)
+        assert pending["metric"]["instance"] == meter.url.removeprefix("http://")
+        assert await labels_above_zero(session, prometheus, errors) == {()}
+
+
+async def test_cancellations_and_model_management_are_not_inference_errors(
+    fake: FakeOllama, meter: Meter, keys: Keys, prometheus: str
+) -> None:
+    await drive_and_scrape(fake, meter, keys)
     panels = {p["title"]: p for p in dashboard()["panels"] if p["type"] != "row"}
 
     async def panel_labels(session: aiohttp.ClientSession, title: str, *names: str) -> set[Any]:
         [target] = panels[title]["targets"]
-        result = await query(session, prometheus, substitute(target["expr"]))
-        return {tuple(s["metric"][n] for n in names) for s in result if float(s["value"][1]) > 0}
+        return await labels_above_zero(session, prometheus, target["expr"], *names)
 
     async with aiohttp.ClientSession() as session:
         # The abandoned chat stream is a cancellation, on its own panel, in no error ratio.
