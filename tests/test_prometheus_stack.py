@@ -88,7 +88,7 @@ def prometheus_features(prometheus_binary: str) -> list[str]:
     return [name for name in wanted if name in known]
 
 
-def prometheus_config(meter_address: str) -> dict[str, Any]:
+def prometheus_config(meter_address: str, credentials_file: Path | None = None) -> dict[str, Any]:
     """prometheus/prometheus.yml with the target and intervals changed, and without the
     compose stack's Alertmanager (no alert fires in this test), nothing else."""
     config: dict[str, Any] = load_yaml("prometheus/prometheus.yml")
@@ -97,15 +97,24 @@ def prometheus_config(meter_address: str) -> dict[str, Any]:
     [job] = [j for j in config["scrape_configs"] if j["job_name"] == "ollama-meter"]
     job["static_configs"][0]["targets"] = [meter_address]
     job["scrape_timeout"] = "1s"
+    if credentials_file is not None:  # with keys on, /metrics needs one (any role)
+        job["authorization"] = {"type": "Bearer", "credentials_file": str(credentials_file)}
     return config
 
 
 @pytest.fixture
 async def prometheus(
-    prometheus_binary: str, prometheus_features: list[str], meter: Meter, tmp_path: Path
+    prometheus_binary: str,
+    prometheus_features: list[str],
+    meter: Meter,
+    keys: Keys,
+    tmp_path: Path,
 ) -> AsyncIterator[str]:
     address = meter.url.removeprefix("http://")
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(address)))
+    secret = tmp_path / "scrape.key"
+    secret.write_text(keys.read)
+    config = prometheus_config(address, secret)
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     shutil.copytree(ROOT / "prometheus" / "rules", tmp_path / "rules")
     port = unused_port()
     features = [f"--enable-feature={','.join(prometheus_features)}"] if prometheus_features else []

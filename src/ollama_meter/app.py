@@ -207,6 +207,7 @@ def _access_control(
         usage.keys_configured.set(len(ring))
         usage.in_force({e.name for e in ring.entries}, {e.team for e in ring.entries if e.team})
         usage.reloads.labels("ok" if ok else "error").inc()
+        usage.last_reload_ok.set(1 if ok else 0)
 
     keys = KeysFile(settings.keys_file, loaded)
     ring = keys.load()

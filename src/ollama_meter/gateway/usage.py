@@ -113,6 +113,14 @@ class KeyUsage:
         )
         for result in ("ok", "error"):
             self.reloads.labels(result)
+        self.last_reload_ok = Gauge(
+            "config_last_reload_successful",
+            "1 if the last load of the keys file succeeded (the keys in force are the file's), "
+            "0 if it failed (the keys loaded before stay in force).",
+            namespace=_NS,
+            registry=registry,
+        )
+        self.last_reload_ok.set(1)  # the proxy does not start on a file that does not load
         self.audit_errors = Counter(
             "audit_write_errors",
             "Audit lines that could not be written (or were dropped while the writer was behind).",
