@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -521,3 +522,31 @@ async def test_max_keep_alive_rewrites_that_one_value_for_non_admin_keys(
         async with session.post(meter.url + "/api/generate", data=big, headers=headers) as r:
             assert r.status == 403
         assert len(fake.received) == before
+
+
+GATEWAY_GOLDEN: Final = Path(__file__).parent / "golden" / "gateway-families.txt"
+
+
+async def test_the_access_families_are_a_pinned_contract(
+    start_meter: MeterFactory, fake: FakeOllama, keys: Keys
+) -> None:
+    """Name, type, help and labels of every family access control adds, pinned like the
+    core's (tests/golden/families.txt); UPDATE_GOLDEN=1 rewrites the file. Without keys, none
+    of them exists."""
+    plain = await start_meter()
+    meter = await start_meter(settings=access_settings(keys))
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin}"}) as s:
+        body = {"model": "llama3.2", "prompt": "hi", "stream": False}
+        async with s.post(meter.url + "/api/generate", json=body) as response:
+            assert response.status == 200
+    core = {m.name for m in plain.registry.collect()}
+    lines = []
+    for family in meter.registry.collect():
+        if family.name in core:
+            continue
+        labels = sorted({k for sample in family.samples for k in sample.labels})
+        lines.append(f"{family.name} {family.type} [{','.join(labels)}] {family.documentation}")
+    text = "\n".join(sorted(lines)) + "\n"
+    if os.environ.get("UPDATE_GOLDEN"):
+        GATEWAY_GOLDEN.write_text(text)
+    assert text == GATEWAY_GOLDEN.read_text()
