@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ import openai
 import pytest
 
 from ollama_meter.app import KEYS_FILE
-from ollama_meter.gateway.keys import digest_of, new_key
+from ollama_meter.gateway.keys import append_key, digest_of, new_key
 from ollama_meter.settings import AccessSettings, Settings
 
 from .access_keys import Keys, access_settings, make_keys
@@ -550,3 +551,44 @@ async def test_the_access_families_are_a_pinned_contract(
     if os.environ.get("UPDATE_GOLDEN"):
         GATEWAY_GOLDEN.write_text(text)
     assert text == GATEWAY_GOLDEN.read_text()
+
+
+async def test_a_kubernetes_secret_swap_is_seen_and_a_broken_file_logged_once(
+    start_meter: MeterFactory, fake: FakeOllama, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Secret volume: keys.toml -> ..data/keys.toml, and an update points ..data at a new
+    directory in one rename. The path's own symlink never changes; what it resolves to does."""
+    first, second = tmp_path / "v1", tmp_path / "v2"
+    first.mkdir()
+    second.mkdir()
+    old, _ = append_key(first / "keys.toml", name="a", role="read")
+    new, _ = append_key(second / "keys.toml", name="b", role="read")
+    (tmp_path / "..data").symlink_to(first)
+    (tmp_path / "keys.toml").symlink_to(tmp_path / "..data" / "keys.toml")
+    meter = await start_meter(
+        settings=Settings(access=AccessSettings(keys_file=tmp_path / "keys.toml"))
+    )
+    watcher = meter.app[KEYS_FILE]
+
+    async def status(key: str) -> int:
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session,
+            session.get(meter.url + "/api/tags") as response,
+        ):
+            return response.status
+
+    assert (await status(old), await status(new)) == (200, 401)
+    (tmp_path / "..data_tmp").symlink_to(second)
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+    await watcher.check()  # what the 2 s poll runs
+    assert (await status(old), await status(new)) == (401, 200)
+    # Broken: one warning line naming the file, the entry and the field; checked again
+    # without a change, nothing more.
+    (second / "keys.toml").write_text((second / "keys.toml").read_text() + "[[key]]\nid = 1\n")
+    with caplog.at_level(logging.WARNING, logger="ollama_meter.gateway.reload"):
+        await watcher.check()
+        await watcher.check()
+    [line] = [r.getMessage() for r in caplog.records if r.name == "ollama_meter.gateway.reload"]
+    assert "keys.toml: key[2].name: missing" in line
+    assert line.endswith("keeping the 1 keys in force")
+    assert await status(new) == 200
