@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,11 @@ from .gateway.keys import KeysFileError, load_keys
 from .settings import Settings, load_settings, with_keys_file
 
 
+#: Whether the proxy routes across [[upstream]] tables (until then, a file with them is refused
+#: rather than silently served by the one --upstream).
+FLEET_READY = False
+
+
 @dataclass(frozen=True, slots=True)
 class Invocation:
     """What the top-level command was given, for its subcommands."""
@@ -32,8 +38,14 @@ class Invocation:
 
 
 def gateway_settings(path: str | None, keys_file: str | None, core: Config) -> Settings:
-    """The settings file (and --keys-file over it), checked against the core's listeners."""
-    settings = with_keys_file(load_settings(path), keys_file)
+    """The settings file (and --keys-file over it), checked against the core's listeners;
+    ``${VAR}`` in the file from the environment."""
+    settings = with_keys_file(load_settings(path, os.environ), keys_file)
+    if settings.upstreams and not FLEET_READY:
+        raise ConfigError(
+            f"{settings.source}: upstream: [[upstream]] tables are read but not served yet by "
+            "this version; use --upstream"
+        )
     access = settings.access
     if access is not None:
         taken: list[HostPort] = [core.listen]
@@ -106,12 +118,24 @@ def _plain(value: object) -> object:
 @_config_option
 @click.pass_context
 def show(ctx: click.Context, config: str | None) -> None:
-    """Print the effective settings, as TOML (nothing in them is secret: keys are in their
-    own file, as hashes, and are not printed)."""
+    """Print the effective settings, as TOML (keys are in their own file, as hashes, and are
+    not printed; upstream header values are masked)."""
     core, settings = _load(ctx, config)
     doc: dict[str, Any] = {"settings_file": settings.source or ""}
     doc["core"] = {k: v for k, v in dict(_plain(core)).items() if v is not None}  # type: ignore[call-overload]
     if settings.access is not None:
         access = _plain(settings.access)
         doc["access"] = {k: v for k, v in dict(access).items() if v is not None}  # type: ignore[call-overload]
+    if settings.upstreams:
+        doc["upstream"] = [
+            {
+                "name": u.name,
+                "url": str(u.url),
+                "slots": u.slots if u.slots is not None else "not set",
+                "max_loaded": u.max_loaded,
+                "headers": {name: "***" for name, _ in u.headers},
+            }
+            for u in settings.upstreams
+        ]
+        doc["routing"] = {"admin_upstream": settings.routing.admin_upstream or ""}
     click.echo(tomlkit.dumps(doc), nl=False)

@@ -8,7 +8,8 @@ Rules:
 3. Paths in the file are relative to the file's own directory.
 4. No I/O beyond reading the file: the keys file it names is read by the gateway.
 
-The tables (each gateway issue adds its own):
+The tables (each gateway issue adds its own; ``[[upstream]]`` and ``[routing]``: see
+fleet_settings.py):
 
 ``[access]``
     ``keys_file`` (turns access control on), ``anonymous`` (``none``, ``read`` or
@@ -22,11 +23,13 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, cast
 
 from .config import ConfigError, HostPort, is_loopback_listener, parse_listen
+from .fleet_settings import RoutingSettings, UpstreamSettings, parse_routing, parse_upstreams
 from .gateway.keep_alive import MAX_BOUND_SECONDS
 from .gateway.keys import ROLES, Role
 
@@ -81,12 +84,16 @@ class Settings:
 
     source: str | None = None
     access: AccessSettings | None = None
+    #: The fleet (empty: the core's one --upstream).
+    upstreams: tuple[UpstreamSettings, ...] = ()
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
     #: The file's tables as read (for ``config show``).
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
-def load_settings(path: str | None) -> Settings:
-    """The settings in ``path`` (None: no file, the defaults)."""
+def load_settings(path: str | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings in ``path`` (None: no file, the defaults); ``${VAR}`` in upstream
+    headers from ``environ``."""
     if path is None:
         return Settings()
     source = Path(path)
@@ -97,17 +104,22 @@ def load_settings(path: str | None) -> Settings:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_settings(doc, path, source.parent)
+    return parse_settings(doc, path, source.parent, environ or {})
 
 
-def parse_settings(doc: dict[str, Any], name: str, base: Path) -> Settings:
-    unknown = sorted(set(doc) - {"access"})
+def parse_settings(
+    doc: dict[str, Any], name: str, base: Path, environ: Mapping[str, str] | None = None
+) -> Settings:
+    unknown = sorted(set(doc) - {"access", "upstream", "routing"})
     if unknown:
         raise ConfigError(f"{name}: {unknown[0]}: unknown table or key")
     access = doc.get("access")
+    upstreams = parse_upstreams(doc.get("upstream", []), name, environ or {})
     return Settings(
         source=name,
         access=None if access is None else _access(access, f"{name}: access", base),
+        upstreams=upstreams,
+        routing=parse_routing(doc.get("routing"), name, upstreams),
         raw=doc,
     )
 
@@ -196,5 +208,7 @@ def with_keys_file(settings: Settings, keys_file: str | None) -> Settings:
             max_key_labels=access.max_key_labels,
             listeners=access.listeners,
         ),
+        upstreams=settings.upstreams,
+        routing=settings.routing,
         raw=settings.raw,
     )
