@@ -1,0 +1,285 @@
+"""The choice of upstream for a request that names a model: a pure function over a snapshot.
+
+The fleet (fleet.py) keeps what the proxy knows of each Ollama server; at decision time it
+hands ``choose`` one ``UpstreamView`` per upstream. ``choose`` does no I/O and keeps no state:
+the clock and the random source are parameters, so a test or a simulation replays it exactly.
+Every model name in a view is spelt by ``model_key`` (as Ollama compares names).
+
+Rule 1, eligibility. An upstream is eligible for a model when it is healthy, its
+``/api/tags`` lists the model, and it is not in ``exclude`` (already tried for this request).
+Nobody lists the model: ``NotListed`` (the caller refreshes the tags once, then answers 404).
+Only unhealthy upstreams list it: ``OnlyUnhealthy`` (503, with ``retry_after``). Upstreams list
+it and are healthy, but all were tried: ``AllTried`` (the caller answers with the last failure).
+The three refusals are judged in that order, on the whole fleet, before ``exclude``.
+
+Rule 2, cost: the expected seconds until the request holds a slot with its model in memory,
+``cost = load + slot wait``.
+
+- State of the model on an upstream: *hot* when it is in ``loaded`` and not expired at ``now``
+  (an ``expires_at`` of None counts as hot); else *loading* when the proxy has a request for it
+  there that was sent while cold and has not answered; else *cold*.
+- load: 0 when hot; when loading, the load estimate minus the time since the first cold
+  request was sent (never below 0); when cold, the load estimate, plus (at ``max_loaded``,
+  every resident model busy) the time for the first victim to drain. The load estimate is the
+  upstream's ``load_seconds`` for the model, else the mean of the other upstreams' (same
+  weights, similar disks), else ``DEFAULT_LOAD_SECONDS``.
+- slot wait: with ``n`` of the proxy's requests in flight for the model and ``s`` slots
+  (``slots`` None counts as 1), a new request waits for ``n - s + 1`` slot releases when
+  ``n >= s``, and a slot frees every ``S / s`` seconds on average (S, the mean service time:
+  ``service_seconds``, else the other upstreams' mean, else ``DEFAULT_SERVICE_SECONDS``). So the
+  wait is ``max(0, n - s + 1) * S / s``: 0 with a free slot, ``S / s`` when every slot is busy.
+
+Rule 3, no eviction of a model in use. An upstream at ``max_loaded`` (hot plus loading models;
+0 means unknown, never full) whose resident models all have requests in flight is not a
+candidate for a cold load while another eligible upstream is a candidate. Ollama would make the
+request wait for a victim to go idle, holding every request queued behind it meanwhile.
+
+Rule 4, the pick. Take the cheapest candidate. Candidates whose cost is within
+``TIE_FRACTION`` (10%) of the cheapest, or within ``TIE_SECONDS`` (50 ms) of it, whichever is
+wider, are a near-tie: among them, the fewest requests in flight in total (all models) wins,
+then a draw from ``rng``, so that several proxies in front of one fleet do not herd onto the
+same server. Candidates keep the fleet's order before the draw, so a seeded ``rng`` replays.
+
+The decision label (``routing_decisions_total``) is the model's state on the chosen upstream:
+``hot`` (a free slot), ``queued_hot`` (hot, every slot taken), ``loading`` or ``cold``; or
+``only`` when exactly one upstream was eligible. ``retry`` and ``pinned`` are the caller's.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Final
+
+from ..ollama import canonical_model
+
+__all__ = [
+    "DEFAULT_LOAD_SECONDS",
+    "DEFAULT_RETRY_AFTER",
+    "DEFAULT_SERVICE_SECONDS",
+    "TIE_FRACTION",
+    "TIE_SECONDS",
+    "AllTried",
+    "Choice",
+    "Decision",
+    "NotListed",
+    "OnlyUnhealthy",
+    "Result",
+    "UpstreamView",
+    "choose",
+    "model_key",
+]
+
+#: Seconds a cold load is expected to take before any upstream has reported one for the model.
+DEFAULT_LOAD_SECONDS: Final = 10.0
+#: Seconds a request is expected to hold a slot before any has completed for the model.
+DEFAULT_SERVICE_SECONDS: Final = 2.0
+#: A near-tie (rule 4): within this fraction of the cheapest cost ...
+TIE_FRACTION: Final = 0.10
+#: ... or within this many seconds of it, whichever is wider.
+TIE_SECONDS: Final = 0.05
+#: Retry-After of OnlyUnhealthy when no unhealthy upstream knows when it probes next.
+DEFAULT_RETRY_AFTER: Final = 5
+
+
+def model_key(name: str) -> str:
+    """A model name spelt as Ollama compares names: ``x`` is ``x:latest``, case-insensitive.
+
+    >>> model_key("Llama3.2")
+    'llama3.2:latest'
+    """
+    return canonical_model(name).casefold()
+
+
+class Decision(enum.Enum):
+    """The ``decision`` label of ``routing_decisions_total`` that ``choose`` can give."""
+
+    HOT = "hot"  # loaded there, a slot free
+    QUEUED_HOT = "queued_hot"  # loaded there, every slot taken
+    LOADING = "loading"  # a cold request for it there has not answered yet
+    COLD = "cold"  # this request makes it load
+    ONLY = "only"  # one eligible upstream: no choice was made
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamView:
+    """What the router knows of one upstream at decision time. Model names by ``model_key``."""
+
+    name: str
+    #: Answered its last poll, and its breaker is closed.
+    healthy: bool
+    #: What its /api/tags lists.
+    models: frozenset[str]
+    #: Models in memory there (last /api/ps, or a 2xx since) -> expires_at, Unix seconds
+    #: (None: no expiry known, counts as hot).
+    loaded: Mapping[str, float | None]
+    #: Models the proxy sent a request for while cold, not answered yet -> when the first such
+    #: request was sent (Unix seconds).
+    loading: Mapping[str, float]
+    #: The proxy's own requests in flight there, per model (queued in Ollama included).
+    in_flight: Mapping[str, int]
+    #: Parallel slots per model (its OLLAMA_NUM_PARALLEL); None: unknown, estimated as 1.
+    slots: int | None
+    #: Models it holds at once (its OLLAMA_MAX_LOADED_MODELS); 0: unknown, never full.
+    max_loaded: int
+    #: Moving average of the seconds a request holds a slot (prompt_eval + eval durations).
+    service_seconds: Mapping[str, float]
+    #: Moving average of the load_duration reported by requests sent while cold, seconds.
+    load_seconds: Mapping[str, float]
+    #: When the breaker or the poller next asks it (Unix seconds), if known: the Retry-After
+    #: of OnlyUnhealthy.
+    next_probe: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """Send the request to ``upstream``."""
+
+    upstream: str
+    #: The routing_decisions_total label.
+    decision: Decision
+    #: The model's state there (never ONLY): LOADING or COLD means the caller marks it loading.
+    state: Decision
+    #: Expected seconds until the request holds a slot there (rule 2).
+    cost: float
+
+
+@dataclass(frozen=True, slots=True)
+class NotListed:
+    """No upstream lists the model: refresh the tags once, then answer 404."""
+
+    status: ClassVar[int] = 404
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class OnlyUnhealthy:
+    """Only unhealthy upstreams list the model: answer 503 with ``Retry-After``."""
+
+    status: ClassVar[int] = 503
+    model: str
+    upstreams: tuple[str, ...]
+    #: Whole seconds, >= 1: until the first of them is asked again.
+    retry_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class AllTried:
+    """Every healthy upstream that lists the model is in ``exclude``: answer the last failure."""
+
+    model: str
+    tried: tuple[str, ...]
+
+
+Result = Choice | NotListed | OnlyUnhealthy | AllTried
+
+
+def choose(
+    model: str,
+    fleet: Sequence[UpstreamView],
+    now: float,
+    rng: random.Random,
+    exclude: frozenset[str] = frozenset(),
+) -> Result:
+    """Where to send a request for ``model`` (any spelling), by the rules of this module."""
+    key = model_key(model)
+    listing = [view for view in fleet if key in view.models]
+    if not listing:
+        return NotListed(key)
+    healthy = [view for view in listing if view.healthy]
+    if not healthy:
+        return OnlyUnhealthy(key, tuple(v.name for v in listing), _retry_after(listing, now))
+    eligible = [view for view in healthy if view.name not in exclude]
+    if not eligible:
+        return AllTried(key, tuple(view.name for view in healthy))
+
+    load_default = _mean([view.load_seconds for view in listing], key, DEFAULT_LOAD_SECONDS)
+    service_default = _mean(
+        [view.service_seconds for view in listing], key, DEFAULT_SERVICE_SECONDS
+    )
+    scored = [_estimate(view, key, now, load_default, service_default) for view in eligible]
+    candidates = [entry for entry in scored if not entry.blocked] or scored  # rule 3
+
+    best = min(entry.cost for entry in candidates)
+    margin = max(TIE_SECONDS, TIE_FRACTION * best)
+    near = [entry for entry in candidates if entry.cost <= best + margin]
+    if len(near) > 1:
+        fewest = min(entry.total_in_flight for entry in near)
+        near = [entry for entry in near if entry.total_in_flight == fewest]
+    pick = near[0] if len(near) == 1 else rng.choice(near)
+    decision = Decision.ONLY if len(eligible) == 1 else pick.state
+    return Choice(pick.view.name, decision, pick.state, pick.cost)
+
+
+@dataclass(frozen=True, slots=True)
+class _Estimate:
+    view: UpstreamView
+    cost: float
+    state: Decision
+    blocked: bool  # rule 3: a cold load there would wait for a model in use to go idle
+
+    @property
+    def total_in_flight(self) -> int:
+        return sum(self.view.in_flight.values())
+
+
+def _estimate(
+    view: UpstreamView, key: str, now: float, load_default: float, service_default: float
+) -> _Estimate:
+    slots = view.slots or 1
+    busy = view.in_flight.get(key, 0)
+    service = view.service_seconds.get(key, service_default)
+    wait = max(0, busy - slots + 1) * service / slots
+    if key in view.loaded and _is_hot(view.loaded[key], now):
+        state = Decision.HOT if busy < slots else Decision.QUEUED_HOT
+        return _Estimate(view, wait, state, blocked=False)
+    load = view.load_seconds.get(key, load_default)
+    started = view.loading.get(key)
+    if started is not None:
+        remaining = max(0.0, load - (now - started))
+        return _Estimate(view, remaining + wait, Decision.LOADING, blocked=False)
+    drain = _eviction_wait(view, now)
+    if drain is None:
+        return _Estimate(view, load + wait, Decision.COLD, blocked=False)
+    return _Estimate(view, drain + load + wait, Decision.COLD, blocked=True)
+
+
+def _is_hot(expires_at: float | None, now: float) -> bool:
+    return expires_at is None or expires_at > now
+
+
+def _eviction_wait(view: UpstreamView, now: float) -> float | None:
+    """None when a cold load can start there at once: ``max_loaded`` unknown or not reached, or
+    an idle model to unload. Else (rule 3) about the seconds until the first resident model
+    has finished the requests it holds."""
+    if view.max_loaded <= 0:
+        return None
+    resident = {key for key, expires in view.loaded.items() if _is_hot(expires, now)}
+    resident.update(view.loading)
+    if len(resident) < view.max_loaded:
+        return None
+    slots = view.slots or 1
+    drain = math.inf
+    for key in resident:
+        busy = view.in_flight.get(key, 0)
+        if busy <= 0 and key not in view.loading:
+            return None  # an idle victim: Ollama unloads it at once
+        service = view.service_seconds.get(key, DEFAULT_SERVICE_SECONDS)
+        drain = min(drain, max(busy, 1) * service / slots)
+    return drain
+
+
+def _mean(averages: Sequence[Mapping[str, float]], key: str, default: float) -> float:
+    """The mean of the upstreams' averages for ``key`` (those that have one), else ``default``."""
+    known = [average[key] for average in averages if key in average]
+    return sum(known) / len(known) if known else default
+
+
+def _retry_after(views: Sequence[UpstreamView], now: float) -> int:
+    probes = [view.next_probe for view in views if view.next_probe is not None]
+    if not probes:
+        return DEFAULT_RETRY_AFTER
+    return max(1, math.ceil(min(probes) - now))
