@@ -22,7 +22,6 @@ from .config import Config, ConfigError, HostPort
 from .gateway.keys import KeysFileError, load_keys
 from .settings import Settings, load_settings, with_keys_file
 
-
 #: Whether the proxy routes across [[upstream]] tables (until then, a file with them is refused
 #: rather than silently served by the one --upstream).
 FLEET_READY = False

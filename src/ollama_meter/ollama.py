@@ -49,6 +49,7 @@ __all__ = [
     "judge",
     "parse_ps",
     "parse_tags",
+    "parse_time",
     "read_outcome",
     "route_for",
     "tail_for",
@@ -727,6 +728,11 @@ def _model_list(body: bytes) -> list[dict[str, object]] | None:
     if not isinstance(models, list):
         return None
     return [entry for entry in models if isinstance(entry, dict)]
+
+
+def parse_time(value: object) -> float | None:
+    """An RFC 3339 time of Ollama's (``expires_at``, ``modified_at``) as Unix seconds."""
+    return _timestamp(value)
 
 
 def _timestamp(value: object) -> float | None:

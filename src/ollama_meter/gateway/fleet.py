@@ -1,0 +1,287 @@
+"""The fleet: every upstream, what the proxy knows of it, and the poller that keeps it current.
+
+Rules:
+1. A background poller asks each upstream ``/api/version`` and ``/api/ps`` every ``interval``
+   seconds (2), and ``/api/tags`` every ``tags_interval`` (30) and whenever ``refresh_tags`` is
+   called (after a model-management call, or when nobody lists a model); concurrent refreshes
+   share one round of asks. The first round runs before the listener opens.
+2. A poll that gets no answer (refused, reset, timed out) is a transport failure for the
+   upstream's breaker (breaker.py), as is a request that fails before its headers; an HTTP
+   error answer is not. An upstream is healthy when its last poll answered and its breaker
+   allows it.
+3. The proxy's own traffic adds to what the poller saw: a model is hot on an upstream after a
+   2xx for it there (until the expiry the last /api/ps gave, else ``DEFAULT_KEEP_ALIVE``); a
+   request sent while it was cold marks it loading until it answers; in-flight counts and
+   moving averages of service and load times come from the requests that ended.
+4. ``views`` hands the router (router.py) an immutable snapshot. Nothing here blocks: the
+   poller's asks are bounded by the probe timeout, and the request path only does arithmetic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from ..fleet_settings import UpstreamSettings
+from ..ollama import Usage, parse_time
+from .breaker import Breaker
+from .router import UpstreamView, model_key
+
+log = logging.getLogger(__name__)
+
+INTERVAL: Final = 2.0
+TAGS_INTERVAL: Final = 30.0
+#: How long a model stays hot after a 2xx when /api/ps gave no expiry (Ollama's default).
+DEFAULT_KEEP_ALIVE: Final = 300.0
+#: Weight of the newest sample in the moving averages.
+ALPHA: Final = 0.2
+_PROBE_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+def _average(previous: float | None, sample: float) -> float:
+    return sample if previous is None else previous + ALPHA * (sample - previous)
+
+
+@dataclass(slots=True)
+class ModelStats:
+    in_flight: int = 0
+    #: Requests sent while the model was cold there and not answered yet, and since when.
+    cold_in_flight: int = 0
+    loading_since: float | None = None
+    service: float | None = None
+    load: float | None = None
+
+
+@dataclass(slots=True)
+class Node:
+    """One upstream as the proxy knows it."""
+
+    settings: UpstreamSettings
+    breaker: Breaker = field(default_factory=Breaker)
+    answered: bool = False
+    #: The raw bodies of its last answers, for the routes the fleet answers as a whole.
+    version: bytes | None = None
+    tags: list[dict[str, Any]] = field(default_factory=list)
+    ps: list[dict[str, Any]] = field(default_factory=list)
+    models: frozenset[str] = frozenset()
+    loaded: dict[str, float | None] = field(default_factory=dict)
+    last_poll: float = 0.0
+    last_error: str | None = None
+    in_flight: int = 0
+    stats: dict[str, ModelStats] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def base(self) -> str:
+        return str(self.settings.url).rstrip("/")
+
+    def healthy(self, now: float) -> bool:
+        return self.answered and self.breaker.allows(now)
+
+    def stats_of(self, key: str) -> ModelStats:
+        found = self.stats.get(key)
+        if found is None:
+            found = self.stats[key] = ModelStats()
+        return found
+
+    def view(self, now: float) -> UpstreamView:
+        stats = self.stats
+        return UpstreamView(
+            name=self.name,
+            healthy=self.healthy(now),
+            models=self.models,
+            loaded=self.loaded,
+            loading={k: s.loading_since for k, s in stats.items() if s.loading_since is not None},
+            in_flight={k: s.in_flight for k, s in stats.items() if s.in_flight},
+            slots=self.settings.slots,
+            max_loaded=self.settings.max_loaded,
+            service_seconds={k: s.service for k, s in stats.items() if s.service is not None},
+            load_seconds={k: s.load for k, s in stats.items() if s.load is not None},
+            next_probe=self.breaker.retry_at if self.breaker.is_open else None,
+        )
+
+
+def _models_of(body: bytes | None) -> list[dict[str, Any]] | None:
+    if body is None:
+        return None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    models = doc.get("models") if isinstance(doc, dict) else None
+    if not isinstance(models, list):
+        return None
+    return [m for m in models if isinstance(m, dict) and isinstance(m.get("name"), str)]
+
+
+def _expiry(entry: dict[str, Any]) -> float | None:
+    return parse_time(entry.get("expires_at"))
+
+
+class Fleet:
+    def __init__(
+        self,
+        upstreams: Sequence[UpstreamSettings],
+        probe_timeout: float,
+        clock: Callable[[], float] = time.time,
+        interval: float = INTERVAL,
+        tags_interval: float = TAGS_INTERVAL,
+    ) -> None:
+        self.nodes = [Node(u) for u in upstreams]
+        self.by_name = {node.name: node for node in self.nodes}
+        self._timeout = aiohttp.ClientTimeout(total=probe_timeout)
+        self._clock = clock
+        self._interval = interval
+        self._tags_interval = tags_interval
+        self._session: aiohttp.ClientSession | None = None
+        self._refresh: asyncio.Future[None] | None = None
+        self.polls = 0
+
+    # --- polling -------------------------------------------------------------------------
+
+    async def _get(self, node: Node, path: str) -> tuple[bytes | None, bool]:
+        """(the body of a 2xx answer, whether the upstream answered at all)."""
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                URL(node.base + path, encoded=True),
+                headers=dict(node.settings.headers),
+                timeout=self._timeout,
+            ) as response:
+                body = await response.read()
+                return (body if 200 <= response.status < 300 else None), True
+        except _PROBE_ERRORS as exc:
+            node.last_error = f"{path}: {exc!r}"[:300]
+            return None, False
+
+    async def poll(self, node: Node, tags: bool) -> None:
+        asks = [self._get(node, "/api/version"), self._get(node, "/api/ps")]
+        if tags:
+            asks.append(self._get(node, "/api/tags"))
+        answers = await asyncio.gather(*asks)
+        now = self._clock()
+        node.last_poll = now
+        (version, up), (ps, _) = answers[0], answers[1]
+        node.answered = up
+        if not up:
+            node.breaker.failure(now)
+            return
+        node.breaker.success()
+        node.version = version
+        entries = _models_of(ps)
+        if entries is not None:
+            node.ps = entries
+            node.loaded = {model_key(e["name"]): _expiry(e) for e in entries}
+        if tags:
+            listed = _models_of(answers[2][0])
+            if listed is not None:
+                node.tags = listed
+                node.models = frozenset(model_key(e["name"]) for e in listed)
+
+    async def poll_all(self, tags: bool) -> None:
+        await asyncio.gather(*(self.poll(node, tags) for node in self.nodes))
+        self.polls += 1
+
+    async def refresh_tags(self) -> None:
+        """Ask every upstream for its tags now; concurrent callers share one round."""
+        if self._refresh is None:
+            self._refresh = asyncio.ensure_future(self.poll_all(tags=True))
+            self._refresh.add_done_callback(self._refreshed)
+        await asyncio.shield(self._refresh)
+
+    def _refreshed(self, _: asyncio.Future[None]) -> None:
+        self._refresh = None
+
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        """The poller (after ``start``): forever, every ``interval``."""
+        last_tags = self._clock()
+        while True:
+            await asyncio.sleep(self._interval)
+            due = self._clock() - last_tags >= self._tags_interval
+            if due:
+                last_tags = self._clock()
+            try:
+                await self.poll_all(tags=due)
+            except Exception:  # a bug of ours must not end polling
+                log.exception("polling the fleet failed")
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        """The first round, before the listener opens."""
+        self._session = session
+        await self.poll_all(tags=True)
+
+    # --- what routing needs ---------------------------------------------------------------
+
+    def views(self) -> list[UpstreamView]:
+        now = self._clock()
+        return [node.view(now) for node in self.nodes]
+
+    def healthy(self) -> Iterable[Node]:
+        now = self._clock()
+        return (node for node in self.nodes if node.healthy(now))
+
+    # --- the proxy's own traffic (rule 3) ------------------------------------------------
+
+    def sent(self, node: Node, key: str | None) -> None:
+        node.in_flight += 1
+        if key is None:
+            return
+        stats = node.stats_of(key)
+        stats.in_flight += 1
+        if not self._is_hot(node, key):
+            stats.cold_in_flight += 1
+            if stats.loading_since is None:
+                stats.loading_since = self._clock()
+
+    def ended(
+        self,
+        node: Node,
+        key: str | None,
+        *,
+        cold: bool,
+        status: int,
+        usage: Usage | None,
+        transport_failed: bool,
+    ) -> None:
+        node.in_flight -= 1
+        now = self._clock()
+        if transport_failed:
+            node.breaker.failure(now)
+        if key is None:
+            return
+        stats = node.stats_of(key)
+        stats.in_flight -= 1
+        if cold:
+            stats.cold_in_flight -= 1
+            if stats.cold_in_flight <= 0:
+                stats.cold_in_flight, stats.loading_since = 0, None
+        if 200 <= status < 300 and not self._is_hot(node, key):
+            # Loaded now, for as long as Ollama keeps a model by default (the next poll of
+            # /api/ps says exactly).
+            node.loaded = {**node.loaded, key: now + DEFAULT_KEEP_ALIVE}
+        if usage is not None:
+            busy = (usage.prompt_eval_seconds or 0.0) + (usage.eval_seconds or 0.0)
+            if busy:
+                stats.service = _average(stats.service, busy)
+            if cold and usage.load_seconds is not None:
+                stats.load = _average(stats.load, usage.load_seconds)
+
+    def is_hot(self, node: Node, key: str) -> bool:
+        return self._is_hot(node, key)
+
+    def _is_hot(self, node: Node, key: str) -> bool:
+        if key not in node.loaded:
+            return False
+        expires = node.loaded[key]
+        return expires is None or expires > self._clock()
