@@ -57,6 +57,7 @@ def paired_ratio(raw: dict[str, Any], scenario: str, target: str, base: str, key
 
 
 BASELINE = "ollama-meter@base"  # run.py's --baseline-src target
+KEYED = "ollama-meter+keys"  # run.py's --keys target
 
 
 def _targets(medians: dict[str, Any], raw: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
@@ -89,6 +90,15 @@ def _targets(medians: dict[str, Any], raw: dict[str, Any]) -> list[tuple[str, st
             cpu = paired_ratio(raw, throughput, BASELINE, meter, "cpu_us_per_request")
             measured += f" (by CPU per request: {cpu:.2f}x)"
         rows.append((f"the same against the baseline, `{BASELINE}`", measured, None))
+    if get(throughput, meter, "rps") and get(throughput, KEYED, "rps"):
+        ratio = paired_ratio(raw, throughput, KEYED, meter, "rps")
+        measured = f"{ratio:.3f}x"
+        if get(throughput, KEYED, "cpu_us_per_request"):
+            cpu = paired_ratio(raw, throughput, meter, KEYED, "cpu_us_per_request")
+            measured += f" (by CPU per request: {cpu:.3f}x)"
+        rows.append(
+            (f"`{KEYED}` (every request keyed) >= 0.95x ollama-meter", measured, ratio >= 0.95)
+        )
     p50 = get("1 latency c=1", meter, "p50_us")
     p50_direct = get("1 latency c=1", direct, "p50_us")
     if p50 is not None and p50_direct is not None:
@@ -139,6 +149,11 @@ def render(report: dict[str, Any], command: str) -> str:
         out.append(
             f"`{BASELINE}` is the ollama-meter of `{baseline['src']}/src`, {baseline['commit']},"
             " with the same settings."
+        )
+    if report.get("keys"):
+        out.append(
+            f"`{KEYED}` is ollama-meter with `--keys-file` of {report['keys']:,} keys, every"
+            " request carrying a valid one, the keys in turn (request/response scenarios only)."
         )
     out.append("")
     targets = _targets(medians, report.get("raw", {}))

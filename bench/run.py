@@ -1,5 +1,5 @@
-"""The benchmark suite: ``python bench/run.py [--quick] [--baseline-src DIR] [--json FILE]
-[--markdown FILE]``.
+"""The benchmark suite: ``python bench/run.py [--quick] [--baseline-src DIR] [--keys N]
+[--rounds N] [--json FILE] [--markdown FILE]``.
 
 Every scenario runs each target in turn, round after round, every other round in reverse
 order (alternation evens out a noisy machine), and reports medians and the ratio to ``direct``:
@@ -9,7 +9,11 @@ order (alternation evens out a noisy machine), and reports medians and the ratio
 - ``passthrough``: bench/passthrough.py, aiohttp with the same settings and no metering;
 - ``nginx``: Debian's nginx, one worker, proxy_buffering off, keep-alive upstream (if installed);
 - ``ollama-meter@base`` (with ``--baseline-src DIR``): the ollama-meter of DIR/src, same
-  settings, e.g. a ``git worktree`` of an older commit, to compare two versions in one run.
+  settings, e.g. a ``git worktree`` of an older commit, to compare two versions in one run;
+- ``ollama-meter+keys`` (with ``--keys N``): ollama-meter with ``--keys-file`` of N keys
+  (bench/keys.py writes it), every request carrying a valid key, the keys in turn
+  (bench/wrk/generate_keys.lua); in the request/response scenarios only, as the stream and
+  upload clients send no key.
 
 Pinning (2 cores): the target under test runs alone on CPU 0; the upstream and the load
 generator share CPU 1, for every target, direct included. Load: wrk (C) for request/response
@@ -156,6 +160,8 @@ def endpoints_of(env: dict[str, str] | None) -> list[str]:
 
 #: The name of the --baseline-src target.
 BASELINE = "ollama-meter@base"
+#: The name of the --keys target.
+KEYED = "ollama-meter+keys"
 
 
 @dataclass
@@ -163,6 +169,9 @@ class Target:
     name: str
     url: str
     pid: int | None  # None for direct: nothing of ours in between
+    #: The file of the keys (one a line) its requests carry in turn (the --keys target);
+    #: None: its requests carry no key.
+    keys: Path | None = None
 
 
 def _utc_now() -> str:
@@ -178,6 +187,8 @@ class Results:
     steal_percent: float = 0.0
     #: --baseline-src: {"src": DIR, "commit": ...}; empty without one
     baseline: dict[str, str] = field(default_factory=dict)
+    #: --keys: how many keys the keys target's file holds; 0 without it
+    keys: int = 0
 
     def record(self, scenario: str, target: str, values: dict[str, float]) -> None:
         measures = self.scenarios.setdefault(scenario, {}).setdefault(target, {})
@@ -195,13 +206,22 @@ class Results:
 
 
 class Bench:
-    def __init__(self, quick: bool, baseline_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        quick: bool,
+        baseline_env: dict[str, str] | None = None,
+        keys: int = 0,
+        rounds: int | None = None,
+    ) -> None:
         self.quick = quick
         self.baseline_env = baseline_env
+        self.keys = keys
         self.rounds = 2 if quick else 3
+        #: Rounds of the request/response scenarios (short and many, see run).
+        self.many = rounds or (3 if quick else 7)
         self.dir = Path(tempfile.mkdtemp(prefix="ollama-meter-bench-"))
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.results = Results()
+        self.results = Results(keys=keys)
 
     # --- processes ------------------------------------------------------------------------
 
@@ -240,17 +260,34 @@ class Bench:
         )
         return f"http://127.0.0.1:{port}"
 
-    def start_meter(self, name: str, upstream: str, env: dict[str, str] | None) -> Target:
+    def start_meter(
+        self, name: str, upstream: str, env: dict[str, str] | None, *options: str
+    ) -> Target:
         """ollama-meter with default settings; ``env`` (source_env) picks another tree's."""
         port = free_port()
         argv = ["-m", "ollama_meter", "--listen", f"127.0.0.1:{port}", "--upstream", upstream]
-        meter = self.spawn(pinned(TARGET_CPU, PYTHON, *argv), port, env=env)
+        meter = self.spawn(pinned(TARGET_CPU, PYTHON, *argv, *options), port, env=env)
         return Target(name, f"http://127.0.0.1:{port}", meter.pid)
 
-    def start_targets(self, upstream: str) -> list[Target]:
+    def start_keyed(self, upstream: str) -> Target:
+        """ollama-meter with a keys file of ``self.keys`` keys (written once, bench/keys.py);
+        its Target names the file of the keys themselves, for the load generator."""
+        keys_file, key_list = self.dir / "keys.toml", self.dir / "keys.txt"
+        if not keys_file.exists():
+            from keys import write_keys_file
+
+            key_list.write_text("\n".join(write_keys_file(keys_file, self.keys)) + "\n")
+        target = self.start_meter(KEYED, upstream, None, "--keys-file", str(keys_file))
+        target.keys = key_list
+        return target
+
+    def start_targets(self, upstream: str, keyed: bool = True) -> list[Target]:
+        """direct and every proxy; with --keys and ``keyed``, the keys target too."""
         upstream_port = int(upstream.rsplit(":", 1)[1])
         targets = [Target("direct", upstream, None)]
         targets.append(self.start_meter("ollama-meter", upstream, None))
+        if self.keys and keyed:  # beside ollama-meter too: the pair the --keys ratio compares
+            targets.append(self.start_keyed(upstream))
         if self.baseline_env is not None:  # beside ollama-meter: its neighbour in every round
             targets.append(self.start_meter(BASELINE, upstream, self.baseline_env))
         port = free_port()
@@ -282,6 +319,9 @@ class Bench:
     ) -> dict[str, float]:
         """requests/s (and latency percentiles), and the target's CPU time per request."""
         url = target.url
+        script, env = "generate.lua", None
+        if target.keys is not None:  # the same request, with the next key each time
+            script, env = "generate_keys.lua", {**os.environ, "BENCH_KEYS": str(target.keys)}
         argv = pinned(
             HARNESS_CPU,
             "wrk",
@@ -289,13 +329,13 @@ class Bench:
             f"-c{connections}",
             f"-d{seconds}s",
             "-s",
-            str(HERE / "wrk" / "generate.lua"),
+            str(HERE / "wrk" / script),
         )
         if latency:
             argv.append("--latency")
         cpu0 = cpu_seconds(target.pid) if target.pid else 0.0
         out = subprocess.run(
-            [*argv, url + "/api/generate"], capture_output=True, text=True, check=True
+            [*argv, url + "/api/generate"], capture_output=True, text=True, check=True, env=env
         ).stdout
         cpu1 = cpu_seconds(target.pid) if target.pid else 0.0
         result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
@@ -353,7 +393,7 @@ class Bench:
             # the oldest first (FIFO since 3.11), so under load every one of them stays warm:
             # the scenarios below would measure a pool no other scenario has.
             mark = len(self.procs)
-            for target in self.start_targets(upstream)[1:]:
+            for target in self.start_targets(upstream, keyed=False)[1:]:
                 self.wrk(target, 64, 1)  # warm-up: connections, code paths
                 self.results.record("4 memory", target.name, asyncio.run(self.memory(target)))
                 print(
@@ -366,7 +406,7 @@ class Bench:
             self.wrk(target, 64, 1)
         # Request/response rounds are short and many: the machine drifts by tens of percent
         # over seconds, and the report pairs each ollama-meter round with its neighbours'.
-        short, many = (2, 3) if self.quick else (3, 7)
+        short, many = (2 if self.quick else 3), self.many
         if "latency" in only:
             self.alternate(
                 targets,
@@ -380,13 +420,14 @@ class Bench:
             )
         if "streaming" in only:
             lines = 128 if self.quick else 256
+            streamed = [t for t in targets if t.keys is None]  # stream_client sends no key
             self.alternate(
-                targets, "3a streams paced", lambda t: self.streams(t.url, 500, lines, 20)
+                streamed, "3a streams paced", lambda t: self.streams(t.url, 500, lines, 20)
             )
             self.alternate(
-                targets, "3b streams unpaced", lambda t: self.streams(t.url, 500, lines, 0)
+                streamed, "3b streams unpaced", lambda t: self.streams(t.url, 500, lines, 0)
             )
-            self.alternate(targets, "3c burst ttfb", lambda t: self.streams(t.url, 200, 16, 0))
+            self.alternate(streamed, "3c burst ttfb", lambda t: self.streams(t.url, 200, 16, 0))
         steal1 = steal_ticks()
         self.results.steal_percent = 100 * (steal1[0] - steal0[0]) / max(1, steal1[1] - steal0[1])
         if "scrape" in only:
@@ -556,6 +597,19 @@ def main() -> None:
         help=f"add {BASELINE}: the ollama-meter of DIR/src, alternated with the others",
     )
     parser.add_argument(
+        "--keys",
+        type=int,
+        default=0,
+        metavar="N",
+        help=f"add {KEYED}: ollama-meter with a keys file of N keys, every request keyed",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        metavar="N",
+        help="rounds of the request/response scenarios (7; 3 with --quick)",
+    )
+    parser.add_argument(
         "--only",
         default="latency,throughput,streaming,memory,scrape",
         help="comma-separated scenarios",
@@ -569,7 +623,7 @@ def main() -> None:
             baseline_env = source_env(args.baseline_src)
         except LookupError as exc:
             sys.exit(str(exc))
-    bench = Bench(args.quick, baseline_env)
+    bench = Bench(args.quick, baseline_env, args.keys, args.rounds)
     bench.results.machine = machine()
     if args.baseline_src:
         bench.results.baseline = {
@@ -586,6 +640,7 @@ def main() -> None:
         "machine": results.machine,
         "steal_percent": results.steal_percent,
         "baseline": results.baseline,
+        "keys": results.keys,
         "medians": medians,
         "raw": results.scenarios,
     }
