@@ -155,11 +155,11 @@ def cases(count: int, directory: Path) -> dict[str, tuple[str, dict[str, Any]]]:
         "    digest_of(key) (SHA-256)": ("digest_of(key)", g),
         "  route_class(method, template)": ('route_class("POST", template)', g),
         "record step: Access.finished (per-key usage)": (
-            'finished(x, gate, "127.0.0.1", "/api/generate")',
+            'finished(x, gate, lambda: "127.0.0.1", "/api/generate")',
             g,
         ),
-        "  Counter.labels(...).inc(), one of its three": (
-            'requests.labels("bench-0500", "", "2xx").inc()',
+        "  one of its three counter additions": (
+            'requests.add(("bench-0500", "", "2xx"), 1)',
             g,
         ),
     }

@@ -144,7 +144,7 @@ class Access:
         found = self.ring.authenticate(credential(headers), self._clock())
         if not isinstance(found, str):
             return None
-        self.usage.auth_failures.labels(found).inc()
+        self.usage.refused(found)
         message = _MESSAGES[found].format(name="")
         if found == MISSING:
             message = "ollama-meter: /metrics needs an API key (or use --metrics-listen)"
@@ -217,7 +217,7 @@ class Access:
             return
         reason = gate.refused
         if reason is not None:
-            self.usage.auth_failures.labels(reason).inc()
+            self.usage.refused(reason)
         if self.audit is None or not self.audits(gate):
             return
         self.audit.write(
