@@ -9,6 +9,7 @@ torn down in reverse, and only if their setup finished.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Final
@@ -23,6 +24,9 @@ from .config import Config
 from .errors import error_body
 from .gateway.access import Access
 from .gateway.audit import AuditLog
+from .gateway.dispatch import Dispatch
+from .gateway.fleet import Fleet
+from .gateway.fleet_metrics import FleetMetrics
 from .gateway.identity import KeyRing
 from .gateway.reload import KeysFile
 from .gateway.usage import KeyUsage
@@ -49,6 +53,8 @@ METRICS_RUNNER: Final = web.AppKey("metrics_runner", web.AppRunner)
 #: With access control on: the keys file, the access step, and the runners of role listeners.
 KEYS_FILE: Final = web.AppKey("keys_file", KeysFile)
 ACCESS: Final = web.AppKey("access", Access)
+#: In fleet mode ([[upstream]] tables): the upstreams and their poller.
+FLEET: Final = web.AppKey("fleet", Fleet)
 LISTENER_RUNNERS: Final = web.AppKey("listener_runners", list[web.AppRunner])
 
 # The session adds none of its default headers: what the client sent is what Ollama gets.
@@ -88,7 +94,14 @@ def create_app(
     access = None
     if settings.access is not None:
         access = _access_control(app, settings.access, registry)
-    proxy = Proxy(config, metrics, labels, access_log, access)
+    fleet = None
+    dispatch = None
+    if settings.upstreams:
+        fleet = app[FLEET] = Fleet(settings.upstreams, config.probe_timeout)
+        dispatch = Dispatch(fleet, settings.routing)
+        metrics.upstream_families = False  # per upstream, from the poller (fleet_metrics.py)
+        registry.register(FleetMetrics(fleet))
+    proxy = Proxy(config, metrics, labels, access_log, access, dispatch)
     app[METRICS] = metrics
     app[PROXY] = proxy
     if access_log is not None:
@@ -109,13 +122,28 @@ def create_app(
         )
         app[SESSION] = session
         upstream = app[UPSTREAM] = Upstream(session, config.upstream, config.probe_timeout)
+        poller: asyncio.Task[None] | None = None
         try:
-            names = await upstream.tags()
-            if names is not None:
-                labels.set_known(names)
-            app[UPSTREAM_ANSWERED] = names is not None
+            if fleet is None:
+                names = await upstream.tags()
+                if names is not None:
+                    labels.set_known(names)
+                app[UPSTREAM_ANSWERED] = names is not None
+            else:
+                # The fleet is known before the listener opens (the first poll), then kept
+                # current in the background.
+                await fleet.start(session)
+                labels.set_known(fleet.tag_names())
+                app[UPSTREAM_ANSWERED] = any(node.answered for node in fleet.nodes)
+                poller = asyncio.get_running_loop().create_task(fleet.run(session))
             yield
         finally:
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+            if dispatch is not None:
+                await dispatch.close()
             await session.close()
 
     app.cleanup_ctx.append(upstream_session)
@@ -159,6 +187,9 @@ def create_app(
     app.on_cleanup.append(on_cleanup)
 
     async def serve_metrics(request: web.Request) -> web.StreamResponse:
+        if fleet is not None:  # the poller's snapshot: a scrape never waits on the fleet
+            labels.set_known(fleet.tag_names())
+            return await expose(request)
         # Ask Ollama now (or share a probe not a second old), so the scrape shows the state at
         # scrape time; never fails.
         state = await app[UPSTREAM].state()
@@ -179,7 +210,8 @@ def create_app(
         return OwnResponse(text="ollama-meter is healthy.\n")
 
     async def ready(request: web.Request) -> web.StreamResponse:
-        if await app[UPSTREAM].is_up():
+        up = any(fleet.healthy()) if fleet is not None else await app[UPSTREAM].is_up()
+        if up:
             return OwnResponse(text="ollama-meter is ready.\n")
         return OwnResponse(status=503, text="upstream is not answering.\n")
 

@@ -13,6 +13,7 @@ from .ollama import Usage
 
 if TYPE_CHECKING:
     from .gateway.access import Gate
+    from .gateway.dispatch import Target
 
 # Values of the ``reason`` label of request_errors_total (a fixed enum).
 UPSTREAM_UNREACHABLE: Final = "upstream_unreachable"
@@ -61,6 +62,10 @@ class Exchange:
     key: str | None = None
     team: str | None = None
     gate: Gate | None = None
+    #: In a fleet: where it went (a gateway.dispatch.Target), and whether its model was cold
+    #: there when it was sent.
+    target: Target | None = None
+    cold: bool = False
 
     @property
     def duration(self) -> float:

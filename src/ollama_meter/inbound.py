@@ -152,9 +152,14 @@ class HeadWriter:
     __slots__ = ("_drop", "_drop_untrusted", "_trusted")
 
     def __init__(
-        self, preserve_host: bool, trusted: tuple[IPNetwork, ...], drop_credentials: bool = False
+        self,
+        preserve_host: bool,
+        trusted: tuple[IPNetwork, ...],
+        drop_credentials: bool = False,
+        drop: frozenset[str] = frozenset(),
     ) -> None:
-        drop = _REQUEST_ONLY | _CREDENTIALS if drop_credentials else _REQUEST_ONLY
+        """``drop``: more headers (lowercase) that are for the proxy only."""
+        drop = drop | (_REQUEST_ONLY | _CREDENTIALS if drop_credentials else _REQUEST_ONLY)
         self._drop = drop if preserve_host else drop | {"host"}
         self._drop_untrusted = self._drop | _UNTRUSTED
         self._trusted = trusted

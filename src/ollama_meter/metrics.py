@@ -227,6 +227,8 @@ class Metrics(Collector):
         self._in_flight: dict[Key, int] = {}
         self._up = False
         self._models: Sequence[LoadedModel] = ()
+        #: False in fleet mode: gateway/fleet_metrics.py exposes these per upstream.
+        self.upstream_families = True
 
     # --- recording: on the event loop, once per request -----------------------------------
 
@@ -345,7 +347,7 @@ class Metrics(Collector):
                 write(f"{name}_sum{{{labels}}} {_number(observed.total)}\n")
                 if openmetrics:
                     write(f"{name}_created{{{labels}}} {_number(observed.created)}\n")
-        for family in self._upstream_families():
+        for family in self._upstream_families() if self.upstream_families else ():
             write(head(family.name, family.type, family.documentation))
             for sample in family.samples:
                 pairs = ",".join(f'{k}="{_escape(v)}"' for k, v in sample.labels.items())
@@ -364,10 +366,12 @@ class Metrics(Collector):
     # --- exposition through prometheus_client's Collector interface (tools and tests) -----
 
     def describe(self) -> Iterable[Metric]:
-        return self._request_families(empty=True) + self._upstream_families(empty=True)
+        upstream = self._upstream_families(empty=True) if self.upstream_families else []
+        return self._request_families(empty=True) + upstream
 
     def collect(self) -> Iterable[Metric]:
-        return self._request_families() + self._upstream_families()
+        upstream = self._upstream_families() if self.upstream_families else []
+        return self._request_families() + upstream
 
     def _request_families(self, empty: bool = False) -> list[Metric]:
         families: list[Metric] = []

@@ -37,7 +37,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import exchange as ex
-from .bodies import InspectBudget, read_body, sent
+from .bodies import Body, InspectBudget, read_body, sent
 from .config import Config, HostPort
 from .errors import (
     UpstreamClosed,
@@ -48,7 +48,9 @@ from .errors import (
 )
 from .exchange import Exchange
 from .gateway.access import Access, Gate
+from .gateway.dispatch import PIN_HEADER, Dispatch
 from .gateway.keys import Role
+from .gateway.union import FLEET_WIDE, V1_MODELS, merge
 from .hosts import HostCheck, host_check_for
 from .inbound import (
     HOP_BY_HOP,
@@ -84,6 +86,7 @@ SESSION: Final = web.AppKey("upstream_session", aiohttp.ClientSession)
 _STREAMED: Final = (Framing.NDJSON, Framing.SSE)
 JSON_ERROR: Final = "application/json; charset=utf-8"
 _V1_CHAT: Final = "/v1/chat/completions"
+_READS: Final = frozenset({"GET", "HEAD"})
 _REFUSED_HOSTS_LOGGED: Final = 64
 #: A refused request's body, when it came whole with the head and is no larger, is read for
 #: its audit line (which model someone tried to pull).
@@ -111,6 +114,31 @@ _UPSTREAM_READ_ERRORS: Final = (
 )
 
 
+def _retry_reason(exc: BaseException) -> str | None:
+    """Why a failed attempt may be tried on another upstream (nothing reached Ollama's
+    handler, or it was reset before answering), or None."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return "reset"
+    return None
+
+
+#: Largest 503 body read to see whether it is Ollama's "server busy".
+_BUSY_BODY: Final = 4096
+
+
+async def _busy_body(upstream: aiohttp.ClientResponse) -> bytes | None:
+    """The body of a short 503 (read to tell "server busy" from other 503s), else None."""
+    length = upstream.content_length
+    if upstream.status != 503 or length is None or length > _BUSY_BODY:
+        return None
+    try:
+        return await upstream.content.readexactly(length)
+    except (aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError):
+        return None
+
+
 def _took(x: Exchange, tail: LineTail | WholeBody | None, content: aiohttp.StreamReader) -> None:
     """What the response body amounted to, however it ended."""
     x.response_bytes = content.total_bytes
@@ -128,6 +156,7 @@ class Proxy:
         labels: ModelLabels,
         access_log: Callable[[Exchange], None] | None,
         access: Access | None = None,
+        dispatch: Dispatch | None = None,
     ) -> None:
         self._base = str(config.upstream).rstrip("/")
         self._has_base_path = bool(config.upstream.path.strip("/"))
@@ -136,8 +165,12 @@ class Proxy:
         self._labels = labels
         self._access_log = access_log
         self._access = access
+        self._dispatch = dispatch
         self._head = HeadWriter(
-            config.preserve_host, config.trusted_proxies, drop_credentials=access is not None
+            config.preserve_host,
+            config.trusted_proxies,
+            drop_credentials=access is not None,
+            drop=frozenset({PIN_HEADER.lower()}) if dispatch is not None else frozenset(),
         )
         self.host_check = host_check_for(config, config.listen)
         self._budget = InspectBudget(config.max_inspect_total)
@@ -275,6 +308,8 @@ class Proxy:
         x.finished = perf_counter()
         x.request_bytes = request.content.total_bytes
         self._metrics.request_finished(x)
+        if self._dispatch is not None:
+            self._dispatch.ended(x)
         if self._access is not None:
             self._access.finished(x, x.gate, lambda: self._head.client_of(request), request.path)
         if self._access_log is not None:
@@ -302,6 +337,13 @@ class Proxy:
                 if route.inspects_body and content.is_eof() and content.total_bytes <= _HELD:
                     gate.body = content.read_nowait()  # arrived with the head: for the audit
                 raise gate.refusal
+        if (
+            self._dispatch is not None
+            and route.template in FLEET_WIDE
+            and request.method in _READS
+            and PIN_HEADER not in request.headers
+        ):
+            return await self._fleet_answer(x, route)
         config = self._config
         body, data, hold = await read_body(
             request, route, config.max_inspect_bytes, self._budget, config.keepalive_timeout
@@ -326,23 +368,19 @@ class Proxy:
                     data, hidden = sent(asking, hold), HiddenUsage(config.max_response_tail)
                     headers[hdrs.CONTENT_LENGTH] = str(len(asking))
             body = None
+            if self._dispatch is not None:
+                x.target = await self._dispatch.place(request.method, route, model, request.headers)
             self._metrics.request_started(x)
-            try:
-                upstream = await request.app[SESSION].request(
-                    request.method,
-                    URL(self._base + target, encoded=True),
-                    headers=headers,
-                    data=data,
-                    allow_redirects=False,
-                )
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                return self._fail(request, x, self._translate(exc))
+            sending = await self._send(request, route, x, target, headers, data, model)
+            if isinstance(sending, OwnResponse):
+                return sending
+            upstream, first = sending
         finally:
             hold.release()  # if the body has not already given it back on its way up
         data = None
         clean = False
         try:
-            response = await self._relay(request, route, x, upstream, hidden)
+            response = await self._relay(request, route, x, upstream, hidden, first)
             # The request body must have gone out whole too: a body read to inspect it, or
             # no body, is at its end; a streamed one only if the client finished it.
             clean = x.error is None and request.content.is_eof()
@@ -355,6 +393,95 @@ class Proxy:
             else:
                 upstream.close()
 
+    async def _fleet_answer(self, x: Exchange, route: Route) -> OwnResponse:
+        """``/api/tags``, ``/v1/models``, ``/api/ps`` of a fleet: every healthy upstream's
+        answer, merged (union.py)."""
+        assert self._dispatch is not None
+        answers = await self._dispatch.fleet.ask_all(route.template)
+        if not answers:
+            raise Refusal(503, "ollama-meter: no upstream is answering", {"Retry-After": "2"})
+        body = merge(route.template, [answer for _, answer in answers])
+        x.status, x.response_bytes = 200, len(body)
+        kind = "application/json" if route.template == V1_MODELS else JSON_ERROR
+        names = ",".join(node.name for node, _ in answers)
+        return OwnResponse(body=body, headers={hdrs.CONTENT_TYPE: kind, PIN_HEADER: names})
+
+    async def _send(
+        self,
+        request: web.Request,
+        route: Route,
+        x: Exchange,
+        target: str,
+        headers: CIMultiDict[str],
+        data: Body,
+        model: str | None,
+    ) -> tuple[aiohttp.ClientResponse, bytes] | OwnResponse:
+        """The request sent upstream: its response head (and the body, when it had to be
+        read to judge it), or our 502/504. In a fleet, a failure before any answer (refused,
+        reset) and Ollama's 503 "server busy" are retried on another eligible upstream, each
+        at most once, when the proxy holds the whole body (never a blob, never a streamed
+        body, never a pinned request); when none is left, the last answer or failure stands."""
+        session = request.app[SESSION]
+        place = x.target
+        if place is None:
+            try:
+                upstream = await session.request(
+                    request.method,
+                    URL(self._base + target, encoded=True),
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                )
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                return self._fail(request, x, self._translate(exc))
+            return upstream, b""
+        assert self._dispatch is not None
+        fleet = self._dispatch.fleet
+        resendable = (data is None or isinstance(data, bytes)) and place.decision != "pinned"
+        tried: set[str] = set()
+        while True:
+            node = place.node
+            for name, value in node.settings.headers:
+                headers[name] = value
+            x.cold = fleet.sent(node, place.key)
+            fleet.count_decision(node, place.decision)
+            busy: tuple[aiohttp.ClientResponse, bytes] | None = None
+            failure: UpstreamError | None = None
+            try:
+                upstream = await session.request(
+                    request.method,
+                    URL(node.base + target, encoded=True),
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                )
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                reason, failure = _retry_reason(exc), self._translate(exc)
+                if reason is None or not resendable:
+                    return self._fail(request, x, failure)
+            else:
+                read = await _busy_body(upstream) if resendable else None
+                if read is None or b"server busy" not in read:
+                    return upstream, read or b""
+                reason, busy = "busy", (upstream, read)
+            tried.add(node.name)
+            try:
+                next_place = await self._dispatch.place(
+                    request.method, route, model, request.headers, frozenset(tried)
+                )
+            except Refusal:
+                if busy is not None:
+                    return busy  # every holder is busy: Ollama's own 503 stands
+                assert failure is not None
+                return self._fail(request, x, failure)
+            # This attempt ended without an answer the client will see.
+            fleet.ended(node, place.key, cold=x.cold, status=0, usage=None,
+                        transport_failed=busy is None)  # fmt: skip
+            fleet.count_retry(node, reason)
+            if busy is not None:
+                busy[0].release()
+            x.target = place = next_place
+
     async def _relay(
         self,
         request: web.Request,
@@ -362,7 +489,9 @@ class Proxy:
         x: Exchange,
         upstream: aiohttp.ClientResponse,
         hidden: HiddenUsage | None,
+        first: bytes = b"",
     ) -> web.StreamResponse:
+        """Relay the response (``first``: its body, when it had to be read already)."""
         x.status = status = upstream.status
         framing: Framing | None = None
         if (
@@ -383,20 +512,20 @@ class Proxy:
         if framing is not Framing.SSE:
             hidden = None
         x.streamed = framing in _STREAMED
-        response = _PassthroughResponse(
-            status=status,
-            reason=upstream.reason,
-            headers=filtered_headers(upstream.headers, HOP_BY_HOP),
-        )
+        out = filtered_headers(upstream.headers, HOP_BY_HOP)
+        if x.target is not None:
+            out[PIN_HEADER] = x.target.node.name
+        response = _PassthroughResponse(status=status, reason=upstream.reason, headers=out)
         await response.prepare(request)
         content = upstream.content
         watching = False
         try:
             while True:
                 try:
-                    chunk = await content.readany()
+                    chunk = first or await content.readany()
                 except _UPSTREAM_READ_ERRORS as exc:
                     return await self._broken(request, response, x, exc, tail, content, hidden)
+                first = b""
                 if not chunk:
                     break
                 if x.first_byte is None:

@@ -147,6 +147,11 @@ class Fleet:
         self._session: aiohttp.ClientSession | None = None
         self._refresh: asyncio.Future[None] | None = None
         self.polls = 0
+        #: Counters for the metrics: (upstream, decision), (upstream, reason), (upstream,
+        #: model) of loads the proxy caused (a request sent while cold that answered 2xx).
+        self.decisions: dict[tuple[str, str], int] = {}
+        self.retries: dict[tuple[str, str], int] = {}
+        self.cold_loads: dict[tuple[str, str], int] = {}
 
     # --- polling -------------------------------------------------------------------------
 
@@ -189,6 +194,13 @@ class Fleet:
                 node.tags = listed
                 node.models = frozenset(model_key(e["name"]) for e in listed)
 
+    async def ask_all(self, path: str) -> list[tuple[Node, bytes]]:
+        """GET ``path`` from every healthy upstream at once: (node, body) of each 2xx, in the
+        fleet's order."""
+        nodes = list(self.healthy())
+        answers = await asyncio.gather(*(self._get(node, path) for node in nodes))
+        return [(node, body) for node, (body, _) in zip(nodes, answers, strict=True) if body]
+
     async def poll_all(self, tags: bool) -> None:
         await asyncio.gather(*(self.poll(node, tags) for node in self.nodes))
         self.polls += 1
@@ -223,6 +235,13 @@ class Fleet:
 
     # --- what routing needs ---------------------------------------------------------------
 
+    def now(self) -> float:
+        return self._clock()
+
+    def tag_names(self) -> list[str]:
+        """Every model name any upstream lists, as it lists it (for the model labels)."""
+        return [entry["name"] for node in self.nodes for entry in node.tags]
+
     def views(self) -> list[UpstreamView]:
         now = self._clock()
         return [node.view(now) for node in self.nodes]
@@ -233,16 +252,28 @@ class Fleet:
 
     # --- the proxy's own traffic (rule 3) ------------------------------------------------
 
-    def sent(self, node: Node, key: str | None) -> None:
+    def sent(self, node: Node, key: str | None) -> bool:
+        """A request went to ``node``; whether its model was cold there."""
         node.in_flight += 1
         if key is None:
-            return
+            return False
         stats = node.stats_of(key)
         stats.in_flight += 1
-        if not self._is_hot(node, key):
-            stats.cold_in_flight += 1
-            if stats.loading_since is None:
-                stats.loading_since = self._clock()
+        if self._is_hot(node, key):
+            return False
+        stats.cold_in_flight += 1
+        if stats.loading_since is None:
+            stats.loading_since = self._clock()
+        return True
+
+    def count_decision(self, node: Node, decision: str | None) -> None:
+        if decision is not None:
+            key = (node.name, decision)
+            self.decisions[key] = self.decisions.get(key, 0) + 1
+
+    def count_retry(self, node: Node, reason: str) -> None:
+        key = (node.name, reason)
+        self.retries[key] = self.retries.get(key, 0) + 1
 
     def ended(
         self,
@@ -266,6 +297,9 @@ class Fleet:
             stats.cold_in_flight -= 1
             if stats.cold_in_flight <= 0:
                 stats.cold_in_flight, stats.loading_since = 0, None
+        if cold and 200 <= status < 300:
+            load = (node.name, key)
+            self.cold_loads[load] = self.cold_loads.get(load, 0) + 1
         if 200 <= status < 300 and not self._is_hot(node, key):
             # Loaded now, for as long as Ollama keeps a model by default (the next poll of
             # /api/ps says exactly).

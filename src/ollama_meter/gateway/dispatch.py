@@ -1,0 +1,168 @@
+"""Where a request goes in a fleet: the route step, as proxy.py calls it.
+
+Rules (the fleet issue's routing policy):
+1. ``X-Ollama-Meter-Upstream: NAME`` pins a request to that upstream (an unknown name is 400
+   and names the known ones); the header is never forwarded.
+2. Model management (pull, push, create, copy, delete, blobs) goes where it is pinned, else to
+   ``[routing] admin_upstream``, else to the one upstream there is; with several and neither,
+   it is refused (400) rather than sent somewhere arbitrary. A blob and the create that uses
+   it therefore land on the same upstream.
+3. A request that names a model goes where router.py says. Nobody lists it: the tags are
+   refreshed once (concurrent misses share it), then 404 with the text Ollama gives on that
+   route. Only unhealthy upstreams list it: 503 + Retry-After.
+4. Anything else (no model: /api/version, /, an unknown route, a body the proxy could not
+   read) goes to a healthy upstream: the admin upstream for the account routes when it is
+   healthy, else the one with the fewest requests in flight.
+5. No healthy upstream at all: 503 + Retry-After, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from typing import Final
+
+from multidict import CIMultiDictProxy
+
+from .. import exchange as ex
+from ..exchange import Exchange
+from ..fleet_settings import RoutingSettings
+from ..inbound import Refusal
+from ..ollama import Route, canonical_model
+from .fleet import Fleet, Node
+from .policy import RouteClass, route_class
+from .router import AllTried, Choice, NotListed, OnlyUnhealthy, choose, model_key
+
+PIN_HEADER: Final = "X-Ollama-Meter-Upstream"
+#: Failures before any answer: what the breaker counts.
+_TRANSPORT: Final = frozenset({ex.UPSTREAM_UNREACHABLE, ex.UPSTREAM_TIMEOUT, ex.UPSTREAM_CLOSED})
+_RETRY_AFTER: Final = {"Retry-After": "2"}
+
+#: Ollama's 404 text for a model it does not have, by route.
+_PULL_FIRST: Final = frozenset({"/api/embed", "/v1/embeddings"})
+_CANONICAL: Final = frozenset({"/api/show", "/v1/models/{model}"})
+
+
+def not_found(template: str, model: str) -> str:
+    """The text Ollama itself answers a missing model with on this route."""
+    if template in _PULL_FIRST:
+        return f'model "{model}" not found, try pulling it first'
+    if template in _CANONICAL:
+        return f"model '{canonical_model(model)}' not found"
+    return f"model '{model}' not found"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    node: Node
+    #: routing_decisions_total's label: hot, queued_hot, loading, cold, only, pinned, retry,
+    #: or None (no model, not a decision).
+    decision: str | None
+    #: The model as the fleet counts it (model_key), when known.
+    key: str | None
+
+
+class Dispatch:
+    def __init__(
+        self, fleet: Fleet, routing: RoutingSettings, rng: random.Random | None = None
+    ) -> None:
+        self.fleet = fleet
+        self._admin = routing.admin_upstream
+        self._rng = rng or random.Random()
+        self._refreshing: set[asyncio.Future[None]] = set()
+
+    def pinned(self, headers: CIMultiDictProxy[str]) -> Node | None:
+        name = headers.get(PIN_HEADER)
+        if name is None:
+            return None
+        node = self.fleet.by_name.get(name.strip())
+        if node is None:
+            known = ", ".join(self.fleet.by_name)
+            raise Refusal(400, f"ollama-meter: no upstream named {name[:64]!r} (known: {known})")
+        return node
+
+    async def place(
+        self,
+        method: str,
+        route: Route,
+        model: str | None,
+        headers: CIMultiDictProxy[str],
+        exclude: frozenset[str] = frozenset(),
+    ) -> Target:
+        """Where to send this request (rules 1-5), or a Refusal."""
+        key = model_key(model) if model else None
+        node = self.pinned(headers)
+        cls = route_class(method, route.template)
+        if node is None and cls is RouteClass.MODEL_ADMIN:
+            node = self._admin_node()
+        if node is not None:
+            # Only a model it lists is tracked there (a name from a body is unbounded).
+            return Target(node, "pinned", key if key in node.models else None)
+        if model is None or key is None:
+            return Target(self._any(cls), None, None)
+        found = choose(key, self.fleet.views(), self.fleet.now(), self._rng, exclude)
+        if isinstance(found, NotListed) and not exclude:
+            await self.fleet.refresh_tags()
+            found = choose(key, self.fleet.views(), self.fleet.now(), self._rng, exclude)
+        if isinstance(found, Choice):
+            decision = "retry" if exclude else found.decision.value
+            return Target(self.fleet.by_name[found.upstream], decision, key)
+        if isinstance(found, NotListed):
+            raise Refusal(404, not_found(route.template, model))
+        if isinstance(found, OnlyUnhealthy):
+            raise Refusal(
+                503,
+                f"ollama-meter: every upstream that has {model[:100]!r} is down",
+                {"Retry-After": str(found.retry_after)},
+            )
+        assert isinstance(found, AllTried)
+        raise Refusal(503, "ollama-meter: every upstream that has it failed", _RETRY_AFTER)
+
+    def ended(self, x: Exchange) -> None:
+        """The record step: the fleet learns how the request went (fleet.py rule 3), and a
+        model-management call that changed something refreshes the tags."""
+        target = x.target
+        if target is None:
+            return
+        failed = x.first_byte is None and x.error in _TRANSPORT
+        usage = x.usage
+        self.fleet.ended(
+            target.node,
+            target.key,
+            cold=x.cold,
+            status=x.status,
+            usage=usage,
+            transport_failed=failed,
+        )
+        if target.decision == "pinned" and 200 <= x.status < 300 and x.method != "HEAD":
+            task = asyncio.ensure_future(self.fleet.refresh_tags())
+            self._refreshing.add(task)
+            task.add_done_callback(self._refreshing.discard)
+
+    async def close(self) -> None:
+        """Wait for the tag refreshes under way (before the session they use closes)."""
+        if self._refreshing:
+            await asyncio.gather(*self._refreshing, return_exceptions=True)
+
+    def _admin_node(self) -> Node:
+        if self._admin is not None:
+            return self.fleet.by_name[self._admin]
+        if len(self.fleet.nodes) == 1:
+            return self.fleet.nodes[0]
+        known = ", ".join(self.fleet.by_name)
+        raise Refusal(
+            400,
+            "ollama-meter: model management needs an upstream: send "
+            f"{PIN_HEADER}: NAME (known: {known}), or set [routing] admin_upstream",
+        )
+
+    def _any(self, cls: RouteClass) -> Node:
+        healthy = list(self.fleet.healthy())
+        if not healthy:
+            raise Refusal(503, "ollama-meter: no upstream is answering", _RETRY_AFTER)
+        if cls in (RouteClass.ACCOUNT, RouteClass.OTHER) and self._admin is not None:
+            admin = self.fleet.by_name[self._admin]
+            if admin in healthy:
+                return admin
+        return min(healthy, key=lambda node: node.in_flight)
