@@ -26,6 +26,7 @@ from ollama_meter.gateway.router import (
     Result,
     UpstreamView,
     choose,
+    expected_victim,
     model_key,
 )
 
@@ -277,8 +278,63 @@ def test_a_busy_victim_counts_with_loading_models() -> None:
 
 
 def test_an_idle_victim_does_not_exclude() -> None:
+    # OTHER is idle on "full" and hot on "spare" too: evicting it costs nothing more
     full = up("full", loaded={OTHER: LATER}, max_loaded=1, load={M: 1.0})
-    assert pick(full, up("roomy", max_loaded=1, load={M: 8.0})).upstream == "full"
+    spare = up("spare", models=(OTHER,), loaded={OTHER: LATER})
+    choice = pick(full, spare, up("roomy", max_loaded=1, load={M: 8.0}))
+    assert (choice.upstream, choice.cost) == ("full", 1.0)
+
+
+def test_evicting_the_only_copy_of_an_idle_model_is_charged_its_load() -> None:
+    full = up("full", loaded={OTHER: LATER}, max_loaded=1, load={M: 1.0, OTHER: 4.0})
+    assert pick(full).cost == 1.0 + 4.0
+    assert pick(full, up("roomy", load={M: 4.5})).upstream == "roomy"
+    assert pick(full, up("roomy", load={M: 6.0})).upstream == "full"
+    # a copy on an unhealthy upstream does not count
+    sick = up("sick", healthy=False, models=(OTHER,), loaded={OTHER: LATER})
+    assert pick(full, sick).cost == 5.0
+
+
+def test_the_victim_is_the_idle_model_that_expires_first() -> None:
+    phi = "phi4:latest"
+    full = up(
+        "full",
+        loaded={OTHER: NOW + 100, phi: NOW + 50, "busy:latest": NOW + 10},
+        in_flight={"busy:latest": 1},
+        max_loaded=3,
+        load={M: 1.0, OTHER: 4.0, phi: 7.0},
+    )
+    assert pick(full).cost == 1.0 + 7.0  # phi4 goes; the busy model, though older, stays
+    phi_elsewhere = up("other", models=(phi,), loaded={phi: None})
+    assert pick(full, phi_elsewhere).cost == 1.0
+
+
+def test_expected_victim() -> None:
+    phi = "phi4:latest"
+    loaded: dict[str, float | None] = {OTHER: NOW + 100, phi: NOW + 50}
+    assert expected_victim(up("a", loaded=loaded, max_loaded=2), NOW) == phi
+    assert expected_victim(up("a", loaded=loaded, max_loaded=3), NOW) is None  # room
+    assert expected_victim(up("a", loaded=loaded, max_loaded=0), NOW) is None  # unknown
+    busy = up("a", loaded=loaded, in_flight={phi: 1}, max_loaded=2)
+    assert expected_victim(busy, NOW) == OTHER
+    all_busy = up("a", loaded=loaded, in_flight={phi: 1, OTHER: 2}, max_loaded=2)
+    assert expected_victim(all_busy, NOW) is None  # rule 3: Ollama waits, nothing goes at once
+    loading = up("a", loaded={OTHER: None}, loading={phi: NOW}, in_flight={phi: 1}, max_loaded=2)
+    assert expected_victim(loading, NOW) == OTHER
+
+
+def test_a_queue_spills_over_onto_a_full_upstream_only_past_load_and_eviction() -> None:
+    # Two models, two upstreams with max_loaded 1 (the fleet issue's end-to-end case): M is
+    # hot on a (1 slot, 3 s per request), OTHER idle on b; loads take 5 s.
+    def fleet(queued: int) -> tuple[UpstreamView, UpstreamView]:
+        a = up("a", loaded={M: LATER}, in_flight={M: queued}, max_loaded=1, service={M: 3.0})
+        b = up("b", loaded={OTHER: LATER}, max_loaded=1, load={M: 5.0, OTHER: 5.0})
+        return a, b
+
+    assert pick(*fleet(2)).upstream == "a"  # 6 s of queue: less than 5 s load + 5 s reload
+    assert pick(*fleet(3)).upstream == "a"  # 9 s
+    choice = pick(*fleet(4))  # 12 s
+    assert (choice.upstream, choice.decision, choice.cost) == ("b", Decision.COLD, 10.0)
 
 
 def test_expired_models_leave_room() -> None:

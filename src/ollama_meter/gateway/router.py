@@ -8,19 +8,19 @@ Every model name in a view is spelt by ``model_key`` (as Ollama compares names).
 Rule 1, eligibility. An upstream is eligible for a model when it is healthy, its
 ``/api/tags`` lists the model, and it is not in ``exclude`` (already tried for this request).
 Nobody lists the model: ``NotListed`` (the caller refreshes the tags once, then answers 404).
-Only unhealthy upstreams list it: ``OnlyUnhealthy`` (503, with ``retry_after``). Upstreams list
+Only unhealthy upstreams list it: ``OnlyUnhealthy`` (503; ``retry_after``, whole seconds >= 1,
+until the first of them is probed again, ``DEFAULT_RETRY_AFTER`` when none says). Upstreams list
 it and are healthy, but all were tried: ``AllTried`` (the caller answers with the last failure).
 The three refusals are judged in that order, on the whole fleet, before ``exclude``.
 
 Rule 2, cost: the expected seconds until the request holds a slot with its model in memory,
-``cost = load + slot wait``.
+``cost = load + slot wait`` (plus an eviction charge, rule 3).
 
 - State of the model on an upstream: *hot* when it is in ``loaded`` and not expired at ``now``
   (an ``expires_at`` of None counts as hot); else *loading* when the proxy has a request for it
   there that was sent while cold and has not answered; else *cold*.
 - load: 0 when hot; when loading, the load estimate minus the time since the first cold
-  request was sent (never below 0); when cold, the load estimate, plus (at ``max_loaded``,
-  every resident model busy) the time for the first victim to drain. The load estimate is the
+  request was sent (never below 0); when cold, the load estimate. The load estimate is the
   upstream's ``load_seconds`` for the model, else the mean of the other upstreams' (same
   weights, similar disks), else ``DEFAULT_LOAD_SECONDS``.
 - slot wait: with ``n`` of the proxy's requests in flight for the model and ``s`` slots
@@ -29,10 +29,19 @@ Rule 2, cost: the expected seconds until the request holds a slot with its model
   ``service_seconds``, else the other upstreams' mean, else ``DEFAULT_SERVICE_SECONDS``). So the
   wait is ``max(0, n - s + 1) * S / s``: 0 with a free slot, ``S / s`` when every slot is busy.
 
-Rule 3, no eviction of a model in use. An upstream at ``max_loaded`` (hot plus loading models;
-0 means unknown, never full) whose resident models all have requests in flight is not a
-candidate for a cold load while another eligible upstream is a candidate. Ollama would make the
-request wait for a victim to go idle, holding every request queued behind it meanwhile.
+Rule 3, evictions. An upstream is *full* at ``max_loaded`` resident models (hot or loading; 0
+means unknown, never full). A cold load on a full upstream evicts one, as Ollama does: an idle
+one, else it waits for a busy one to go idle.
+
+- Every resident model busy: that upstream is not a candidate for a cold load while another
+  eligible upstream is. Ollama would make the request wait for a victim to go idle, holding
+  every request queued behind it meanwhile, then evict a model in use. When every candidate is
+  such an upstream, the cost adds the time for the first victim to drain.
+- An idle victim (the resident model that expires first: Ollama's least recently used) that no
+  other healthy upstream holds hot: the cost adds the victim's load estimate, since its next
+  request pays that load. (Not in the fleet issue: without it, a queue that spills over onto a
+  full upstream evicts a model held nowhere else, whose next request spills over in turn; in
+  the simulation of docs/routing.md it cuts loads by a third to a half.)
 
 Rule 4, the pick. Take the cheapest candidate. Candidates whose cost is within
 ``TIE_FRACTION`` (10%) of the cheapest, or within ``TIE_SECONDS`` (50 ms) of it, whichever is
@@ -70,6 +79,7 @@ __all__ = [
     "Result",
     "UpstreamView",
     "choose",
+    "expected_victim",
     "model_key",
 ]
 
@@ -200,7 +210,8 @@ def choose(
     service_default = _mean(
         [view.service_seconds for view in listing], key, DEFAULT_SERVICE_SECONDS
     )
-    scored = [_estimate(view, key, now, load_default, service_default) for view in eligible]
+    live = [view for view in fleet if view.healthy]  # where an evicted model may stay hot
+    scored = [_estimate(view, key, now, load_default, service_default, live) for view in eligible]
     candidates = [entry for entry in scored if not entry.blocked] or scored  # rule 3
 
     best = min(entry.cost for entry in candidates)
@@ -227,13 +238,18 @@ class _Estimate:
 
 
 def _estimate(
-    view: UpstreamView, key: str, now: float, load_default: float, service_default: float
+    view: UpstreamView,
+    key: str,
+    now: float,
+    load_default: float,
+    service_default: float,
+    live: Sequence[UpstreamView],
 ) -> _Estimate:
     slots = view.slots or 1
     busy = view.in_flight.get(key, 0)
     service = view.service_seconds.get(key, service_default)
     wait = max(0, busy - slots + 1) * service / slots
-    if key in view.loaded and _is_hot(view.loaded[key], now):
+    if _holds(view, key, now):
         state = Decision.HOT if busy < slots else Decision.QUEUED_HOT
         return _Estimate(view, wait, state, blocked=False)
     load = view.load_seconds.get(key, load_default)
@@ -241,35 +257,60 @@ def _estimate(
     if started is not None:
         remaining = max(0.0, load - (now - started))
         return _Estimate(view, remaining + wait, Decision.LOADING, blocked=False)
-    drain = _eviction_wait(view, now)
-    if drain is None:
-        return _Estimate(view, load + wait, Decision.COLD, blocked=False)
-    return _Estimate(view, drain + load + wait, Decision.COLD, blocked=True)
+    victim, drain = _victim(view, now)
+    if drain is not None:
+        return _Estimate(view, drain + load + wait, Decision.COLD, blocked=True)
+    charge = 0.0
+    if victim is not None and not any(
+        other is not view and _holds(other, victim, now) for other in live
+    ):
+        charge = view.load_seconds.get(victim, DEFAULT_LOAD_SECONDS)
+    return _Estimate(view, load + wait + charge, Decision.COLD, blocked=False)
+
+
+def expected_victim(view: UpstreamView, now: float) -> str | None:
+    """The model a cold load on ``view`` makes Ollama unload at once, as rule 3 predicts it: when
+    it is full, its idle model that expires first (None: not full, or every model busy).
+
+    The fleet drops it from its ``loaded`` when it sends a cold request there, until the next
+    /api/ps says otherwise, so that the next decision does not count on a model already gone.
+    """
+    return _victim(view, now)[0]
 
 
 def _is_hot(expires_at: float | None, now: float) -> bool:
     return expires_at is None or expires_at > now
 
 
-def _eviction_wait(view: UpstreamView, now: float) -> float | None:
-    """None when a cold load can start there at once: ``max_loaded`` unknown or not reached, or
-    an idle model to unload. Else (rule 3) about the seconds until the first resident model
-    has finished the requests it holds."""
+def _holds(view: UpstreamView, key: str, now: float) -> bool:
+    return key in view.loaded and _is_hot(view.loaded[key], now)
+
+
+def _victim(view: UpstreamView, now: float) -> tuple[str | None, float | None]:
+    """(victim, drain) of a cold load there: (None, None) when it is not full; (the idle model
+    that expires first, None); or, every resident model busy (rule 3), (None, about the
+    seconds until the first of them has finished the requests it holds)."""
     if view.max_loaded <= 0:
-        return None
-    resident = {key for key, expires in view.loaded.items() if _is_hot(expires, now)}
-    resident.update(view.loading)
+        return None, None
+    hot = {key: expires for key, expires in view.loaded.items() if _is_hot(expires, now)}
+    resident = hot.keys() | view.loading.keys()
     if len(resident) < view.max_loaded:
-        return None
+        return None, None
+    idle = [
+        (math.inf if expires is None else expires, key)
+        for key, expires in hot.items()
+        if view.in_flight.get(key, 0) <= 0 and key not in view.loading
+    ]
+    if idle:
+        return min(idle)[1], None
     slots = view.slots or 1
-    drain = math.inf
-    for key in resident:
-        busy = view.in_flight.get(key, 0)
-        if busy <= 0 and key not in view.loading:
-            return None  # an idle victim: Ollama unloads it at once
-        service = view.service_seconds.get(key, DEFAULT_SERVICE_SECONDS)
-        drain = min(drain, max(busy, 1) * service / slots)
-    return drain
+    drain = min(
+        max(view.in_flight.get(key, 0), 1)
+        * view.service_seconds.get(key, DEFAULT_SERVICE_SECONDS)
+        / slots
+        for key in resident
+    )
+    return None, drain
 
 
 def _mean(averages: Sequence[Mapping[str, float]], key: str, default: float) -> float:
