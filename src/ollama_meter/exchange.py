@@ -66,6 +66,7 @@ class Exchange:
     #: there when it was sent.
     target: Target | None = None
     cold: bool = False
+    loading: bool = False  # cold, and its response head has not come yet
 
     @property
     def duration(self) -> float:

@@ -443,7 +443,7 @@ class Proxy:
             node = place.node
             for name, value in node.settings.headers:
                 headers[name] = value
-            x.cold = fleet.sent(node, place.key)
+            x.cold = x.loading = fleet.sent(node, place.key)
             fleet.count_decision(node, place.decision)
             busy: tuple[aiohttp.ClientResponse, bytes] | None = None
             failure: UpstreamError | None = None
@@ -462,6 +462,9 @@ class Proxy:
             else:
                 read = await _busy_body(upstream) if resendable else None
                 if read is None or b"server busy" not in read:
+                    if x.loading:
+                        fleet.answered(node, place.key, upstream.status)
+                        x.loading = False
                     return upstream, read or b""
                 reason, busy = "busy", (upstream, read)
             tried.add(node.name)
@@ -475,7 +478,7 @@ class Proxy:
                 assert failure is not None
                 return self._fail(request, x, failure)
             # This attempt ended without an answer the client will see.
-            fleet.ended(node, place.key, cold=x.cold, status=0, usage=None,
+            fleet.ended(node, place.key, cold=x.cold, loading=x.cold, status=0, usage=None,
                         transport_failed=busy is None)  # fmt: skip
             fleet.count_retry(node, reason)
             if busy is not None:

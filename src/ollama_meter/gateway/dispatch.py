@@ -131,6 +131,7 @@ class Dispatch:
             target.node,
             target.key,
             cold=x.cold,
+            loading=x.loading,
             status=x.status,
             usage=usage,
             transport_failed=failed,

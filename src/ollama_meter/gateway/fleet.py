@@ -33,7 +33,7 @@ from yarl import URL
 from ..fleet_settings import UpstreamSettings
 from ..ollama import Usage, parse_time
 from .breaker import Breaker
-from .router import UpstreamView, model_key
+from .router import UpstreamView, expected_victim, model_key
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,16 @@ class Node:
 
     def view(self, now: float) -> UpstreamView:
         stats = self.stats
+        loading = {k: s.loading_since for k, s in stats.items() if s.loading_since is not None}
         return UpstreamView(
             name=self.name,
             healthy=self.healthy(now),
             models=self.models,
-            loaded=self.loaded,
-            loading={k: s.loading_since for k, s in stats.items() if s.loading_since is not None},
+            # A model /api/ps lists while the proxy's request still loads it is loading.
+            loaded={k: v for k, v in self.loaded.items() if k not in loading}
+            if loading
+            else self.loaded,
+            loading=loading,
             in_flight={k: s.in_flight for k, s in stats.items() if s.in_flight},
             slots=self.settings.slots,
             max_loaded=self.settings.max_loaded,
@@ -261,10 +265,28 @@ class Fleet:
         stats.in_flight += 1
         if self._is_hot(node, key):
             return False
+        now = self._clock()
+        # A full upstream unloads a model to load this one: count on that model no more
+        # (until the next /api/ps says otherwise).
+        victim = expected_victim(node.view(now), now)
+        if victim is not None:
+            node.loaded = {k: v for k, v in node.loaded.items() if k != victim}
         stats.cold_in_flight += 1
         if stats.loading_since is None:
-            stats.loading_since = self._clock()
+            stats.loading_since = now
         return True
+
+    def answered(self, node: Node, key: str | None, status: int) -> None:
+        """The head of a request sent while cold arrived: its model is loaded (2xx), or the
+        load is over anyway."""
+        if key is None:
+            return
+        stats = node.stats_of(key)
+        stats.cold_in_flight = max(stats.cold_in_flight - 1, 0)
+        if not stats.cold_in_flight:
+            stats.loading_since = None
+        if 200 <= status < 300 and not self._is_hot(node, key):
+            node.loaded = {**node.loaded, key: self._clock() + DEFAULT_KEEP_ALIVE}
 
     def count_decision(self, node: Node, decision: str | None) -> None:
         if decision is not None:
@@ -281,10 +303,12 @@ class Fleet:
         key: str | None,
         *,
         cold: bool,
+        loading: bool,
         status: int,
         usage: Usage | None,
         transport_failed: bool,
     ) -> None:
+        """A request sent to ``node`` is over (``loading``: sent cold, and no head came)."""
         node.in_flight -= 1
         now = self._clock()
         if transport_failed:
@@ -293,16 +317,14 @@ class Fleet:
             return
         stats = node.stats_of(key)
         stats.in_flight -= 1
-        if cold:
-            stats.cold_in_flight -= 1
-            if stats.cold_in_flight <= 0:
-                stats.cold_in_flight, stats.loading_since = 0, None
+        if loading:
+            self.answered(node, key, 0)
         if cold and 200 <= status < 300:
             load = (node.name, key)
             self.cold_loads[load] = self.cold_loads.get(load, 0) + 1
         if 200 <= status < 300 and not self._is_hot(node, key):
-            # Loaded now, for as long as Ollama keeps a model by default (the next poll of
-            # /api/ps says exactly).
+            # Loaded, for as long as Ollama keeps a model by default (the next poll of /api/ps
+            # says exactly).
             node.loaded = {**node.loaded, key: now + DEFAULT_KEEP_ALIVE}
         if usage is not None:
             busy = (usage.prompt_eval_seconds or 0.0) + (usage.eval_seconds or 0.0)
