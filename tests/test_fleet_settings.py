@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,14 +75,43 @@ def test_several_upstream_options_are_u1_u2() -> None:
     ]
 
 
-def test_a_fleet_file_is_refused_until_the_proxy_routes_it(tmp_path: Path) -> None:
-    """Never serve a file's [[upstream]] tables with the one --upstream, silently."""
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port something listens on: a start that were not refused would fail at once."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+def test_config_show_masks_header_values_and_several_upstream_options_make_a_fleet(
+    tmp_path: Path, taken_port: int
+) -> None:
     from click.testing import CliRunner
 
     from ollama_meter.cli import main
 
     path = tmp_path / "fleet.toml"
-    path.write_text("[[upstream]]\nname = 'a'\nurl = 'x'\n")
-    result = CliRunner().invoke(main, ["--config", str(path), "--listen", "127.0.0.1:0"])
+    path.write_text(_FLEET)
+    result = CliRunner().invoke(
+        main, ["--config", str(path), "config", "show"], env={"GPU_B_TOKEN": "s3cret"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "s3cret" not in result.output
+    shown = tomllib.loads(result.output)
+    assert [u["name"] for u in shown["upstream"]] == ["gpu-a", "gpu-b"]
+    assert shown["upstream"][1]["headers"] == {"Authorization": "***"}
+    args = ["--upstream", "a", "--upstream", "b:1", "config", "show"]
+    shown = tomllib.loads(CliRunner().invoke(main, args).output)
+    assert [(u["name"], u["url"]) for u in shown["upstream"]] == [
+        ("u1", "http://a:11434"),
+        ("u2", "http://b:1"),
+    ]
+    # Every upstream of a fleet is checked for a loop, not only the first.
+    result = CliRunner().invoke(
+        main,
+        ["--listen", f"127.0.0.1:{taken_port}", "--upstream", "a",
+         "--upstream", f"127.0.0.1:{taken_port}"],
+    )  # fmt: skip
     assert result.exit_code == 1
-    assert "[[upstream]] tables are read but not served yet" in result.output
+    assert "requests would loop" in result.output

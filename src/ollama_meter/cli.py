@@ -64,9 +64,12 @@ def _option(name: str, **kwargs: Any) -> Callable[[_F], _F]:
 )
 @_option(
     "--upstream",
-    default="http://127.0.0.1:11434",
+    default=("http://127.0.0.1:11434",),
+    multiple=True,
     metavar="ADDRESS",
-    help="Ollama, written as OLLAMA_HOST is: host, host:port or URL (no scheme: http, port 11434).",
+    help="Ollama, written as OLLAMA_HOST is: host, host:port or URL (no scheme: http, port "
+    "11434). Several (the option again, or the variable's values separated by spaces): a "
+    "fleet of u1, u2, ... (or [[upstream]] tables in --config).",
 )
 @_option(
     "--metrics-listen",
@@ -186,7 +189,7 @@ def main(
     config: str | None,
     keys_file: str | None,
     listen: str,
-    upstream: str,
+    upstream: tuple[str, ...],
     metrics_listen: str | None,
     preserve_host: bool,
     max_inspect_bytes: int,
@@ -218,7 +221,7 @@ def main(
     try:
         core = Config.build(
             listen=listen,
-            upstream=upstream,
+            upstream=upstream[0] if upstream else "",
             metrics_listen=metrics_listen,
             preserve_host=preserve_host,
             max_inspect_bytes=max_inspect_bytes,
@@ -238,7 +241,7 @@ def main(
             # Access lines are info lines: a higher log level turns them off too.
             access_log=access_log and log_level.lower() in ("debug", "info"),
         )
-        settings = gateway_settings(config, keys_file, core)
+        settings = gateway_settings(config, keys_file, core, upstream)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     setup_logging(log_format, log_level)

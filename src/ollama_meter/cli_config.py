@@ -20,12 +20,8 @@ import tomlkit
 
 from .config import Config, ConfigError, HostPort
 from .gateway.keys import KeysFileError, load_keys
+from .fleet_settings import shorthand
 from .settings import Settings, load_settings, with_keys_file
-
-#: Whether the proxy routes across [[upstream]] tables (until then, a file with them is refused
-#: rather than silently served by the one --upstream).
-FLEET_READY = False
-
 
 @dataclass(frozen=True, slots=True)
 class Invocation:
@@ -36,15 +32,21 @@ class Invocation:
     params: dict[str, Any]
 
 
-def gateway_settings(path: str | None, keys_file: str | None, core: Config) -> Settings:
-    """The settings file (and --keys-file over it), checked against the core's listeners;
-    ``${VAR}`` in the file from the environment."""
+def gateway_settings(
+    path: str | None, keys_file: str | None, core: Config, upstreams: tuple[str, ...] = ()
+) -> Settings:
+    """The settings file (and --keys-file over it; several --upstream as a fleet), checked
+    against the core's listeners; ``${VAR}`` in the file from the environment."""
     settings = with_keys_file(load_settings(path, os.environ), keys_file)
-    if settings.upstreams and not FLEET_READY:
-        raise ConfigError(
-            f"{settings.source}: upstream: [[upstream]] tables are read but not served yet by "
-            "this version; use --upstream"
-        )
+    if len(upstreams) > 1:
+        if settings.upstreams:
+            raise ConfigError(
+                f"upstream: given {len(upstreams)} times and as [[upstream]] tables in "
+                f"{settings.source}: use one or the other"
+            )
+        settings = dataclasses.replace(settings, upstreams=shorthand(list(upstreams)))
+    for upstream in settings.upstreams:
+        core.check_upstream(upstream.url)
     access = settings.access
     if access is not None:
         taken: list[HostPort] = [core.listen]
@@ -62,7 +64,9 @@ def gateway_settings(path: str | None, keys_file: str | None, core: Config) -> S
 
 def _core(invocation: Invocation) -> Config:
     accepted = inspect.signature(Config.build).parameters
-    params = invocation.params or {"listen": "127.0.0.1:11435", "upstream": "127.0.0.1:11434"}
+    params = dict(invocation.params) or {"listen": "127.0.0.1:11435"}
+    addresses = params.get("upstream") or ("127.0.0.1:11434",)
+    params["upstream"] = addresses[0]
     return Config.build(**{k: v for k, v in params.items() if k in accepted})
 
 
@@ -70,7 +74,10 @@ def _load(ctx: click.Context, config: str | None) -> tuple[Config, Settings]:
     invocation: Invocation = ctx.find_object(Invocation) or Invocation(None, None, {})
     try:
         core = _core(invocation)
-        settings = gateway_settings(config or invocation.config, invocation.keys_file, core)
+        addresses = tuple(invocation.params.get("upstream") or ())
+        settings = gateway_settings(
+            config or invocation.config, invocation.keys_file, core, addresses
+        )
         if settings.access is not None:
             load_keys(settings.access.keys_file)
     except (ConfigError, KeysFileError) as exc:

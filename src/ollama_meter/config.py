@@ -268,6 +268,16 @@ class Config:
             return is_loopback_listener(listen)
         return self.host_check == "on"
 
+    def check_upstream(self, upstream: URL) -> None:
+        """Refuse an upstream that is one of this proxy's own listeners (requests would loop)."""
+        host, port = upstream.host or "", upstream.port or 0
+        for what, listen in (("listen", self.listen), ("metrics listen", self.metrics_listen)):
+            if listen is not None and listen.port and _same_endpoint(listen, host, port):
+                raise ConfigError(
+                    f"upstream {upstream} is this proxy's own {what} address {listen}: "
+                    "requests would loop"
+                )
+
     def _check_loops(self) -> None:
         host, port = self.upstream.host or "", self.upstream.port or 0
         for what, listen in (("listen", self.listen), ("metrics listen", self.metrics_listen)):
