@@ -116,7 +116,8 @@ def test_unit_environment_is_what_the_cli_accepts(monkeypatch: pytest.MonkeyPatc
         monkeypatch.setenv(name, value)
     # click reads and checks every variable exactly as it would when systemd starts it.
     with main.make_context("ollama-meter", []) as ctx:
-        config = Config.build(listen=ctx.params["listen"], upstream=ctx.params["upstream"])
+        [upstream] = ctx.params["upstream"]  # one: not a fleet
+        config = Config.build(listen=ctx.params["listen"], upstream=upstream)
     assert (config.listen.host, config.listen.port) == ("127.0.0.1", 11435)
     assert (config.upstream.host, config.upstream.port) == ("127.0.0.1", 11434)
 
