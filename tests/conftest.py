@@ -20,6 +20,7 @@ from ollama_meter.config import Config
 from ollama_meter.metrics import build_registry
 from ollama_meter.settings import Settings
 
+from .fake_fleet import start_fleet as start_fleet  # the fake fleet's fixture, for every module
 from .fake_ollama import FakeOllama
 
 # Variables the official clients (and httpx) read: a developer's shell must not change a test.
