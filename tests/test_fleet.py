@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
+import tomllib
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import ollama
@@ -12,9 +15,11 @@ from pytest_aiohttp import AiohttpServer
 from ollama_meter.app import FLEET
 from ollama_meter.config import parse_upstream
 from ollama_meter.fleet_settings import RoutingSettings, UpstreamSettings
-from ollama_meter.settings import Settings
+from ollama_meter.settings import Settings, parse_settings
 
 from .conftest import Meter, MeterFactory, unused_port
+from .fake_fleet import Fleet as FakeFleet
+from .fake_fleet import FleetFactory, FleetOptions
 from .fake_ollama import FakeOllama
 
 Fakes = Callable[[int], Awaitable[list[FakeOllama]]]
@@ -78,3 +83,99 @@ async def test_a_fleet_answers_as_one_ollama(start_meter: MeterFactory, fakes: F
         ) as response:
             assert response.status == 400
             assert "known: gpu-1, gpu-2, gpu-3" in (await response.json())["error"]
+
+
+def settings_of(fleet: FakeFleet, admin: str | None = None) -> Settings:
+    """The fake fleet as [[upstream]] tables say it (slots, max_loaded as configured)."""
+    return parse_settings(tomllib.loads(fleet.toml()), "fleet.toml", Path("."))
+
+
+async def test_a_model_is_never_sent_where_it_is_not(
+    start_meter: MeterFactory, start_fleet: FleetFactory
+) -> None:
+    fleet = await start_fleet(2, models=["llama3.2", "qwen3:8b"])
+    meter = await start_meter(settings=settings_of(fleet))
+    async with ollama.AsyncClient(host=meter.url) as client:
+        for model in ["llama3.2", "qwen3:8b"] * 5:
+            reply = await client.generate(model, "hi")
+            assert reply.done
+        listed = sorted(m.model or "" for m in (await client.list()).models)
+    assert listed == ["llama3.2:latest", "qwen3:8b"]
+    assert fleet.not_found() == 0
+    assert (fleet[0].loads["llama3.2"], fleet[1].loads["qwen3:8b"]) == (1, 1)
+    decisions = {(s["upstream"], s["decision"]) for s in meter.series("routing_decisions_total")}
+    assert decisions >= {("u1", "only"), ("u2", "only")}
+
+
+async def test_a_refused_connection_before_headers_is_retried_elsewhere(
+    start_meter: MeterFactory, start_fleet: FleetFactory
+) -> None:
+    # Both hold the model; only u1 has it loaded, so u1 is the cheaper choice.
+    fleet = await start_fleet(2, models="llama3.2", loaded=["llama3.2", ()])
+    meter = await start_meter(settings=settings_of(fleet))
+    await fleet[0].refuse()  # down since the last poll (its pooled connections cut too)
+    async with ollama.AsyncClient(host=meter.url) as client:
+        reply = await client.generate("llama3.2", "hi")
+    assert reply.done
+    retried = sum(
+        meter.value("upstream_retries_total", upstream="u1", reason=reason)
+        for reason in ("connect", "reset")
+    )
+    assert retried == 1
+    assert meter.value("routing_decisions_total", upstream="u2", decision="retry") == 1
+    assert [c.path for c in fleet[1].calls if c.path == "/api/generate"] == ["/api/generate"]
+
+
+async def test_every_upstream_down_is_a_503_with_retry_after_never_a_hang(
+    start_meter: MeterFactory, start_fleet: FleetFactory
+) -> None:
+    fleet = await start_fleet(2, models="llama3.2")
+    meter = await start_meter(settings=settings_of(fleet))
+    for upstream in fleet:
+        await upstream.refuse()
+    node_of = meter.app[FLEET].by_name
+    await meter.app[FLEET].poll_all(tags=False)  # what the 2 s poller does next
+    assert not any(node.answered for node in node_of.values())
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "llama3.2", "prompt": "hi", "stream": False}
+        async with session.post(meter.url + "/api/generate", json=body) as response:
+            assert response.status == 503
+            assert int(response.headers["Retry-After"]) >= 1
+            assert "down" in (await response.json())["error"]
+        async with session.get(meter.url + "/api/tags") as response:
+            assert response.status == 503
+
+
+async def test_alternating_models_on_small_servers_load_rarely_unlike_round_robin(
+    start_meter: MeterFactory, start_fleet: FleetFactory
+) -> None:
+    """Two models, two upstreams that hold one model each at a time: the cost policy keeps
+    each model where it is loaded; round-robin (the same traffic sent to the upstreams in
+    turn, as nginx would) loads at almost every request. The test shows why the policy
+    exists."""
+    rng = random.Random(7)
+    traffic = [rng.choice(["llama3.2", "qwen3:8b"]) for _ in range(40)]
+    # Loads of 5 s, reported as Ollama would, not slept.
+    small: FleetOptions = {
+        "models": ("llama3.2", "qwen3:8b"),
+        "max_loaded": 1,
+        "load_delay": 5.0,
+        "time_scale": 0,
+    }
+    fleet = await start_fleet(2, **small)
+    meter = await start_meter(settings=settings_of(fleet))
+    async with ollama.AsyncClient(host=meter.url) as client:
+        for model in traffic:
+            await client.generate(model, "hi")
+    routed = {m: fleet.loads(m) for m in ("llama3.2", "qwen3:8b")}
+    assert all(loads <= 2 for loads in routed.values()), routed
+
+    naive = await start_fleet(2, **small)
+    clients = [ollama.AsyncClient(host=url) for url in naive.urls]
+    try:
+        for number, model in enumerate(traffic):
+            await clients[number % 2].generate(model, "hi")
+    finally:
+        for client in clients:
+            await client._client.aclose()
+    assert naive.loads() > 4 * sum(routed.values()), (naive.loads(), routed)
