@@ -10,9 +10,10 @@ Rules (the fleet issue's routing policy):
 3. A request that names a model goes where router.py says. Nobody lists it: the tags are
    refreshed once (concurrent misses share it), then 404 with the text Ollama gives on that
    route. Only unhealthy upstreams list it: 503 + Retry-After.
-4. Anything else (no model: /api/version, /, an unknown route, a body the proxy could not
-   read) goes to a healthy upstream: the admin upstream for the account routes when it is
-   healthy, else the one with the fewest requests in flight.
+4. Anything else goes to a healthy upstream: ``/api/version`` and ``/`` to the first one (in
+   the configured order); the account routes and unknown ones to the admin upstream when it
+   is healthy; the rest (a body the proxy could not read) to the one with the fewest
+   requests in flight.
 5. No healthy upstream at all: 503 + Retry-After, never a hang.
 """
 
@@ -162,6 +163,8 @@ class Dispatch:
         healthy = list(self.fleet.healthy())
         if not healthy:
             raise Refusal(503, "ollama-meter: no upstream is answering", _RETRY_AFTER)
+        if cls is RouteClass.PUBLIC:
+            return healthy[0]  # /api/version and /: the first healthy server's, every time
         if cls in (RouteClass.ACCOUNT, RouteClass.OTHER) and self._admin is not None:
             admin = self.fleet.by_name[self._admin]
             if admin in healthy:
