@@ -6,8 +6,10 @@ import random
 import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import httpx
 import ollama
 import pytest
 from pytest_aiohttp import AiohttpServer
@@ -179,3 +181,34 @@ async def test_alternating_models_on_small_servers_load_rarely_unlike_round_robi
         for client in clients:
             await client._client.aclose()
     assert naive.loads() > 4 * sum(routed.values()), (naive.loads(), routed)
+
+
+async def test_a_server_killed_mid_stream_cuts_its_streams_and_the_next_poll_routes_around(
+    start_meter: MeterFactory, start_fleet: FleetFactory
+) -> None:
+    fleet = await start_fleet(2, models="llama3.2", loaded=["llama3.2", ()])
+    meter = await start_meter(settings=settings_of(fleet))
+    held = fleet[0].hold_tokens("llama3.2", after=1)  # u1 (hot) streams one token, then waits
+    chunks: list[Any] = []
+    async with ollama.AsyncClient(host=meter.url) as client:
+        stream = await client.generate("llama3.2", "hi", stream=True)
+
+        async def read() -> None:
+            async for chunk in stream:
+                chunks.append(chunk)
+                if len(chunks) == 1:
+                    await fleet[0].refuse()  # u1 dies with the stream open
+
+        with pytest.raises(httpx.RemoteProtocolError):  # the body ended before its end
+            await read()
+        held.set()
+        assert len(chunks) == 1
+        assert meter.value(
+            "request_errors_total", endpoint="/api/generate", model="llama3.2:latest",
+            reason="upstream_closed",
+        ) == 1  # fmt: skip
+        assert not [c for c in fleet[1].calls if c.path == "/api/generate"]  # not retried
+        await meter.app[FLEET].poll_all(tags=False)  # the next 2 s poll
+        reply = await client.generate("llama3.2", "hi")
+        assert reply.done
+    assert [c.path for c in fleet[1].calls if c.path == "/api/generate"] == ["/api/generate"]
