@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import tomllib
 from collections.abc import Awaitable, Callable
@@ -11,10 +12,13 @@ from typing import Any
 import aiohttp
 import httpx
 import ollama
+import orjson
 import pytest
+from click.testing import CliRunner, Result
 from pytest_aiohttp import AiohttpServer
 
 from ollama_meter.app import FLEET
+from ollama_meter.cli import main
 from ollama_meter.config import parse_upstream
 from ollama_meter.fleet_settings import RoutingSettings, UpstreamSettings
 from ollama_meter.settings import Settings, parse_settings
@@ -212,3 +216,38 @@ async def test_a_server_killed_mid_stream_cuts_its_streams_and_the_next_poll_rou
         reply = await client.generate("llama3.2", "hi")
         assert reply.done
     assert [c.path for c in fleet[1].calls if c.path == "/api/generate"] == ["/api/generate"]
+
+
+async def test_fleet_status_and_fleet_pull_from_the_command_line(
+    start_meter: MeterFactory, start_fleet: FleetFactory
+) -> None:
+    fleet = await start_fleet(2, models="llama3.2", loaded=["llama3.2", ()])
+    meter = await start_meter(settings=settings_of(fleet))
+    await fleet[1].refuse()
+    await meter.app[FLEET].poll_all(tags=False)
+
+    def run(*args: str) -> Result:
+        return CliRunner().invoke(main, ["fleet", *args, "--url", meter.url])
+
+    result = await asyncio.to_thread(run, "status")
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.output.splitlines()]
+    assert rows[0][:3] == ["UPSTREAM", "UP", "BREAKER"]
+    assert rows[1][:5] == ["u1", "up", "closed", "1", "llama3.2:latest"]
+    assert rows[2][:2] == ["u2", "down"]
+    await fleet[1].restore()
+    await meter.app[FLEET].poll_all(tags=False)
+    result = await asyncio.to_thread(
+        run, "pull", "qwen3:8b", "--upstream", "u1", "--upstream", "u2"
+    )
+    assert result.exit_code == 0, result.output
+    assert "u1: qwen3:8b pulled" in result.output
+    assert "u2: qwen3:8b pulled" in result.output
+    pulls = [
+        (u.name, orjson.loads(r.body)["model"]) for u in fleet for r in u.received
+        if r.path == "/api/pull"
+    ]  # fmt: skip
+    assert pulls == [("u1", "qwen3:8b"), ("u2", "qwen3:8b")]
+    result = await asyncio.to_thread(run, "pull", "x", "--upstream", "nope")
+    assert result.exit_code == 1
+    assert "no upstream named 'nope' (known: u1, u2)" in result.output

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 import aiohttp
+import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
@@ -28,6 +29,7 @@ from .gateway.dispatch import Dispatch
 from .gateway.fleet import Fleet
 from .gateway.fleet_metrics import FleetMetrics
 from .gateway.identity import KeyRing
+from .gateway.keys import Role
 from .gateway.reload import KeysFile
 from .gateway.usage import KeyUsage
 from .hosts import HostCheck, host_check_for
@@ -215,6 +217,18 @@ def create_app(
             return OwnResponse(text="ollama-meter is ready.\n")
         return OwnResponse(status=503, text="upstream is not answering.\n")
 
+    if fleet is not None:
+
+        async def fleet_status(request: web.Request) -> web.StreamResponse:
+            return OwnResponse(
+                body=orjson.dumps(fleet.status()),
+                headers={aiohttp.hdrs.CONTENT_TYPE: JSON_ERROR},
+            )
+
+        # Upstream addresses and their errors: an admin's (with keys on).
+        status = fleet_status if access is None else _keyed(access, fleet_status, "admin")
+        own_route(app, "/-/fleet", _host_checked(proxy.host_check, status))
+
     # /-/healthy answers any Host: probes (Docker, Kubernetes) use whatever address they have.
     own_route(app, "/-/healthy", healthy)
     own_route(app, "/-/ready", _host_checked(proxy.host_check, ready))
@@ -296,11 +310,11 @@ def _role_listener(
     return serve
 
 
-def _keyed(access: Access, handler: Handler) -> Handler:
+def _keyed(access: Access, handler: Handler, role: Role | None = None) -> Handler:
     """An endpoint of ours that needs a working API key (access.check_scraper)."""
 
     async def keyed(request: web.Request) -> web.StreamResponse:
-        refusal = access.check_scraper(request.headers)
+        refusal = access.check_scraper(request.headers, role)
         if refusal is None:
             return await handler(request)
         return OwnResponse(

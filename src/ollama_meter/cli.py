@@ -20,6 +20,7 @@ from aiohttp import web
 from . import __version__
 from .app import ACCESS, UPSTREAM_ANSWERED, create_app
 from .cli_config import Invocation, config_command, gateway_settings
+from .cli_fleet import fleet_command
 from .cli_keys import keys_command
 from .config import Config, ConfigError, HostCheckMode, LogFormat
 from .gateway.keys import KeysFileError
@@ -250,6 +251,7 @@ def main(
 
 main.add_command(keys_command)
 main.add_command(config_command)
+main.add_command(fleet_command)
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

@@ -19,9 +19,10 @@ import click
 import tomlkit
 
 from .config import Config, ConfigError, HostPort
-from .gateway.keys import KeysFileError, load_keys
 from .fleet_settings import shorthand
+from .gateway.keys import KeysFileError, load_keys
 from .settings import Settings, load_settings, with_keys_file
+
 
 @dataclass(frozen=True, slots=True)
 class Invocation:

@@ -138,12 +138,18 @@ class Access:
             )
         return gate
 
-    def check_scraper(self, headers: CIMultiDictProxy[str]) -> Refusal | None:
+    def check_scraper(
+        self, headers: CIMultiDictProxy[str], role: Role | None = None
+    ) -> Refusal | None:
         """``/metrics`` on the proxy's own listener: it names every key and its usage, so it
-        needs a working key (any role), never anonymous."""
+        needs a working key (any role, or ``role``), never anonymous."""
         found = self.ring.authenticate(credential(headers), self._clock())
         if not isinstance(found, str):
-            return None
+            if role is None or found.role == role:
+                return None
+            gate = Gate(found, RouteClass.OTHER)
+            self.usage.refused("forbidden_route")
+            return _refuse(gate, 403, "forbidden_route", f"ollama-meter: needs a {role} key")
         self.usage.refused(found)
         message = _MESSAGES[found].format(name="")
         if found == MISSING:

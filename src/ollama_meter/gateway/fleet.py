@@ -254,6 +254,29 @@ class Fleet:
         now = self._clock()
         return (node for node in self.nodes if node.healthy(now))
 
+    def status(self) -> dict[str, Any]:
+        """What ``ollama-meter fleet status`` shows (GET /-/fleet), as plain JSON."""
+        now = self._clock()
+        return {
+            "version": 1,
+            "upstreams": [
+                {
+                    "name": node.name,
+                    "url": str(node.settings.url),
+                    "up": node.answered,
+                    "breaker": "open" if node.breaker.is_open else "closed",
+                    "slots": node.settings.slots,
+                    "max_loaded": node.settings.max_loaded,
+                    "models": len(node.models),
+                    "loaded": sorted(k for k, v in node.loaded.items() if v is None or v > now),
+                    "in_flight": {k: s.in_flight for k, s in node.stats.items() if s.in_flight},
+                    "last_poll": node.last_poll,
+                    "last_error": node.last_error,
+                }
+                for node in self.nodes
+            ],
+        }
+
     # --- the proxy's own traffic (rule 3) ------------------------------------------------
 
     def sent(self, node: Node, key: str | None) -> bool:
