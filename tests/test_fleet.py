@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import tomllib
 from collections.abc import Awaitable, Callable
@@ -17,12 +18,13 @@ import pytest
 from click.testing import CliRunner, Result
 from pytest_aiohttp import AiohttpServer
 
-from ollama_meter.app import FLEET
+from ollama_meter.app import ACCESS, FLEET
 from ollama_meter.cli import main
 from ollama_meter.config import parse_upstream
 from ollama_meter.fleet_settings import RoutingSettings, UpstreamSettings
-from ollama_meter.settings import Settings, parse_settings
+from ollama_meter.settings import AccessSettings, Settings, parse_settings
 
+from .access_keys import make_keys
 from .conftest import Meter, MeterFactory, unused_port
 from .fake_fleet import Fleet as FakeFleet
 from .fake_fleet import FleetFactory, FleetOptions
@@ -251,3 +253,27 @@ async def test_fleet_status_and_fleet_pull_from_the_command_line(
     result = await asyncio.to_thread(run, "pull", "x", "--upstream", "nope")
     assert result.exit_code == 1
     assert "no upstream named 'nope' (known: u1, u2)" in result.output
+
+
+async def test_the_audit_line_names_the_upstream_a_call_went_to(
+    start_meter: MeterFactory, start_fleet: FleetFactory, tmp_path: Path
+) -> None:
+    fleet = await start_fleet(2, models="llama3.2")
+    keys = make_keys(tmp_path)
+    audit = tmp_path / "audit.jsonl"
+    settings = dataclasses.replace(
+        settings_of(fleet),
+        access=AccessSettings(keys_file=keys.path, audit_log=str(audit)),
+    )
+    meter = await start_meter(settings=settings)
+    headers = {"Authorization": f"Bearer {keys.admin}", "X-Ollama-Meter-Upstream": "u2"}
+    async with (
+        aiohttp.ClientSession(headers=headers) as session,
+        session.delete(meter.url + "/api/delete", json={"model": "llama3.2"}) as response,
+    ):
+        assert response.status == 200
+    log = meter.app[ACCESS].audit
+    assert log is not None
+    log.close()
+    [line] = [orjson.loads(x) for x in audit.read_bytes().splitlines()]
+    assert (line["upstream"], line["outcome"]) == ("u2", "success")

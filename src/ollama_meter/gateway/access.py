@@ -235,7 +235,7 @@ class Access:
                 client=client(),
                 method=x.method,
                 route=x.endpoint,
-                upstream=_UPSTREAM,
+                upstream=_UPSTREAM if x.target is None else x.target.node.name,
                 names=request_names(x.endpoint, gate.body, path, x.request_bytes),
                 status=x.status,
                 duration=x.duration,
