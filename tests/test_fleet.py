@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import httpx
 import ollama
+import openai
 import orjson
 import pytest
 from click.testing import CliRunner, Result
@@ -25,6 +26,7 @@ from ollama_meter.fleet_settings import RoutingSettings, UpstreamSettings
 from ollama_meter.settings import AccessSettings, Settings, parse_settings
 
 from .access_keys import make_keys
+from .clients import openai_httpx
 from .conftest import Meter, MeterFactory, unused_port
 from .fake_fleet import Fleet as FakeFleet
 from .fake_fleet import FleetFactory, FleetOptions
@@ -277,3 +279,29 @@ async def test_the_audit_line_names_the_upstream_a_call_went_to(
     log.close()
     [line] = [orjson.loads(x) for x in audit.read_bytes().splitlines()]
     assert (line["upstream"], line["outcome"]) == ("u2", "success")
+
+
+async def test_the_openai_sdk_sees_one_server(
+    start_meter: MeterFactory, start_fleet: FleetFactory
+) -> None:
+    fleet = await start_fleet(2, models=["llama3.2", "qwen3:8b"])
+    meter = await start_meter(settings=settings_of(fleet))
+    http = openai_httpx().AsyncClient()
+    client = openai.AsyncOpenAI(
+        base_url=meter.url + "/v1", api_key="x", http_client=http, max_retries=0
+    )
+    try:
+        listed = sorted(m.id for m in (await client.models.list()).data)
+        assert listed == ["llama3.2:latest", "qwen3:8b"]
+        for model in ("llama3.2", "qwen3:8b"):
+            done = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}]
+            )
+            assert done.choices[0].message.content
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(
+                model="llama9", messages=[{"role": "user", "content": "hi"}]
+            )
+    finally:
+        await http.aclose()
+    assert fleet.not_found() == 0
