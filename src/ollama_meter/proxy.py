@@ -614,7 +614,7 @@ class Proxy:
             "%s %s: upstream %s broke off the response: %s",
             request.method,
             x.endpoint,
-            self._base,
+            self._base if x.target is None else x.target.node.name,
             self._translate(exc).detail,
         )
         self._record(request, x)
@@ -629,12 +629,16 @@ class Proxy:
     def _fail(self, request: web.Request, x: Exchange, error: UpstreamError) -> OwnResponse:
         x.status = error.status
         x.error = error.reason
-        log.warning("%s %s: upstream %s: %s", x.method, x.endpoint, self._base, error.detail)
+        headers = {hdrs.CONTENT_TYPE: JSON_ERROR}
+        where = self._base
+        if x.target is not None:
+            where = headers[PIN_HEADER] = x.target.node.name
+        log.warning("%s %s: upstream %s: %s", x.method, x.endpoint, where, error.detail)
         self._record(request, x)
         return OwnResponse(
             status=error.status,
             body=error_body(x.endpoint, error.status, f"ollama-meter: upstream: {error}"),
-            headers={hdrs.CONTENT_TYPE: JSON_ERROR},
+            headers=headers,
         )
 
     def _refuse(self, request: web.Request, x: Exchange, refusal: Refusal) -> OwnResponse:
