@@ -629,7 +629,7 @@ class Proxy:
     def _fail(self, request: web.Request, x: Exchange, error: UpstreamError) -> OwnResponse:
         x.status = error.status
         x.error = error.reason
-        headers = {hdrs.CONTENT_TYPE: JSON_ERROR}
+        headers: dict[str, str] = {hdrs.CONTENT_TYPE: JSON_ERROR}
         where = self._base
         if x.target is not None:
             where = headers[PIN_HEADER] = x.target.node.name
