@@ -3,8 +3,14 @@
 The dashboard is kept as code so that a change is a readable diff; tests/test_operator_kit.py
 fails when the committed JSON and this script disagree. Queries use ollama-meter's metric
 contract and the recording rules of prometheus/rules/ollama-meter.yml (for the heavy histogram
-quantiles). Variables: datasource, instance, model, endpoint. The Keys row reads the
-families access control adds ([access] keys_file).
+quantiles). Variables: datasource, instance, model, endpoint. The Fleet row reads the
+families fleet mode adds ([[upstream]] tables), the Keys row those access control adds
+([access] keys_file).
+
+In fleet mode the upstream families (upstream_up, loaded_models, model_*) carry an
+``upstream`` label; without a fleet they have none. Panels outside the Fleet row aggregate
+over it (``max without (upstream)``, ``sum without (upstream)``), so they read the same in both
+modes; Fleet panels select ``upstream!=""``, so they are empty without a fleet.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ def rate_by(by: str, metric: str, filters: str = F_ALL) -> str:
 
 
 TOKENS_PER_S: Final = "suffix: tok/s"
+LOADS_PER_MIN: Final = "suffix: loads/min"
 # A client that went away first (pressing Stop) is a cancellation, never a failure.
 NOT_CANCELLED: Final = 'reason!="client_disconnect"'
 # Routes that manage models rather than run them.
@@ -40,10 +47,25 @@ COUNT: Final = [(None, "blue")]
 ANY_IS_BAD: Final = [(None, "green"), (1, "red")]
 # Per-key families exist only with access control on ([access] keys_file).
 WITH_KEYS: Final = "With API keys on ([access] keys_file); empty without them."
+# Families of fleet mode, or the upstream label it adds, exist only with [[upstream]] tables.
+WITH_FLEET: Final = "In fleet mode ([[upstream]] tables); empty without them."
+F_FLEET: Final = f'{F_INST}, upstream!=""'
 # Keeps only the process_* series of ollama-meter targets, whatever their job is called.
 OF_METER: Final = f" * on (job, instance) group_left () ollama_meter_build_info{{{F_INST}}}"
 
 Panel = dict[str, Any]
+
+
+def states(zero: tuple[str, str], one: tuple[str, str]) -> list[dict[str, Any]]:
+    """Value mappings of a 0/1 gauge: (text, colour) for each."""
+    options = {
+        value: {"text": text, "color": color} for value, (text, color) in (("0", zero), ("1", one))
+    }
+    return [{"type": "value", "options": options}]
+
+
+UP_DOWN: Final = states(("DOWN", "red"), ("UP", "green"))
+OPEN_CLOSED: Final = states(("closed", "green"), ("OPEN", "red"))
 
 
 def target(expr: str, legend: str, ref: str) -> dict[str, Any]:
@@ -338,20 +360,29 @@ def rows() -> list[tuple[str, list[Panel]]]:
             [
                 stat(
                     "Loaded models",
-                    "Models in Ollama's memory (GET /api/ps at scrape time).",
+                    "Models in Ollama's memory (GET /api/ps at scrape time; in a fleet, the "
+                    "poller's latest, added up over the upstreams).",
                     "short",
-                    f"max(ollama_meter_loaded_models{{{F_INST}}})",
+                    f"max(sum without (upstream) (ollama_meter_loaded_models{{{F_INST}}}))",
                     "loaded",
                     width=4,
                 ),
+                # In a fleet a model may be loaded on several upstreams: the legends end with
+                # the upstream (nothing without a fleet).
                 panel(
                     "VRAM vs size",
                     "Size of each loaded model and the part of it in GPU memory; "
                     "less VRAM than size means part of it runs on the CPU.",
                     "bytes",
                     [
-                        (f"ollama_meter_model_size_bytes{{{F_MODEL}}}", "{{model}} size"),
-                        (f"ollama_meter_model_vram_bytes{{{F_MODEL}}}", "{{model}} VRAM"),
+                        (
+                            f"ollama_meter_model_size_bytes{{{F_MODEL}}}",
+                            "{{model}} size {{upstream}}",
+                        ),
+                        (
+                            f"ollama_meter_model_vram_bytes{{{F_MODEL}}}",
+                            "{{model}} VRAM {{upstream}}",
+                        ),
                     ],
                     width=10,
                 ),
@@ -362,7 +393,7 @@ def rows() -> list[tuple[str, list[Panel]]]:
                     [
                         (
                             f"ollama_meter_model_expiry_timestamp_seconds{{{F_MODEL}}} - time()",
-                            "{{model}}",
+                            "{{model}} {{upstream}}",
                         )
                     ],
                     width=10,
@@ -380,7 +411,114 @@ def rows() -> list[tuple[str, list[Panel]]]:
                     "Context length",
                     "Context window each loaded model was loaded with.",
                     "short",
-                    [(f"ollama_meter_model_context_length{{{F_MODEL}}}", "{{model}}")],
+                    [
+                        (
+                            f"ollama_meter_model_context_length{{{F_MODEL}}}",
+                            "{{model}} {{upstream}}",
+                        )
+                    ],
+                    width=12,
+                ),
+            ],
+        ),
+        (
+            "Fleet: which upstreams answer, and where do requests go?",
+            [
+                stat(
+                    "Upstream up",
+                    "Did each upstream answer the poller's last GET /api/version (every 2 s). "
+                    + WITH_FLEET,
+                    "none",
+                    f"min by (upstream) (ollama_meter_upstream_up{{{F_FLEET}}})",
+                    "{{upstream}}",
+                    width=6,
+                    mappings=UP_DOWN,
+                ),
+                stat(
+                    "Breaker open",
+                    "An open breaker means consecutive transport failures (refused, reset, "
+                    "timed out) of polls or requests: the upstream is skipped until it "
+                    "answers again. " + WITH_FLEET,
+                    "none",
+                    f"max by (upstream) (ollama_meter_upstream_breaker_open{{{F_FLEET}}})",
+                    "{{upstream}}",
+                    width=6,
+                    mappings=OPEN_CLOSED,
+                ),
+                panel(
+                    "In flight by upstream",
+                    "Requests the proxy has sent to each upstream and not finished. " + WITH_FLEET,
+                    "short",
+                    [
+                        (
+                            "sum by (upstream) "
+                            f"(ollama_meter_upstream_requests_in_flight{{{F_FLEET}}})",
+                            "{{upstream}}",
+                        )
+                    ],
+                    width=12,
+                ),
+                panel(
+                    "Routing decisions",
+                    "Requests per second by where they were sent and why: hot (loaded, a "
+                    "slot free), queued_hot (loaded, waiting for a slot), loading, cold (a "
+                    "load), only (the one upstream that has the model), pinned "
+                    "(X-Ollama-Meter-Upstream, or model management to admin_upstream), retry "
+                    "(after another upstream failed). " + WITH_FLEET,
+                    "reqps",
+                    [
+                        (
+                            rate_by(
+                                "upstream, decision", "ollama_meter_routing_decisions_total", F_INST
+                            ),
+                            "{{upstream}} {{decision}}",
+                        )
+                    ],
+                    width=12,
+                ),
+                panel(
+                    "Retries by reason",
+                    "Attempts per second that failed before any answer and were sent to another "
+                    "upstream, by the upstream that failed and why: connect (refused), reset, "
+                    "busy (Ollama's 503 server busy). " + WITH_FLEET,
+                    "reqps",
+                    [
+                        (
+                            rate_by(
+                                "upstream, reason", "ollama_meter_upstream_retries_total", F_INST
+                            ),
+                            "{{upstream}} {{reason}}",
+                        )
+                    ],
+                    width=12,
+                ),
+                panel(
+                    "Cold loads",
+                    "Loads per minute the routing caused: requests sent to an upstream while "
+                    "their model was not loaded there, that answered 2xx. Alert "
+                    "OllamaMeterFleetColdLoadStorm: above 1 a minute on an upstream for 10 "
+                    "minutes. " + WITH_FLEET,
+                    LOADS_PER_MIN,
+                    [
+                        (
+                            "60 * "
+                            + rate_by("upstream, model", "ollama_meter_cold_loads_total", F_MODEL),
+                            "{{upstream}} {{model}}",
+                        )
+                    ],
+                    width=12,
+                ),
+                panel(
+                    "Loaded models by upstream",
+                    "Models each upstream holds in memory, from the poller's last GET /api/ps "
+                    "(an upstream that does not answer reads 0). " + WITH_FLEET,
+                    "short",
+                    [
+                        (
+                            f"max by (upstream) (ollama_meter_loaded_models{{{F_FLEET}}})",
+                            "{{upstream}}",
+                        )
+                    ],
                     width=12,
                 ),
             ],
@@ -390,20 +528,13 @@ def rows() -> list[tuple[str, list[Panel]]]:
             [
                 stat(
                     "Upstream",
-                    "Did Ollama answer GET /api/version during the last scrape.",
+                    "Did Ollama answer GET /api/version during the last scrape (in a fleet: "
+                    "does any upstream answer the poller; the Fleet row shows each).",
                     "none",
-                    f"min(ollama_meter_upstream_up{{{F_INST}}})",
+                    f"min(max without (upstream) (ollama_meter_upstream_up{{{F_INST}}}))",
                     "upstream",
                     width=4,
-                    mappings=[
-                        {
-                            "type": "value",
-                            "options": {
-                                "0": {"text": "DOWN", "color": "red"},
-                                "1": {"text": "UP", "color": "green"},
-                            },
-                        }
-                    ],
+                    mappings=UP_DOWN,
                 ),
                 stat(
                     "Version",

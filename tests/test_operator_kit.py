@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry
 
 from ollama_meter.cli import main
 from ollama_meter.config import Config, parse_listen
+from ollama_meter.gateway.fleet import Fleet
+from ollama_meter.gateway.fleet_metrics import FleetMetrics
 from ollama_meter.gateway.usage import KeyUsage
 from ollama_meter.ollama import ENDPOINTS
 
@@ -269,6 +271,48 @@ def test_every_alert_has_a_unit_test_that_fires_it() -> None:
                 assert {"summary", "description", "runbook"} <= set(rule["annotations"])
 
 
+def inhibited(target: dict[str, str], source: dict[str, str]) -> bool:
+    """Whether an inhibit rule of alertmanager/alertmanager.yml mutes an alert with labels
+    ``target`` while one with labels ``source`` fires (matchers ``name = value`` only)."""
+
+    def matches(matchers: list[str], labels: dict[str, str]) -> bool:
+        pairs = [m.split("=", 1) for m in matchers]
+        assert all(len(p) == 2 and p[0][-1:] != "!" and p[1][:1] != "~" for p in pairs), matchers
+        return all(labels.get(k.strip()) == v.strip().strip('"') for k, v in pairs)
+
+    config = load_yaml("alertmanager/alertmanager.yml")
+    return any(
+        matches(rule["source_matchers"], source)
+        and matches(rule["target_matchers"], target)
+        and all(k in source and target.get(k) == source[k] for k in rule["equal"])
+        for rule in config["inhibit_rules"]
+    )
+
+
+def test_no_upstream_answering_is_one_notification_not_one_per_upstream() -> None:
+    """In a fleet whose upstreams are all down, OllamaMeterUpstreamDown (critical, per target)
+    and OllamaMeterFleetUpstreamDown (a warning per upstream) both fire; Alertmanager delivers
+    the critical one only. The fleet's other warnings are muted with it."""
+    rules = load_yaml("prometheus/rules/ollama-meter.yml")
+    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+    severity = {r["alert"]: r["labels"]["severity"] for r in alerts}
+    target = {"job": "ollama-meter", "instance": "meter:11435"}
+    down = {**target, "alertname": "OllamaMeterUpstreamDown", "severity": "critical"}
+    assert severity["OllamaMeterUpstreamDown"] == "critical"
+    fleet_alerts = [name for name in severity if name.startswith("OllamaMeterFleet")]
+    assert len(fleet_alerts) == 3
+    for name in fleet_alerts:
+        alert = {**target, "upstream": "gpu-1", "alertname": name, "severity": severity[name]}
+        assert inhibited(alert, down), name
+        # Another target's Ollama being down mutes nothing here.
+        assert not inhibited(alert, {**down, "instance": "meter-2:11435"}), name
+    # And a fleet alert mutes nothing: one upstream down explains no other alert.
+    warning = {**target, "alertname": "OllamaMeterHighErrorRatio", "severity": "warning"}
+    for name in fleet_alerts:
+        source = {**target, "upstream": "gpu-1", "alertname": name, "severity": severity[name]}
+        assert not inhibited(warning, source), name
+
+
 #: Routes that run a model: what stream errors and time to first token are about.
 INFERENCE_ROUTES = {
     "/api/generate",
@@ -348,6 +392,7 @@ def test_dashboard_panels_have_units_and_use_the_datasource_variable() -> None:
         "Latency",
         "Tokens",
         "Models",
+        "Fleet",
         "Proxy",
         "Keys",
     ]
@@ -367,13 +412,28 @@ def sample_names(family: str, kind: str) -> set[str]:
     return {family}
 
 
-def known_names() -> set[str]:
-    """Series names a query may read: our families (with their sample suffixes), those that
-    access control adds (read from a fresh KeyUsage: the golden list is the core's), the
-    recording rules, and the standard process series."""
-    names = {"up", "process_resident_memory_bytes", "process_cpu_seconds_total"}
+def core_names() -> set[str]:
+    """Sample names of the core's families (the golden list)."""
+    names: set[str] = set()
     for line in GOLDEN.read_text().splitlines():
         names.update(sample_names(*line.split()[:2]))
+    return names
+
+
+def fleet_names() -> set[str]:
+    """Sample names of the families that only fleet mode exposes (from the collector of an
+    empty fleet); upstream_up, loaded_models and model_* are the core's too, unlabelled."""
+    families = FleetMetrics(Fleet([], probe_timeout=1.0)).collect()
+    names = {n for family in families for n in sample_names(family.name, family.type)}
+    return names - core_names()
+
+
+def known_names() -> set[str]:
+    """Series names a query may read: our families (with their sample suffixes), those that
+    access control and fleet mode add (read from a fresh KeyUsage and FleetMetrics: the golden
+    list is the core's), the recording rules, and the standard process series."""
+    names = {"up", "process_resident_memory_bytes", "process_cpu_seconds_total"}
+    names |= core_names() | fleet_names()
     registry = CollectorRegistry()
     KeyUsage(registry, max_key_labels=1)
     for family in registry.collect():

@@ -10,35 +10,104 @@ data. Traffic comes from the official ``ollama`` client: streamed and not, sever
 error and a cancelled stream, requests with keys and refused ones. Progress is followed by
 events, not sleeps: every scrape makes ollama-meter ask the fake Ollama for /api/ps, so the
 test waits for those arrivals.
+
+The fleet variant runs the same checks on an ollama-meter with three upstreams ([[upstream]]
+tables): two fakes and a port that refuses every connection. The core's traffic goes to the
+first fake, pinned with X-Ollama-Meter-Upstream; the router places the rest, so the Fleet row
+has hot and cold decisions, cold loads, retries (both fakes busy) and an upstream down with its
+breaker open. There a scrape asks no upstream anything (it shows the poller's snapshot), so
+Prometheus scrapes the meter through a counting forwarder, whose answers are the events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import re
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Protocol
 
 import aiohttp
 import ollama
 import pytest
 import yaml
+from aiohttp import web
+from pytest_aiohttp import AiohttpServer
 
 from ollama_meter.app import KEYS_FILE
+from ollama_meter.gateway.dispatch import PIN_HEADER
 
 from .access_keys import Keys, access_settings, make_keys
 from .conftest import Meter, MeterFactory, unused_port
 from .fake_ollama import NDJSON, FakeOllama, Reply, lines_of
-from .test_operator_kit import dashboard, load_yaml
+from .test_fleet import fleet_settings
+from .test_operator_kit import dashboard, fleet_names, load_yaml
 
 ROOT = Path(__file__).parent.parent
 MESSAGES = [{"role": "user", "content": "Why is the sky blue?"}]
-SCRAPE = "/api/ps"  # the fake sees one of these per scrape of ollama-meter
+SCRAPE = "/api/ps"  # without a fleet, the fake sees one of these per scrape of ollama-meter
+#: Ollama's answer when its queue is full (OLLAMA_MAX_QUEUE): retried on another upstream.
+BUSY: Final = b'{"error":"server busy, please try again.  maximum pending requests exceeded"}'
+
+
+class Scrapes(Protocol):
+    async def wait(self, count: int = 1) -> None:
+        """Until ``count`` more scrapes of ollama-meter have happened."""
+
+
+@dataclass
+class PsScrapes:
+    """Without a fleet, each scrape makes ollama-meter ask the fake for /api/ps."""
+
+    fake: FakeOllama
+
+    async def wait(self, count: int = 1) -> None:
+        arrived = self.fake.wait_for(SCRAPE, self.fake.count(SCRAPE) + count)
+        await asyncio.wait_for(arrived, timeout=30)
+
+
+class ScrapeCounter:
+    """Between Prometheus and an ollama-meter in fleet mode: forwards each scrape (its Accept
+    and Authorization headers) and counts the answers."""
+
+    def __init__(self, target: str) -> None:
+        self._target = target
+        self._session: aiohttp.ClientSession | None = None
+        self._answered = 0
+        self._scraped = asyncio.Condition()
+        self.app = web.Application()
+        self.app.router.add_get("/metrics", self._metrics)
+        self.app.cleanup_ctx.append(self._client)
+
+    async def _client(self, _: web.Application) -> AsyncIterator[None]:
+        async with aiohttp.ClientSession() as self._session:
+            yield
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        assert self._session is not None
+        forwarded = {k: v for k, v in request.headers.items() if k in ("Accept", "Authorization")}
+        async with self._session.get(self._target + "/metrics", headers=forwarded) as answer:
+            body = await answer.read()
+            kind = {"Content-Type": answer.headers["Content-Type"]}
+            response = web.Response(status=answer.status, body=body, headers=kind)
+        async with self._scraped:
+            self._answered += 1
+            self._scraped.notify_all()
+        return response
+
+    async def wait(self, count: int = 1) -> None:
+        async with self._scraped:
+            target = self._answered + count
+            await asyncio.wait_for(
+                self._scraped.wait_for(lambda: self._answered >= target), timeout=30
+            )
 
 
 @pytest.fixture
@@ -102,28 +171,25 @@ def prometheus_config(meter_address: str, credentials_file: Path | None = None) 
     return config
 
 
-@pytest.fixture
-async def prometheus(
-    prometheus_binary: str,
-    prometheus_features: list[str],
-    meter: Meter,
-    keys: Keys,
-    tmp_path: Path,
+@asynccontextmanager
+async def run_prometheus(
+    binary: str, features: list[str], target: str, keys: Keys, tmp_path: Path
 ) -> AsyncIterator[str]:
-    address = meter.url.removeprefix("http://")
+    """Prometheus scraping ``target`` (host:port, with the read key) with the shipped rules,
+    until the block ends; its base URL."""
     secret = tmp_path / "scrape.key"
     secret.write_text(keys.read)
-    config = prometheus_config(address, secret)
+    config = prometheus_config(target, secret)
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     shutil.copytree(ROOT / "prometheus" / "rules", tmp_path / "rules")
     port = unused_port()
-    features = [f"--enable-feature={','.join(prometheus_features)}"] if prometheus_features else []
+    flags = [f"--enable-feature={','.join(features)}"] if features else []
     proc = await asyncio.create_subprocess_exec(
-        prometheus_binary,
+        binary,
         f"--config.file={tmp_path / 'prometheus.yml'}",
         f"--storage.tsdb.path={tmp_path / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}",
-        *features,
+        *flags,
         stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
@@ -146,6 +212,21 @@ async def prometheus(
             await proc.wait()
         if drain is not None:
             await drain
+
+
+@pytest.fixture
+async def prometheus(
+    prometheus_binary: str,
+    prometheus_features: list[str],
+    meter: Meter,
+    keys: Keys,
+    tmp_path: Path,
+) -> AsyncIterator[str]:
+    address = meter.url.removeprefix("http://")
+    async with run_prometheus(
+        prometheus_binary, prometheus_features, address, keys, tmp_path
+    ) as url:
+        yield url
 
 
 async def drive(fake: FakeOllama, meter: Meter, keys: Keys) -> None:
@@ -230,7 +311,7 @@ async def drive_and_scrape(fake: FakeOllama, meter: Meter, keys: Keys) -> None:
     increased between two samples and rates are not zero."""
     for _ in range(2):
         await drive(fake, meter, keys)
-        await asyncio.wait_for(fake.wait_for(SCRAPE, fake.count(SCRAPE) + 2), timeout=30)
+        await PsScrapes(fake).wait(2)
 
 
 async def query(session: aiohttp.ClientSession, base: str, expr: str) -> list[dict[str, Any]]:
@@ -246,7 +327,7 @@ def has_number(result: list[dict[str, Any]]) -> bool:
 
 
 async def without_data(
-    session: aiohttp.ClientSession, base: str, fake: FakeOllama, records: list[str]
+    session: aiohttp.ClientSession, base: str, scrapes: Scrapes, records: list[str]
 ) -> list[str]:
     """Recording rules run on their own clock: give them scrapes until each has a number.
     Returns those that still have none."""
@@ -254,7 +335,7 @@ async def without_data(
         missing = [r for r in records if not has_number(await query(session, base, r))]
         if not missing:
             break
-        await asyncio.wait_for(fake.wait_for(SCRAPE, fake.count(SCRAPE) + 1), timeout=30)
+        await scrapes.wait()
     return missing
 
 
@@ -277,70 +358,237 @@ def substitute(expr: str, model: str = ".*") -> str:
     )
 
 
-async def test_dashboard_and_rules_work_on_real_data(
-    fake: FakeOllama, meter: Meter, keys: Keys, prometheus: str
-) -> None:
-    await drive_and_scrape(fake, meter, keys)
+def fleet_row(panels: list[dict[str, Any]]) -> set[str]:
+    """Titles of the panels of the Fleet row."""
+    titles, row = set(), ""
+    for panel in panels:
+        if panel["type"] == "row":
+            row = panel["title"]
+        elif row.startswith("Fleet:"):
+            titles.add(panel["title"])
+    assert titles, "the dashboard has no Fleet row"
+    return titles
 
+
+def fleet_only(selector: str) -> bool:
+    """A selector of a family that only fleet mode exposes, or of the label it adds."""
+    name = selector.partition("{")[0]
+    return name in fleet_names() or 'upstream!=""' in selector
+
+
+async def check_every_panel_and_rule(
+    session: aiohttp.ClientSession, base: str, scrapes: Scrapes, *, fleet: bool
+) -> None:
+    """Every rule is healthy and every panel has data; without a fleet, the Fleet row and the
+    fleet's series are empty instead."""
     panels = [p for p in dashboard()["panels"] if p["type"] != "row"]
+    fleet_panels = fleet_row(dashboard()["panels"])
     rules = load_yaml("prometheus/rules/ollama-meter.yml")
     records = [r for g in rules["groups"] for r in g["rules"] if "record" in r]
     alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
 
-    async with aiohttp.ClientSession() as session:
-        missing = await without_data(session, prometheus, fake, [r["record"] for r in records])
-        assert missing == [], f"recording rules without data: {missing}"
+    missing = await without_data(session, base, scrapes, [r["record"] for r in records])
+    assert missing == [], f"recording rules without data: {missing}"
 
-        async with session.get(prometheus + "/api/v1/rules") as response:
-            groups = (await response.json())["data"]["groups"]
-        unhealthy = [
-            (r["name"], r.get("lastError"))
-            for g in groups
-            for r in g["rules"]
-            if r["health"] != "ok"
-        ]
-        assert unhealthy == []
-        assert sum(len(g["rules"]) for g in groups) == len(records) + len(alerts)
+    async with session.get(base + "/api/v1/rules") as response:
+        groups = (await response.json())["data"]["groups"]
+    unhealthy = [
+        (r["name"], r.get("lastError")) for g in groups for r in g["rules"] if r["health"] != "ok"
+    ]
+    assert unhealthy == []
+    assert sum(len(g["rules"]) for g in groups) == len(records) + len(alerts)
 
-        for alert in alerts:
-            # The alert's expression is valid; the series it watches exist. (Whether it fires
-            # on the right data is what promtool's rule unit tests check.)
-            await query(session, prometheus, alert["expr"])
-            for selector in re.findall(
-                r"\b(?:ollama_meter[a-z0-9_:]*|up)(?:\{[^}]*\})?", alert["expr"]
-            ):
-                assert has_number(await query(session, prometheus, selector)), (
-                    alert["alert"],
-                    selector,
-                )
+    for alert in alerts:
+        # The alert's expression is valid; the series it watches exist. (Whether it fires
+        # on the right data is what promtool's rule unit tests check.)
+        await query(session, base, alert["expr"])
+        for selector in re.findall(
+            r"\b(?:ollama_meter[a-z0-9_:]*|up)(?:\{[^}]*\})?", alert["expr"]
+        ):
+            result = await query(session, base, selector)
+            if fleet or not fleet_only(selector):
+                assert has_number(result), (alert["alert"], selector)
+            else:
+                assert result == [], (alert["alert"], selector)
 
-        for panel in panels:
-            for target in panel["targets"]:
-                result = await query(session, prometheus, substitute(target["expr"]))
+    for panel in panels:
+        for target in panel["targets"]:
+            result = await query(session, base, substitute(target["expr"]))
+            if fleet or panel["title"] not in fleet_panels:
                 assert has_number(result), f"panel {panel['title']!r}: no data for {target['expr']}"
-        # One model selected instead of All: the filters are real regexes on real labels.
-        chat = next(p for p in panels if p["title"] == "Requests by model")
-        one = await query(session, prometheus, substitute(chat["targets"][0]["expr"], "qwen3:8b"))
-        assert [s["metric"]["model"] for s in one] == ["qwen3:8b"]
+            else:  # as its description says
+                assert result == [], f"panel {panel['title']!r} has data without a fleet"
+    # One model selected instead of All: the filters are real regexes on real labels.
+    chat = next(p for p in panels if p["title"] == "Requests by model")
+    one = await query(session, base, substitute(chat["targets"][0]["expr"], "qwen3:8b"))
+    assert [s["metric"]["model"] for s in one] == ["qwen3:8b"]
 
-        for variable in dashboard()["templating"]["list"]:
-            if variable["type"] != "query":
-                continue
-            match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["definition"])
-            assert match, variable["definition"]
-            selector, label = match.groups()
-            async with session.get(
-                f"{prometheus}/api/v1/label/{label}/values",
-                params={"match[]": substitute(selector)},
-            ) as response:
-                values = (await response.json())["data"]
-            assert values, variable["name"]
-            if label == "model":
-                assert {"llama3.2:latest", "qwen3:8b", "nomic-embed-text:latest"} <= set(values)
+    for variable in dashboard()["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
+        match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["definition"])
+        assert match, variable["definition"]
+        selector, label = match.groups()
+        async with session.get(
+            f"{base}/api/v1/label/{label}/values", params={"match[]": substitute(selector)}
+        ) as response:
+            values = (await response.json())["data"]
+        assert values, variable["name"]
+        if label == "model":
+            assert {"llama3.2:latest", "qwen3:8b", "nomic-embed-text:latest"} <= set(values)
+
+
+async def test_dashboard_and_rules_work_on_real_data(
+    fake: FakeOllama, meter: Meter, keys: Keys, prometheus: str
+) -> None:
+    await drive_and_scrape(fake, meter, keys)
+    async with aiohttp.ClientSession() as session:
+        await check_every_panel_and_rule(session, prometheus, PsScrapes(fake), fleet=False)
 
     # What the test drove shows up where an operator looks for it.
     assert (
         meter.value(
+            "request_errors_total",
+            endpoint="/api/chat",
+            model="llama3.2:latest",
+            reason="client_disconnect",
+        )
+        == 2
+    )
+
+
+@dataclass
+class FleetStack:
+    meter: Meter
+    #: gpu-1 (the ``fake`` fixture) and gpu-2; gpu-3 is a port that refuses every connection.
+    fakes: list[FakeOllama]
+    scrapes: ScrapeCounter
+    prometheus: str
+
+
+@pytest.fixture
+async def fleet_stack(
+    prometheus_binary: str,
+    prometheus_features: list[str],
+    start_meter: MeterFactory,
+    fake: FakeOllama,
+    aiohttp_server: AiohttpServer,
+    keys: Keys,
+    tmp_path: Path,
+) -> AsyncIterator[FleetStack]:
+    """ollama-meter in fleet mode, with API keys on as in the core's stack, and Prometheus
+    scraping it through a ScrapeCounter."""
+    second = FakeOllama()
+    second.url = str((await aiohttp_server(second.app)).make_url("")).rstrip("/")
+    refused = f"http://127.0.0.1:{unused_port()}"
+    fleet = fleet_settings([fake.url, second.url, refused])
+    access = access_settings(keys, anonymous="inference").access
+    meter = await start_meter(settings=dataclasses.replace(fleet, access=access))
+    counter = ScrapeCounter(meter.url)
+    forwarder = await aiohttp_server(counter.app)
+    address = f"{forwarder.host}:{forwarder.port}"
+    async with run_prometheus(
+        prometheus_binary, prometheus_features, address, keys, tmp_path
+    ) as url:
+        yield FleetStack(meter, [fake, second], counter, url)
+
+
+async def drive_fleet(stack: FleetStack, keys: Keys) -> None:
+    """Traffic the router places, then the core's traffic, pinned to gpu-1 (whose fake its
+    scripts are for)."""
+    url = stack.meter.url
+    async with ollama.AsyncClient(host=url) as client:
+        # The fakes' /api/ps lists llama3.2 only (with an expires_at the router may find
+        # past: then it is cold too). So qwen3:8b is cold everywhere (certainly so in the
+        # first round: nothing has asked for it yet), and its first request is a cold load;
+        # the next one finds it hot there (a 2xx loaded it), unless a poll came in between.
+        await client.chat(model="qwen3:8b", messages=MESSAGES)
+        await client.chat(model="qwen3:8b", messages=MESSAGES)
+        # Both busy: sent to one, retried on the other, whose 503 stands.
+        for fake in stack.fakes:
+            fake.script("POST", "/api/chat", Reply.body(BUSY, status=503))
+        with pytest.raises(ollama.ResponseError) as busy:
+            await client.chat(model="llama3.2", messages=MESSAGES)
+        assert busy.value.status_code == 503
+    pin = {PIN_HEADER: "gpu-1"}
+    admin_key = {"Authorization": f"Bearer {keys.admin}"}
+    async with (
+        ollama.AsyncClient(host=url, headers=pin) as client,
+        ollama.AsyncClient(host=url, headers={**pin, **admin_key}) as admin,
+    ):
+        await _drive(stack.fakes[0], client, admin)
+    await _drive_keys(stack.meter, keys)
+
+
+async def test_in_a_fleet_every_panel_and_rule_works_on_real_data(
+    fleet_stack: FleetStack, keys: Keys
+) -> None:
+    stack, base = fleet_stack, fleet_stack.prometheus
+    for _ in range(2):
+        await drive_fleet(stack, keys)
+        await stack.scrapes.wait(2)
+    exprs = {
+        p["title"]: p["targets"][0]["expr"] for p in dashboard()["panels"] if p["type"] != "row"
+    }
+
+    async with aiohttp.ClientSession() as session:
+
+        async def shown(title: str, *names: str) -> set[tuple[str, ...]]:
+            return await labels_above_zero(session, base, exprs[title], *names)
+
+        async def counted(metric: str, *names: str) -> set[tuple[str, ...]]:
+            return await labels_above_zero(session, base, metric, *names)
+
+        async def by(title: str, name: str) -> dict[str, float]:
+            result = await query(session, base, substitute(exprs[title]))
+            return {s["metric"].get(name, ""): float(s["value"][1]) for s in result}
+
+        # gpu-3 never answers: down at once, its breaker open after three polls.
+        breaker = 'ollama_meter_upstream_breaker_open{upstream="gpu-3"} == 1'
+        pending = 'ALERTS{alertname="OllamaMeterFleetUpstreamDown", alertstate="pending"}'
+        assert await without_data(session, base, stack.scrapes, [breaker, pending]) == []
+        await check_every_panel_and_rule(session, base, stack.scrapes, fleet=True)
+
+        assert await by("Upstream up", "upstream") == {"gpu-1": 1, "gpu-2": 1, "gpu-3": 0}
+        assert await by("Breaker open", "upstream") == {"gpu-1": 0, "gpu-2": 0, "gpu-3": 1}
+        assert await by("Loaded models by upstream", "upstream") == {
+            "gpu-1": 1,
+            "gpu-2": 1,
+            "gpu-3": 0,
+        }
+        # The rows without an upstream label read the fleet as a whole: it still serves, and
+        # holds two models.
+        assert await by("Upstream", "upstream") == {"": 1}
+        assert await by("Loaded models", "upstream") == {"": 2}
+        assert {"gpu-1", "gpu-2"} == {
+            s["metric"]["upstream"]
+            for s in await query(session, base, substitute(exprs["VRAM vs size"]))
+        }
+
+        # The fleet's counters have a series per combination that happened, from when it first
+        # did: a rate shows a combination that recurred (pinned, on gpu-1, in both rounds),
+        # the counters themselves every one.
+        assert ("gpu-1", "pinned") in await shown("Routing decisions", "upstream", "decision")
+        decisions = await counted("ollama_meter_routing_decisions_total", "upstream", "decision")
+        assert {d for _, d in decisions} >= {"pinned", "hot", "cold", "retry"}
+        assert {u for u, d in decisions if d == "pinned"} == {"gpu-1"}
+        assert {u for u, _ in decisions} == {"gpu-1", "gpu-2"}  # the busy pair: one each
+        retries = await counted("ollama_meter_upstream_retries_total", "upstream", "reason")
+        assert {r for _, r in retries} == {"busy"}
+        # Only gpu-1 was asked for nomic-embed-text (pinned), where it was not loaded.
+        loads = await counted("ollama_meter_cold_loads_total", "upstream", "model")
+        assert ("gpu-1", "nomic-embed-text:latest") in loads
+        assert "qwen3:8b" in {m for _, m in loads}
+        assert {u for u, _ in loads} <= {"gpu-1", "gpu-2"}
+
+        # One upstream down while the others answer: the fleet's warning for it (pending, for
+        # its 2 minutes), and not the critical alert of a meter without a working upstream.
+        [alert] = await query(session, base, pending)
+        assert alert["metric"]["upstream"] == "gpu-3"
+        assert await query(session, base, 'ALERTS{alertname="OllamaMeterUpstreamDown"}') == []
+
+    assert (
+        stack.meter.value(
             "request_errors_total",
             endpoint="/api/chat",
             model="llama3.2:latest",
@@ -402,7 +650,7 @@ async def test_the_keys_row_says_who_used_ollama_and_who_was_refused(
         await asyncio.wait_for(reloaded.wait(), timeout=10)
         assert meter.value("config_reloads_total", result="error") == 1
         alert = 'ALERTS{alertname="OllamaMeterKeysReloadFailed", alertstate="pending"}'
-        assert await without_data(session, prometheus, fake, [alert]) == []
+        assert await without_data(session, prometheus, PsScrapes(fake), [alert]) == []
         [pending] = await query(session, prometheus, alert)
         assert pending["metric"]["instance"] == meter.url.removeprefix("http://")
         assert await labels_above_zero(session, prometheus, errors) == {()}
@@ -430,6 +678,6 @@ async def test_cancellations_and_model_management_are_not_inference_errors(
         }
         # ...and no inference stream breaking off: only the chat that died mid-stream is.
         ratio = "ollama_meter:stream_error_ratio:rate10m"
-        assert await without_data(session, prometheus, fake, [ratio]) == []
+        assert await without_data(session, prometheus, PsScrapes(fake), [ratio]) == []
         result = await query(session, prometheus, ratio)
         assert {s["metric"]["model"] for s in result} == {"llama3.2:latest"}
