@@ -41,6 +41,9 @@ INTERVAL: Final = 2.0
 TAGS_INTERVAL: Final = 30.0
 #: How long a model stays hot after a 2xx when /api/ps gave no expiry (Ollama's default).
 DEFAULT_KEEP_ALIVE: Final = 300.0
+#: routing_decisions_total's decisions, and upstream_retries_total's reasons.
+DECISIONS: Final = ("hot", "queued_hot", "loading", "cold", "retry", "pinned", "only")
+RETRY_REASONS: Final = ("connect", "reset", "busy")
 #: Weight of the newest sample in the moving averages.
 ALPHA: Final = 0.2
 _PROBE_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
@@ -153,9 +156,15 @@ class Fleet:
         self.polls = 0
         #: Counters for the metrics: (upstream, decision), (upstream, reason), (upstream,
         #: model) of loads the proxy caused (a request sent while cold that answered 2xx).
-        self.decisions: dict[tuple[str, str], int] = {}
-        self.retries: dict[tuple[str, str], int] = {}
+        #: Decisions and retries exist at 0 from the start, so that Prometheus sees the first
+        #: increase of each; ``created`` holds each series' creation time (OpenMetrics).
+        started = time.time()
+        self.decisions = {(n.name, d): 0 for n in self.nodes for d in DECISIONS}
+        self.retries = {(n.name, r): 0 for n in self.nodes for r in RETRY_REASONS}
         self.cold_loads: dict[tuple[str, str], int] = {}
+        self.created: dict[tuple[str, str], float] = dict.fromkeys(
+            [*self.decisions, *self.retries], started
+        )
 
     # --- polling -------------------------------------------------------------------------
 
@@ -314,11 +323,10 @@ class Fleet:
     def count_decision(self, node: Node, decision: str | None) -> None:
         if decision is not None:
             key = (node.name, decision)
-            self.decisions[key] = self.decisions.get(key, 0) + 1
+            self.decisions[key] += 1
 
     def count_retry(self, node: Node, reason: str) -> None:
-        key = (node.name, reason)
-        self.retries[key] = self.retries.get(key, 0) + 1
+        self.retries[node.name, reason] += 1
 
     def ended(
         self,
@@ -344,7 +352,10 @@ class Fleet:
             self.answered(node, key, 0)
         if cold and 200 <= status < 300:
             load = (node.name, key)
-            self.cold_loads[load] = self.cold_loads.get(load, 0) + 1
+            if load not in self.cold_loads:
+                self.cold_loads[load] = 0
+                self.created[load] = time.time()
+            self.cold_loads[load] += 1
         if 200 <= status < 300 and not self._is_hot(node, key):
             # Loaded, for as long as Ollama keeps a model by default (the next poll of /api/ps
             # says exactly).

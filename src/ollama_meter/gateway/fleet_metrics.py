@@ -15,11 +15,9 @@ from typing import Final
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..ollama import parse_time
-from .fleet import Fleet
+from .fleet import DECISIONS, RETRY_REASONS, Fleet
 
 _NS: Final = "ollama_meter"
-DECISIONS: Final = ("hot", "queued_hot", "loading", "cold", "retry", "pinned", "only")
-RETRY_REASONS: Final = ("connect", "reset", "busy")
 
 
 def _number(value: object) -> float | None:
@@ -105,22 +103,23 @@ class FleetMetrics:
             f"Where requests were sent and why ({', '.join(DECISIONS)}).",
             labels=["upstream", "decision"],
         )
-        for (name, decision), count in fleet.decisions.items():
-            decisions.add_metric([name, decision], count)
+        created = fleet.created
+        for key, count in fleet.decisions.items():
+            decisions.add_metric(list(key), count, created=created[key])
         retries = CounterMetricFamily(
             f"{_NS}_upstream_retries",
             f"Attempts retried on another upstream, by why ({', '.join(RETRY_REASONS)}).",
             labels=["upstream", "reason"],
         )
-        for (name, reason), count in fleet.retries.items():
-            retries.add_metric([name, reason], count)
+        for key, count in fleet.retries.items():
+            retries.add_metric(list(key), count, created=created[key])
         cold = CounterMetricFamily(
             f"{_NS}_cold_loads",
             "Requests sent to an upstream while their model was not loaded there, that "
             "then answered 2xx: loads the routing caused.",
             labels=["upstream", "model"],
         )
-        for (upstream, key), count in fleet.cold_loads.items():
-            cold.add_metric([upstream, key], count)
+        for load, count in fleet.cold_loads.items():
+            cold.add_metric(list(load), count, created=created[load])
         return [up, breaker, polled, in_flight, loaded, size, vram, expiry, context,
                 decisions, retries, cold]  # fmt: skip
