@@ -314,7 +314,7 @@ def _keyed(access: Access, handler: Handler, role: Role | None = None) -> Handle
     """An endpoint of ours that needs a working API key (access.check_scraper)."""
 
     async def keyed(request: web.Request) -> web.StreamResponse:
-        refusal = access.check_scraper(request.headers, role)
+        refusal = access.check_scraper(request.headers, role, request.path)
         if refusal is None:
             return await handler(request)
         return OwnResponse(

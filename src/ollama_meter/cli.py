@@ -282,12 +282,19 @@ def run(config: Config, settings: Settings | None = None) -> None:
     except KeysFileError as exc:
         raise click.ClickException(str(exc)) from None
 
+    fleet = settings.upstreams if settings is not None else ()
+    forwarding = (
+        f"{len(fleet)} upstreams ({', '.join(u.name for u in fleet)})"
+        if fleet
+        else str(config.upstream)
+    )
+
     def announce(_: str) -> None:
         log.info(
             "ollama-meter %s listening on %s, forwarding to %s; metrics at %s/metrics",
             __version__,
             config.listen.url,
-            config.upstream,
+            forwarding,
             metrics_at,
         )
         access = app.get(ACCESS)
@@ -301,7 +308,7 @@ def run(config: Config, settings: Settings | None = None) -> None:
         if not app.get(UPSTREAM_ANSWERED, False):
             log.warning(
                 "Ollama at %s does not answer: requests will get 502 until it does",
-                config.upstream,
+                forwarding,
             )
 
     tune_runtime()

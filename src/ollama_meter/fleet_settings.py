@@ -32,6 +32,8 @@ from .gateway.keys import NAME
 _UPSTREAM_KEYS: Final = frozenset({"name", "url", "slots", "max_loaded", "headers"})
 _VARIABLE: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: Not allowed in a header value (tab is).
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 #: Headers the proxy sets itself on the way up: an upstream's headers may not replace them.
 _RESERVED: Final = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "x-forwarded-for"}
@@ -85,8 +87,8 @@ def _headers(value: object, where: str, environ: Mapping[str, str]) -> tuple[tup
         if not isinstance(text, str):
             raise ConfigError(f"{where}.{name}: must be a string")
         expanded = _expand(text, f"{where}.{name}", environ)
-        if "\r" in expanded or "\n" in expanded:
-            raise ConfigError(f"{where}.{name}: a header value cannot hold a line break")
+        if _CONTROL.search(expanded):
+            raise ConfigError(f"{where}.{name}: a header value cannot hold control characters")
         headers.append((name, expanded))
     return tuple(headers)
 

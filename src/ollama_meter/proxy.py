@@ -37,7 +37,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import exchange as ex
-from .bodies import Body, InspectBudget, read_body, sent
+from .bodies import NOTHING_HELD, Body, InspectBudget, read_body, sent
 from .config import Config, HostPort
 from .errors import (
     UpstreamClosed,
@@ -114,6 +114,21 @@ _UPSTREAM_READ_ERRORS: Final = (
 )
 
 
+def _unroutable(request: web.Request, cap: int) -> Refusal:
+    """A request whose model is in a body the proxy could not read: in a fleet it cannot be
+    placed (sending it anywhere could reach a server without the model)."""
+    coding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").lower()
+    if coding != "identity":
+        return Refusal(415, "ollama-meter: send the body unencoded: its model picks the server")
+    length = request.content_length
+    if length is None or length > cap:
+        return Refusal(
+            413, f"ollama-meter: the body is over --max-inspect-bytes ({cap}): its model "
+            "picks the server",
+        )  # fmt: skip
+    return Refusal(503, "ollama-meter: too many large bodies at once", {"Retry-After": "1"})
+
+
 def _retry_reason(exc: BaseException) -> str | None:
     """Why a failed attempt may be tried on another upstream (nothing reached Ollama's
     handler, or it was reset before answering), or None."""
@@ -166,6 +181,10 @@ class Proxy:
         self._access_log = access_log
         self._access = access
         self._dispatch = dispatch
+        if dispatch is not None and any(
+            node.settings.url.path.strip("/") for node in dispatch.fleet.nodes
+        ):
+            self._has_base_path = True  # some upstream has one: keep requests inside it
         self._head = HeadWriter(
             config.preserve_host,
             config.trusted_proxies,
@@ -349,6 +368,7 @@ class Proxy:
             request, route, config.max_inspect_bytes, self._budget, config.keepalive_timeout
         )
         hidden: HiddenUsage | None = None
+        whole = body  # the bytes that go up, when the body was read whole (for a retry)
         try:
             facts = inspect_request(route, body)
             model = facts.model
@@ -360,18 +380,22 @@ class Proxy:
                 read = body is not None or not request.body_exists
                 changed = await self._access.check_body(gate, route, model, body, read)
                 if changed is not None:
-                    body, data = changed, sent(changed, hold)
+                    body = whole = changed
+                    data = sent(changed, hold)
                     headers[hdrs.CONTENT_LENGTH] = str(len(changed))
             if config.openai_stream_usage and body is not None and route.template == _V1_CHAT:
                 asking = with_include_usage(body)
                 if asking is not None:
                     data, hidden = sent(asking, hold), HiddenUsage(config.max_response_tail)
+                    whole = asking
                     headers[hdrs.CONTENT_LENGTH] = str(len(asking))
             body = None
             if self._dispatch is not None:
+                if whole is None and route.inspects_body and request.body_exists:
+                    raise _unroutable(request, config.max_inspect_bytes)
                 x.target = await self._dispatch.place(request.method, route, model, request.headers)
             self._metrics.request_started(x)
-            sending = await self._send(request, route, x, target, headers, data, model)
+            sending = await self._send(request, route, x, target, headers, data, model, whole)
             if isinstance(sending, OwnResponse):
                 return sending
             upstream, first = sending
@@ -415,6 +439,7 @@ class Proxy:
         headers: CIMultiDict[str],
         data: Body,
         model: str | None,
+        whole: bytes | None = None,
     ) -> tuple[aiohttp.ClientResponse, bytes] | OwnResponse:
         """The request sent upstream: its response head (and the body, when it had to be
         read to judge it), or our 502/504. In a fleet, a failure before any answer (refused,
@@ -437,12 +462,17 @@ class Proxy:
             return upstream, b""
         assert self._dispatch is not None
         fleet = self._dispatch.fleet
-        resendable = (data is None or isinstance(data, bytes)) and place.decision != "pinned"
+        resendable = (data is None or whole is not None) and place.decision != "pinned"
         tried: set[str] = set()
+        common = headers
         while True:
             node = place.node
-            for name, value in node.settings.headers:
-                headers[name] = value
+            if node.settings.headers:  # this upstream's own, never sent to another
+                headers = common.copy()
+                for name, value in node.settings.headers:
+                    headers[name] = value
+            else:
+                headers = common
             x.cold = x.loading = fleet.sent(node, place.key)
             fleet.count_decision(node, place.decision)
             busy: tuple[aiohttp.ClientResponse, bytes] | None = None
@@ -469,6 +499,8 @@ class Proxy:
                 reason, busy = "busy", (upstream, read)
             tried.add(node.name)
             try:
+                if len(tried) >= len(fleet.nodes):
+                    raise Refusal(503, None)  # each upstream at most once
                 next_place = await self._dispatch.place(
                     request.method, route, model, request.headers, frozenset(tried)
                 )
@@ -484,6 +516,8 @@ class Proxy:
             if busy is not None:
                 busy[0].release()
             x.target = place = next_place
+            if whole is not None:
+                data = sent(whole, NOTHING_HELD)  # the first attempt consumed its slices
 
     async def _relay(
         self,

@@ -139,7 +139,7 @@ class Access:
         return gate
 
     def check_scraper(
-        self, headers: CIMultiDictProxy[str], role: Role | None = None
+        self, headers: CIMultiDictProxy[str], role: Role | None = None, what: str = "/metrics"
     ) -> Refusal | None:
         """``/metrics`` on the proxy's own listener: it names every key and its usage, so it
         needs a working key (any role, or ``role``), never anonymous."""
@@ -149,11 +149,15 @@ class Access:
                 return None
             gate = Gate(found, RouteClass.OTHER)
             self.usage.refused("forbidden_route")
-            return _refuse(gate, 403, "forbidden_route", f"ollama-meter: needs a {role} key")
+            return _refuse(
+                gate, 403, "forbidden_route", f"ollama-meter: {what} needs an {role} key"
+            )
         self.usage.refused(found)
         message = _MESSAGES[found].format(name="")
         if found == MISSING:
-            message = "ollama-meter: /metrics needs an API key (or use --metrics-listen)"
+            message = f"ollama-meter: {what} needs an API key"
+            if what == "/metrics":
+                message += " (or use --metrics-listen)"
         return _refuse(Gate(self._anonymous, RouteClass.OTHER), 401, found, message)
 
     async def check_body(

@@ -36,12 +36,16 @@ from .policy import RouteClass, route_class
 from .router import AllTried, Choice, NotListed, OnlyUnhealthy, choose, model_key
 
 PIN_HEADER: Final = "X-Ollama-Meter-Upstream"
+_BLOBS: Final = "/api/blobs/{digest}"
+#: Seconds between tag refreshes that a request for a model nobody lists may cause (a client
+#: naming made-up models must not make the proxy poll the fleet once a request).
+MISS_REFRESH_GAP: Final = 5.0
 #: Failures before any answer: what the breaker counts.
 _TRANSPORT: Final = frozenset({ex.UPSTREAM_UNREACHABLE, ex.UPSTREAM_TIMEOUT, ex.UPSTREAM_CLOSED})
 _RETRY_AFTER: Final = {"Retry-After": "2"}
 
 #: Ollama's 404 text for a model it does not have, by route.
-_PULL_FIRST: Final = frozenset({"/api/embed", "/v1/embeddings"})
+_PULL_FIRST: Final = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings"})
 _CANONICAL: Final = frozenset({"/api/show", "/v1/models/{model}"})
 
 
@@ -60,8 +64,10 @@ class Target:
     #: routing_decisions_total's label: hot, queued_hot, loading, cold, only, pinned, retry,
     #: or None (no model, not a decision).
     decision: str | None
-    #: The model as the fleet counts it (model_key), when known.
+    #: The model as the fleet tracks it there (model_key): inference on a model it lists.
     key: str | None
+    #: The model the request names (model_key), tracked or not.
+    model: str | None = None
 
 
 class Dispatch:
@@ -95,21 +101,30 @@ class Dispatch:
         key = model_key(model) if model else None
         node = self.pinned(headers)
         cls = route_class(method, route.template)
-        if node is None and cls is RouteClass.MODEL_ADMIN:
+        if node is None and (cls is RouteClass.MODEL_ADMIN or route.template == _BLOBS):
+            # HEAD /api/blobs too: the CLI skips an upload the server it asks already has.
             node = self._admin_node()
         if node is not None:
-            # Only a model it lists is tracked there (a name from a body is unbounded).
-            return Target(node, "pinned", key if key in node.models else None)
+            # Only inference on a model it lists is tracked there (a name from a body is
+            # unbounded, and a pull loads nothing).
+            tracked = key if route.inference and key in node.models else None
+            return Target(node, "pinned", tracked, key)
         if model is None or key is None:
-            return Target(self._any(cls), None, None)
+            return Target(self._any(cls, exclude), None, None)
         found = choose(key, self.fleet.views(), self.fleet.now(), self._rng, exclude)
         if isinstance(found, NotListed) and not exclude:
-            await self.fleet.refresh_tags()
+            await self.fleet.refresh_tags(min_gap=MISS_REFRESH_GAP)
             found = choose(key, self.fleet.views(), self.fleet.now(), self._rng, exclude)
         if isinstance(found, Choice):
             decision = "retry" if exclude else found.decision.value
-            return Target(self.fleet.by_name[found.upstream], decision, key)
+            # Only inference loads a model: a show or a model lookup is not tracked as one.
+            node = self.fleet.by_name[found.upstream]
+            return Target(node, decision, key if route.inference else None, key)
         if isinstance(found, NotListed):
+            if any(not node.tags_known for node in self.fleet.healthy()):
+                raise Refusal(
+                    503, "ollama-meter: an upstream's model list is not known yet", _RETRY_AFTER
+                )
             raise Refusal(404, not_found(route.template, model))
         if isinstance(found, OnlyUnhealthy):
             raise Refusal(
@@ -136,11 +151,19 @@ class Dispatch:
             status=x.status,
             usage=usage,
             transport_failed=failed,
+            label=x.model,
         )
-        if target.decision == "pinned" and 200 <= x.status < 300 and x.method != "HEAD":
-            task = asyncio.ensure_future(self.fleet.refresh_tags())
-            self._refreshing.add(task)
-            task.add_done_callback(self._refreshing.discard)
+        if (
+            not 200 <= x.status < 300
+            or route_class(x.method, x.endpoint) is not RouteClass.MODEL_ADMIN
+        ):
+            return
+        if x.endpoint == "/api/delete" and target.model is not None:
+            # Gone at once: the next request for it must not be sent there.
+            target.node.models = target.node.models - {target.model}
+        task = asyncio.ensure_future(self.fleet.refresh_tags())
+        self._refreshing.add(task)
+        task.add_done_callback(self._refreshing.discard)
 
     async def close(self) -> None:
         """Wait for the tag refreshes under way (before the session they use closes)."""
@@ -159,8 +182,8 @@ class Dispatch:
             f"{PIN_HEADER}: NAME (known: {known}), or set [routing] admin_upstream",
         )
 
-    def _any(self, cls: RouteClass) -> Node:
-        healthy = list(self.fleet.healthy())
+    def _any(self, cls: RouteClass, exclude: frozenset[str] = frozenset()) -> Node:
+        healthy = [node for node in self.fleet.healthy() if node.name not in exclude]
         if not healthy:
             raise Refusal(503, "ollama-meter: no upstream is answering", _RETRY_AFTER)
         if cls is RouteClass.PUBLIC:

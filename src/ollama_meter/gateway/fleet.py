@@ -75,6 +75,8 @@ class Node:
     tags: list[dict[str, Any]] = field(default_factory=list)
     ps: list[dict[str, Any]] = field(default_factory=list)
     models: frozenset[str] = frozenset()
+    #: Whether /api/tags has answered at least once (until then, "not listed" means "not known").
+    tags_known: bool = False
     loaded: dict[str, float | None] = field(default_factory=dict)
     last_poll: float = 0.0
     last_error: str | None = None
@@ -153,6 +155,7 @@ class Fleet:
         self._tags_interval = tags_interval
         self._session: aiohttp.ClientSession | None = None
         self._refresh: asyncio.Future[None] | None = None
+        self._refreshed_at = float("-inf")
         self.polls = 0
         #: Counters for the metrics: (upstream, decision), (upstream, reason), (upstream,
         #: model) of loads the proxy caused (a request sent while cold that answered 2xx).
@@ -206,6 +209,7 @@ class Fleet:
             if listed is not None:
                 node.tags = listed
                 node.models = frozenset(model_key(e["name"]) for e in listed)
+                node.tags_known = True
 
     async def ask_all(self, path: str) -> list[tuple[Node, bytes]]:
         """GET ``path`` from every healthy upstream at once: (node, body) of each 2xx, in the
@@ -218,8 +222,11 @@ class Fleet:
         await asyncio.gather(*(self.poll(node, tags) for node in self.nodes))
         self.polls += 1
 
-    async def refresh_tags(self) -> None:
-        """Ask every upstream for its tags now; concurrent callers share one round."""
+    async def refresh_tags(self, min_gap: float = 0.0) -> None:
+        """Ask every upstream for its tags now; concurrent callers share one round, and
+        with ``min_gap`` a round less than that many seconds old counts as now."""
+        if self._refresh is None and self._clock() - self._refreshed_at < min_gap:
+            return
         if self._refresh is None:
             self._refresh = asyncio.ensure_future(self.poll_all(tags=True))
             self._refresh.add_done_callback(self._refreshed)
@@ -227,6 +234,7 @@ class Fleet:
 
     def _refreshed(self, _: asyncio.Future[None]) -> None:
         self._refresh = None
+        self._refreshed_at = self._clock()
 
     async def run(self, session: aiohttp.ClientSession) -> None:
         """The poller (after ``start``): forever, every ``interval``."""
@@ -338,6 +346,7 @@ class Fleet:
         status: int,
         usage: Usage | None,
         transport_failed: bool,
+        label: str | None = None,
     ) -> None:
         """A request sent to ``node`` is over (``loading``: sent cold, and no head came)."""
         node.in_flight -= 1
@@ -351,7 +360,7 @@ class Fleet:
         if loading:
             self.answered(node, key, 0)
         if cold and 200 <= status < 300:
-            load = (node.name, key)
+            load = (node.name, label or key)  # the model label the other families use
             if load not in self.cold_loads:
                 self.cold_loads[load] = 0
                 self.created[load] = time.time()

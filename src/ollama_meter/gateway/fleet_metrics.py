@@ -86,7 +86,7 @@ class FleetMetrics:
                 polled.add_metric([name], node.last_poll)
             in_flight.add_metric([name], node.in_flight)
             loaded.add_metric([name], len(node.ps) if node.answered else 0)
-            for entry in node.ps:
+            for entry in node.ps if node.answered else ():  # a dead one holds nothing known
                 model = [name, str(entry.get("name"))]
                 expires = parse_time(entry.get("expires_at"))
                 for family, field in ((size, "size"), (vram, "size_vram")):

@@ -100,8 +100,11 @@ def model_key(name: str) -> str:
 
     >>> model_key("Llama3.2")
     'llama3.2:latest'
+    >>> model_key("library/llama3.2")  # the default namespace, as Ollama reads it
+    'llama3.2:latest'
     """
-    return canonical_model(name).casefold()
+    key = canonical_model(name).casefold()
+    return key.removeprefix("library/") if key.count("/") == 1 else key
 
 
 class Decision(enum.Enum):
