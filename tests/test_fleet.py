@@ -29,7 +29,7 @@ from .access_keys import make_keys
 from .clients import openai_httpx
 from .conftest import Meter, MeterFactory, unused_port
 from .fake_fleet import Fleet as FakeFleet
-from .fake_fleet import FleetFactory, FleetOptions
+from .fake_fleet import FakeUpstream, FleetFactory, FleetOptions
 from .fake_ollama import FakeOllama
 
 Fakes = Callable[[int], Awaitable[list[FakeOllama]]]
@@ -180,15 +180,23 @@ async def test_alternating_models_on_small_servers_load_rarely_unlike_round_robi
     routed = {m: fleet.loads(m) for m in ("llama3.2", "qwen3:8b")}
     assert all(loads <= 2 for loads in routed.values()), routed
 
-    naive = await start_fleet(2, **small)
-    clients = [ollama.AsyncClient(host=url) for url in naive.urls]
-    try:
-        for number, model in enumerate(traffic):
-            await clients[number % 2].generate(model, "hi")
-    finally:
-        for client in clients:
-            await client._client.aclose()
-    assert naive.loads() > 4 * sum(routed.values()), (naive.loads(), routed)
+    async def naive(pick: Callable[[int, list[FakeUpstream]], int]) -> int:
+        """Loads when the same traffic goes where ``pick`` says (nginx's policies)."""
+        fakes = await start_fleet(2, **small)
+        clients = [ollama.AsyncClient(host=url) for url in fakes.urls]
+        try:
+            for number, model in enumerate(traffic):
+                await clients[pick(number, fakes.upstreams)].generate(model, "hi")
+        finally:
+            for client in clients:
+                await client._client.aclose()
+        return fakes.loads()
+
+    round_robin = await naive(lambda number, _: number % 2)
+    # Least connections: none is in flight between these requests, so the first wins ties.
+    least = await naive(lambda _, upstreams: min(range(2), key=lambda i: upstreams[i].placing))
+    assert round_robin > 4 * sum(routed.values()), (round_robin, routed)
+    assert least > 4 * sum(routed.values()), (least, routed)
 
 
 async def test_a_server_killed_mid_stream_cuts_its_streams_and_the_next_poll_routes_around(
