@@ -28,8 +28,8 @@ from ollama_meter.settings import AccessSettings, Settings, parse_settings
 from .access_keys import make_keys
 from .clients import openai_httpx
 from .conftest import Meter, MeterFactory, unused_port
-from .fake_fleet import Fleet as FakeFleet
 from .fake_fleet import FakeUpstream, FleetFactory, FleetOptions
+from .fake_fleet import Fleet as FakeFleet
 from .fake_ollama import FakeOllama
 
 Fakes = Callable[[int], Awaitable[list[FakeOllama]]]
