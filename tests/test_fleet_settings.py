@@ -115,3 +115,17 @@ def test_config_show_masks_header_values_and_several_upstream_options_make_a_fle
     )  # fmt: skip
     assert result.exit_code == 1
     assert "requests would loop" in result.output
+
+
+def test_an_upstream_option_beside_upstream_tables_is_refused(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from ollama_meter.cli import main
+
+    path = tmp_path / "fleet.toml"
+    path.write_text("[[upstream]]\nname = 'a'\nurl = 'x'\n")
+    result = CliRunner().invoke(
+        main, ["--config", str(path), "--upstream", "y", "--listen", "127.0.0.1:0"]
+    )
+    assert result.exit_code == 1
+    assert "use one or the other" in result.output

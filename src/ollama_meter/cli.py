@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 from aiohttp import web
 
 from . import __version__
@@ -242,7 +243,8 @@ def main(
             # Access lines are info lines: a higher log level turns them off too.
             access_log=access_log and log_level.lower() in ("debug", "info"),
         )
-        settings = gateway_settings(config, keys_file, core, upstream)
+        given = ctx.get_parameter_source("upstream") not in (None, ParameterSource.DEFAULT)
+        settings = gateway_settings(config, keys_file, core, upstream, given)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     setup_logging(log_format, log_level)

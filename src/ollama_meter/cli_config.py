@@ -34,18 +34,23 @@ class Invocation:
 
 
 def gateway_settings(
-    path: str | None, keys_file: str | None, core: Config, upstreams: tuple[str, ...] = ()
+    path: str | None,
+    keys_file: str | None,
+    core: Config,
+    upstreams: tuple[str, ...] = (),
+    explicit: bool = False,
 ) -> Settings:
     """The settings file (and --keys-file over it; several --upstream as a fleet), checked
     against the core's listeners; ``${VAR}`` in the file from the environment."""
     settings = with_keys_file(load_settings(path, os.environ), keys_file)
-    if len(upstreams) > 1:
+    if len(upstreams) > 1 or explicit:
         if settings.upstreams:
             raise ConfigError(
-                f"upstream: given {len(upstreams)} times and as [[upstream]] tables in "
-                f"{settings.source}: use one or the other"
+                f"upstream: given as --upstream (or OLLAMA_METER_UPSTREAM) and as "
+                f"[[upstream]] tables in {settings.source}: use one or the other"
             )
-        settings = dataclasses.replace(settings, upstreams=shorthand(list(upstreams)))
+        if len(upstreams) > 1:
+            settings = dataclasses.replace(settings, upstreams=shorthand(list(upstreams)))
     for upstream in settings.upstreams:
         core.check_upstream(upstream.url)
     access = settings.access
