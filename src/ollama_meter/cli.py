@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
-from click.core import ParameterSource
 from aiohttp import web
+from click.core import ParameterSource
 
 from . import __version__
 from .app import ACCESS, UPSTREAM_ANSWERED, create_app
