@@ -144,8 +144,8 @@ def create_app(
                 poller.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await poller
-            if dispatch is not None:
-                await dispatch.close()
+            if fleet is not None:
+                await fleet.settle()
             await session.close()
 
     app.cleanup_ctx.append(upstream_session)

@@ -19,7 +19,6 @@ Rules (the fleet issue's routing policy):
 
 from __future__ import annotations
 
-import asyncio
 import random
 from dataclasses import dataclass
 from typing import Final
@@ -77,7 +76,6 @@ class Dispatch:
         self.fleet = fleet
         self._admin = routing.admin_upstream
         self._rng = rng or random.Random()
-        self._refreshing: set[asyncio.Future[None]] = set()
 
     def pinned(self, headers: CIMultiDictProxy[str]) -> Node | None:
         name = headers.get(PIN_HEADER)
@@ -161,14 +159,7 @@ class Dispatch:
         if x.endpoint == "/api/delete" and target.model is not None:
             # Gone at once: the next request for it must not be sent there.
             target.node.models = target.node.models - {target.model}
-        task = asyncio.ensure_future(self.fleet.refresh_tags())
-        self._refreshing.add(task)
-        task.add_done_callback(self._refreshing.discard)
-
-    async def close(self) -> None:
-        """Wait for the tag refreshes under way (before the session they use closes)."""
-        if self._refreshing:
-            await asyncio.gather(*self._refreshing, return_exceptions=True)
+        self.fleet.refresh_soon()
 
     def _admin_node(self) -> Node:
         if self._admin is not None:

@@ -54,16 +54,6 @@ def _average(previous: float | None, sample: float) -> float:
 
 
 @dataclass(slots=True)
-class ModelStats:
-    in_flight: int = 0
-    #: Requests sent while the model was cold there and not answered yet, and since when.
-    cold_in_flight: int = 0
-    loading_since: float | None = None
-    service: float | None = None
-    load: float | None = None
-
-
-@dataclass(slots=True)
 class Node:
     """One upstream as the proxy knows it."""
 
@@ -81,7 +71,15 @@ class Node:
     last_poll: float = 0.0
     last_error: str | None = None
     in_flight: int = 0
-    stats: dict[str, ModelStats] = field(default_factory=dict)
+    # Per model, kept in the shapes the router reads, so that a snapshot copies nothing
+    # (the router reads them synchronously and never changes them): requests in flight
+    # (no zeros), requests sent cold and not answered, since when the first of those was
+    # sent, and the moving averages.
+    in_flight_by: dict[str, int] = field(default_factory=dict)
+    cold_by: dict[str, int] = field(default_factory=dict)
+    loading: dict[str, float] = field(default_factory=dict)
+    service: dict[str, float] = field(default_factory=dict)
+    load: dict[str, float] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -94,29 +92,22 @@ class Node:
     def healthy(self, now: float) -> bool:
         return self.answered and self.breaker.allows(now)
 
-    def stats_of(self, key: str) -> ModelStats:
-        found = self.stats.get(key)
-        if found is None:
-            found = self.stats[key] = ModelStats()
-        return found
-
     def view(self, now: float) -> UpstreamView:
-        stats = self.stats
-        loading = {k: s.loading_since for k, s in stats.items() if s.loading_since is not None}
+        loading = self.loading
+        loaded = self.loaded
+        if loading:  # a model /api/ps lists while the proxy's request still loads it
+            loaded = {k: v for k, v in loaded.items() if k not in loading}
         return UpstreamView(
             name=self.name,
             healthy=self.healthy(now),
             models=self.models,
-            # A model /api/ps lists while the proxy's request still loads it is loading.
-            loaded={k: v for k, v in self.loaded.items() if k not in loading}
-            if loading
-            else self.loaded,
+            loaded=loaded,
             loading=loading,
-            in_flight={k: s.in_flight for k, s in stats.items() if s.in_flight},
+            in_flight=self.in_flight_by,
             slots=self.settings.slots,
             max_loaded=self.settings.max_loaded,
-            service_seconds={k: s.service for k, s in stats.items() if s.service is not None},
-            load_seconds={k: s.load for k, s in stats.items() if s.load is not None},
+            service_seconds=self.service,
+            load_seconds=self.load,
             next_probe=self.breaker.retry_at if self.breaker.is_open else None,
         )
 
@@ -156,6 +147,7 @@ class Fleet:
         self._session: aiohttp.ClientSession | None = None
         self._refresh: asyncio.Future[None] | None = None
         self._refreshed_at = float("-inf")
+        self._background: set[asyncio.Future[None]] = set()
         self.polls = 0
         #: Counters for the metrics: (upstream, decision), (upstream, reason), (upstream,
         #: model) of loads the proxy caused (a request sent while cold that answered 2xx).
@@ -222,6 +214,18 @@ class Fleet:
         await asyncio.gather(*(self.poll(node, tags) for node in self.nodes))
         self.polls += 1
 
+    def refresh_soon(self) -> None:
+        """Refresh the tags in the background (after a model-management call)."""
+        task = asyncio.ensure_future(self.refresh_tags())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def settle(self) -> None:
+        """Wait for the background refreshes under way (before the session they use closes;
+        and for tests)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
     async def refresh_tags(self, min_gap: float = 0.0) -> None:
         """Ask every upstream for its tags now; concurrent callers share one round, and
         with ``min_gap`` a round less than that many seconds old counts as now."""
@@ -286,7 +290,7 @@ class Fleet:
                     "max_loaded": node.settings.max_loaded,
                     "models": len(node.models),
                     "loaded": sorted(k for k, v in node.loaded.items() if v is None or v > now),
-                    "in_flight": {k: s.in_flight for k, s in node.stats.items() if s.in_flight},
+                    "in_flight": dict(node.in_flight_by),
                     "last_poll": node.last_poll,
                     "last_error": node.last_error,
                 }
@@ -301,8 +305,7 @@ class Fleet:
         node.in_flight += 1
         if key is None:
             return False
-        stats = node.stats_of(key)
-        stats.in_flight += 1
+        node.in_flight_by[key] = node.in_flight_by.get(key, 0) + 1
         if self._is_hot(node, key):
             return False
         now = self._clock()
@@ -311,9 +314,8 @@ class Fleet:
         victim = expected_victim(node.view(now), now)
         if victim is not None:
             node.loaded = {k: v for k, v in node.loaded.items() if k != victim}
-        stats.cold_in_flight += 1
-        if stats.loading_since is None:
-            stats.loading_since = now
+        node.cold_by[key] = node.cold_by.get(key, 0) + 1
+        node.loading.setdefault(key, now)
         return True
 
     def answered(self, node: Node, key: str | None, status: int) -> None:
@@ -321,10 +323,12 @@ class Fleet:
         load is over anyway."""
         if key is None:
             return
-        stats = node.stats_of(key)
-        stats.cold_in_flight = max(stats.cold_in_flight - 1, 0)
-        if not stats.cold_in_flight:
-            stats.loading_since = None
+        left = node.cold_by.get(key, 0) - 1
+        if left > 0:
+            node.cold_by[key] = left
+        else:
+            node.cold_by.pop(key, None)
+            node.loading.pop(key, None)
         if 200 <= status < 300 and not self._is_hot(node, key):
             node.loaded = {**node.loaded, key: self._clock() + DEFAULT_KEEP_ALIVE}
 
@@ -355,8 +359,11 @@ class Fleet:
             node.breaker.failure(now)
         if key is None:
             return
-        stats = node.stats_of(key)
-        stats.in_flight -= 1
+        left = node.in_flight_by.get(key, 0) - 1
+        if left > 0:
+            node.in_flight_by[key] = left
+        else:
+            node.in_flight_by.pop(key, None)
         if loading:
             self.answered(node, key, 0)
         if cold and 200 <= status < 300:
@@ -372,9 +379,9 @@ class Fleet:
         if usage is not None:
             busy = (usage.prompt_eval_seconds or 0.0) + (usage.eval_seconds or 0.0)
             if busy:
-                stats.service = _average(stats.service, busy)
+                node.service[key] = _average(node.service.get(key), busy)
             if cold and usage.load_seconds is not None:
-                stats.load = _average(stats.load, usage.load_seconds)
+                node.load[key] = _average(node.load.get(key), usage.load_seconds)
 
     def is_hot(self, node: Node, key: str) -> bool:
         return self._is_hot(node, key)
