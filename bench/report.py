@@ -56,11 +56,24 @@ def paired_ratio(raw: dict[str, Any], scenario: str, target: str, base: str, key
     return statistics.median(ratios) if ratios else float("nan")
 
 
+def paired_difference(
+    raw: dict[str, Any], scenario: str, target: str, base: str, key: str
+) -> float:
+    """The median over rounds of target - base, each round against the same round's base."""
+    mine = raw.get(scenario, {}).get(target, {}).get(key, [])
+    theirs = raw.get(scenario, {}).get(base, {}).get(key, [])
+    differences = [a - b for a, b in zip(mine, theirs, strict=False)]
+    return statistics.median(differences) if differences else float("nan")
+
+
 BASELINE = "ollama-meter@base"  # run.py's --baseline-src target
 KEYED = "ollama-meter+keys"  # run.py's --keys target
+FLEET = "ollama-meter+fleet"  # run.py's --fleet target
 
 
-def _targets(medians: dict[str, Any], raw: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+def _targets(
+    medians: dict[str, Any], raw: dict[str, Any], fleet: int = 0
+) -> list[tuple[str, str, bool | None]]:
     """(target, measured, met) for the goals of the benchmark issue, where measured; met is
     None for a comparison with no goal (the --baseline-src row)."""
     rows: list[tuple[str, str, bool | None]] = []
@@ -99,6 +112,24 @@ def _targets(medians: dict[str, Any], raw: dict[str, Any]) -> list[tuple[str, st
         rows.append(
             (f"`{KEYED}` (every request keyed) >= 0.95x ollama-meter", measured, ratio >= 0.95)
         )
+    if get(throughput, meter, "rps") and get(throughput, FLEET, "rps"):
+        ratio = paired_ratio(raw, throughput, FLEET, meter, "rps")
+        rows.append(
+            (
+                f"`{FLEET}` ({fleet} upstreams) >= 0.9x ollama-meter (one upstream)",
+                f"{ratio:.3f}x",
+                ratio >= 0.9,
+            )
+        )
+        if get(throughput, FLEET, "cpu_us_per_request"):
+            added = paired_difference(raw, throughput, FLEET, meter, "cpu_us_per_request")
+            rows.append(
+                (
+                    f"`{FLEET}`: routing adds < 50 µs of CPU per request",
+                    f"{added:+.0f} µs",
+                    added < 50,
+                )
+            )
     p50 = get("1 latency c=1", meter, "p50_us")
     p50_direct = get("1 latency c=1", direct, "p50_us")
     if p50 is not None and p50_direct is not None:
@@ -155,8 +186,14 @@ def render(report: dict[str, Any], command: str) -> str:
             f"`{KEYED}` is ollama-meter with `--keys-file` of {report['keys']:,} keys, every"
             " request carrying a valid one, the keys in turn (request/response scenarios only)."
         )
+    if report.get("fleet"):
+        out.append(
+            f"`{FLEET}` is ollama-meter in front of {report['fleet']} fake upstreams"
+            " (`--upstream` given that many times), every request routed to one that has its"
+            " model loaded (request/response scenarios only)."
+        )
     out.append("")
-    targets = _targets(medians, report.get("raw", {}))
+    targets = _targets(medians, report.get("raw", {}), report.get("fleet", 0))
     if targets:
         out.append("| goal | ollama-meter | met |")
         out.append("|---|---|---|")

@@ -1,5 +1,5 @@
 """The benchmark suite: ``python bench/run.py [--quick] [--baseline-src DIR] [--keys N]
-[--rounds N] [--json FILE] [--markdown FILE]``.
+[--fleet N] [--rounds N] [--json FILE] [--markdown FILE]``.
 
 Every scenario runs each target in turn, round after round, every other round in reverse
 order (alternation evens out a noisy machine), and reports medians and the ratio to ``direct``:
@@ -14,6 +14,9 @@ order (alternation evens out a noisy machine), and reports medians and the ratio
   (bench/keys.py writes it), every request carrying a valid key, the keys in turn
   (bench/wrk/generate_keys.lua); in the request/response scenarios only, as the stream and
   upload clients send no key.
+- ``ollama-meter+fleet`` (with ``--fleet N``): ollama-meter in front of N fake upstreams of its
+  own (``--upstream`` given N times: u1, u2, ...), each listing the requests' model as loaded
+  (upstream.py ``--loaded-for``), so that every request is routed; request/response only.
 
 Pinning (2 cores): the target under test runs alone on CPU 0; the upstream and the load
 generator share CPU 1, for every target, direct included. Load: wrk (C) for request/response
@@ -162,6 +165,11 @@ def endpoints_of(env: dict[str, str] | None) -> list[str]:
 BASELINE = "ollama-meter@base"
 #: The name of the --keys target.
 KEYED = "ollama-meter+keys"
+#: The name of the --fleet target.
+FLEET = "ollama-meter+fleet"
+#: How long the fleet's upstreams say their models stay loaded (upstream.py --loaded-for):
+#: longer than any run, so that the router sees them hot throughout.
+FLEET_LOADED_FOR = 86400.0
 
 
 @dataclass
@@ -172,6 +180,8 @@ class Target:
     #: The file of the keys (one a line) its requests carry in turn (the --keys target);
     #: None: its requests carry no key.
     keys: Path | None = None
+    #: Takes part in the stream scenarios (the --keys and --fleet targets do not).
+    streams: bool = True
 
 
 def _utc_now() -> str:
@@ -189,6 +199,11 @@ class Results:
     baseline: dict[str, str] = field(default_factory=dict)
     #: --keys: how many keys the keys target's file holds; 0 without it
     keys: int = 0
+    #: --fleet: how many upstreams the fleet target fronts; 0 without it
+    fleet: int = 0
+    #: --fleet: the fleet target's routing_decisions_total at the end, "upstream decision" ->
+    #: count (where its requests went, and the model's state there)
+    decisions: dict[str, float] = field(default_factory=dict)
 
     def record(self, scenario: str, target: str, values: dict[str, float]) -> None:
         measures = self.scenarios.setdefault(scenario, {}).setdefault(target, {})
@@ -212,16 +227,20 @@ class Bench:
         baseline_env: dict[str, str] | None = None,
         keys: int = 0,
         rounds: int | None = None,
+        fleet: int = 0,
     ) -> None:
         self.quick = quick
         self.baseline_env = baseline_env
         self.keys = keys
+        self.fleet = fleet
         self.rounds = 2 if quick else 3
         #: Rounds of the request/response scenarios (short and many, see run).
         self.many = rounds or (3 if quick else 7)
         self.dir = Path(tempfile.mkdtemp(prefix="ollama-meter-bench-"))
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.results = Results(keys=keys)
+        self.results = Results(keys=keys, fleet=fleet)
+        #: The fleet target's upstreams, started once (start_fleet).
+        self.fleet_upstreams: list[str] = []
 
     # --- processes ------------------------------------------------------------------------
 
@@ -250,11 +269,17 @@ class Bench:
         self.stop(list(self.procs))
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def start_upstream(self, models: int = 3) -> str:
+    def start_upstream(self, models: int = 3, *options: str) -> str:
         port = free_port()
         self.spawn(
             pinned(
-                HARNESS_CPU, PYTHON, str(HERE / "upstream.py"), str(port), "--models", str(models)
+                HARNESS_CPU,
+                PYTHON,
+                str(HERE / "upstream.py"),
+                str(port),
+                "--models",
+                str(models),
+                *options,
             ),
             port,
         )
@@ -279,15 +304,30 @@ class Bench:
             key_list.write_text("\n".join(write_keys_file(keys_file, self.keys)) + "\n")
         target = self.start_meter(KEYED, upstream, None, "--keys-file", str(keys_file))
         target.keys = key_list
+        target.streams = False
         return target
 
-    def start_targets(self, upstream: str, keyed: bool = True) -> list[Target]:
-        """direct and every proxy; with --keys and ``keyed``, the keys target too."""
+    def start_fleet(self) -> Target:
+        """ollama-meter in front of ``self.fleet`` fake upstreams of its own (started once, on
+        the harness's core like the other one), each listing the requests' model as loaded."""
+        if not self.fleet_upstreams:
+            loaded = ("--loaded-for", str(FLEET_LOADED_FOR))
+            self.fleet_upstreams = [self.start_upstream(3, *loaded) for _ in range(self.fleet)]
+        first, *others = self.fleet_upstreams
+        options = [arg for url in others for arg in ("--upstream", url)]
+        target = self.start_meter(FLEET, first, None, *options)
+        target.streams = False
+        return target
+
+    def start_targets(self, upstream: str, extras: bool = True) -> list[Target]:
+        """direct and every proxy; with ``extras``, the --keys and --fleet targets too."""
         upstream_port = int(upstream.rsplit(":", 1)[1])
         targets = [Target("direct", upstream, None)]
         targets.append(self.start_meter("ollama-meter", upstream, None))
-        if self.keys and keyed:  # beside ollama-meter too: the pair the --keys ratio compares
+        if self.keys and extras:  # beside ollama-meter too: the pair the --keys ratio compares
             targets.append(self.start_keyed(upstream))
+        if self.fleet and extras:  # the same: ollama-meter is the single-upstream figure
+            targets.append(self.start_fleet())
         if self.baseline_env is not None:  # beside ollama-meter: its neighbour in every round
             targets.append(self.start_meter(BASELINE, upstream, self.baseline_env))
         port = free_port()
@@ -393,7 +433,7 @@ class Bench:
             # the oldest first (FIFO since 3.11), so under load every one of them stays warm:
             # the scenarios below would measure a pool no other scenario has.
             mark = len(self.procs)
-            for target in self.start_targets(upstream, keyed=False)[1:]:
+            for target in self.start_targets(upstream, extras=False)[1:]:
                 self.wrk(target, 64, 1)  # warm-up: connections, code paths
                 self.results.record("4 memory", target.name, asyncio.run(self.memory(target)))
                 print(
@@ -420,7 +460,7 @@ class Bench:
             )
         if "streaming" in only:
             lines = 128 if self.quick else 256
-            streamed = [t for t in targets if t.keys is None]  # stream_client sends no key
+            streamed = [t for t in targets if t.streams]  # not the --keys, --fleet targets
             self.alternate(
                 streamed, "3a streams paced", lambda t: self.streams(t.url, 500, lines, 20)
             )
@@ -428,6 +468,10 @@ class Bench:
                 streamed, "3b streams unpaced", lambda t: self.streams(t.url, 500, lines, 0)
             )
             self.alternate(streamed, "3c burst ttfb", lambda t: self.streams(t.url, 200, 16, 0))
+        fleet = next((t for t in targets if t.name == FLEET), None)
+        if fleet is not None:
+            self.results.decisions = routing_decisions(fleet.url)
+            print(f"  {FLEET} routing decisions: {self.results.decisions}", flush=True)
         steal1 = steal_ticks()
         self.results.steal_percent = 100 * (steal1[0] - steal0[0]) / max(1, steal1[1] - steal0[1])
         if "scrape" in only:
@@ -548,6 +592,21 @@ class Bench:
             return await response.text()
 
 
+def routing_decisions(url: str) -> dict[str, float]:
+    """``ollama_meter_routing_decisions_total`` of a fleet proxy: "upstream decision" -> count."""
+    from urllib.request import urlopen
+
+    with urlopen(url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("ollama_meter_routing_decisions_total{"):
+            labels, value = line.rsplit(" ", 1)
+            pairs = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            found[f"{pairs.get('upstream')} {pairs.get('decision')}"] = float(value)
+    return found
+
+
 def machine() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as package_version
@@ -604,6 +663,13 @@ def main() -> None:
         help=f"add {KEYED}: ollama-meter with a keys file of N keys, every request keyed",
     )
     parser.add_argument(
+        "--fleet",
+        type=int,
+        default=0,
+        metavar="N",
+        help=f"add {FLEET}: ollama-meter in front of N fake upstreams, every request routed",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         metavar="N",
@@ -623,7 +689,9 @@ def main() -> None:
             baseline_env = source_env(args.baseline_src)
         except LookupError as exc:
             sys.exit(str(exc))
-    bench = Bench(args.quick, baseline_env, args.keys, args.rounds)
+    if args.fleet == 1 or args.fleet < 0:
+        sys.exit("--fleet N: N >= 2 (one --upstream is the single-server proxy, ollama-meter)")
+    bench = Bench(args.quick, baseline_env, args.keys, args.rounds, args.fleet)
     bench.results.machine = machine()
     if args.baseline_src:
         bench.results.baseline = {
@@ -641,6 +709,8 @@ def main() -> None:
         "steal_percent": results.steal_percent,
         "baseline": results.baseline,
         "keys": results.keys,
+        "fleet": results.fleet,
+        "decisions": results.decisions,
         "medians": medians,
         "raw": results.scenarios,
     }

@@ -10,13 +10,17 @@ non-stream JSON with Content-Length, NDJSON streams chunk by chunk, one object p
   time in ns when it was written, so a client can measure the delay of every line.
 - ``POST /api/blobs/sha256:...``: reads and discards the body (Content-Length or chunked), 201.
 - ``GET /api/tags``, ``/api/ps``, ``/api/version``, ``/``: fixed answers; ``--models N`` lists
-  N models in /api/tags and /api/ps (for the /metrics scrape benchmark).
+  N models in /api/tags and /api/ps (for the /metrics scrape benchmark). /api/ps says the
+  first three expire at a fixed time (2026-11-22, in the past), unless ``--loaded-for SECONDS``
+  says they stay loaded that long after start, as Ollama's ``keep_alive`` does: a fleet's
+  router (run.py ``--fleet``) then sees them hot, not cold after every poll.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import time
 from typing import ClassVar, Final, cast
 
@@ -80,8 +84,17 @@ NOT_FOUND: Final = _response("404 Not Found", "text/plain; charset=utf-8", b"404
 BLOB_CREATED: Final = b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
 
 
-def fixed_replies(models: int) -> dict[bytes, bytes]:
+#: /api/ps's expires_at without --loaded-for.
+EXPIRES_AT: Final = "2026-11-22T06:04:05.123456789+01:00"
+
+
+def fixed_replies(models: int, loaded_for: float | None = None) -> dict[bytes, bytes]:
+    """The fixed answers; ``loaded_for``: /api/ps's models expire that many seconds from now."""
     names = [MODEL] + [f"bench-{i:03d}:latest" for i in range(1, models)]
+    expires_at = EXPIRES_AT
+    if loaded_for is not None:
+        until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=loaded_for)
+        expires_at = until.isoformat()
     tags = {"models": [{"name": n, "model": n, "size": 2019393189} for n in names]}
     ps = {
         "models": [
@@ -90,7 +103,7 @@ def fixed_replies(models: int) -> dict[bytes, bytes]:
                 "model": n,
                 "size": 3583100928,
                 "size_vram": 2684354560,
-                "expires_at": "2026-11-22T06:04:05.123456789+01:00",
+                "expires_at": expires_at,
                 "context_length": 4096,
             }
             for n in names[:3]
@@ -208,8 +221,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("port", type=int)
     parser.add_argument("--models", type=int, default=3)
+    parser.add_argument(
+        "--loaded-for",
+        type=float,
+        metavar="SECONDS",
+        help="/api/ps: the models stay loaded this long after start (default: expired)",
+    )
     args = parser.parse_args()
-    Upstream.replies = fixed_replies(args.models)
+    Upstream.replies = fixed_replies(args.models, args.loaded_for)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
