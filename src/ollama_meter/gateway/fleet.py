@@ -112,6 +112,16 @@ class Node:
         )
 
 
+def _decrement(counts: dict[str, int], key: str) -> bool:
+    """One less for ``key`` (a count is never kept at 0); whether any is left."""
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+        return True
+    counts.pop(key, None)
+    return False
+
+
 def _models_of(body: bytes | None) -> list[dict[str, Any]] | None:
     if body is None:
         return None
@@ -323,11 +333,7 @@ class Fleet:
         load is over anyway."""
         if key is None:
             return
-        left = node.cold_by.get(key, 0) - 1
-        if left > 0:
-            node.cold_by[key] = left
-        else:
-            node.cold_by.pop(key, None)
+        if not _decrement(node.cold_by, key):
             node.loading.pop(key, None)
         if 200 <= status < 300 and not self._is_hot(node, key):
             node.loaded = {**node.loaded, key: self._clock() + DEFAULT_KEEP_ALIVE}
@@ -359,11 +365,7 @@ class Fleet:
             node.breaker.failure(now)
         if key is None:
             return
-        left = node.in_flight_by.get(key, 0) - 1
-        if left > 0:
-            node.in_flight_by[key] = left
-        else:
-            node.in_flight_by.pop(key, None)
+        _decrement(node.in_flight_by, key)
         if loading:
             self.answered(node, key, 0)
         if cold and 200 <= status < 300:
