@@ -118,8 +118,20 @@ _ENTRY = '[[key]]\nid = "{id}"\nname = "{name}"\nsha256 = "' + "0" * 64 + '"\nro
             "k.toml: key[1].role: must be read, inference or admin, got 'root'",
         ),
         (
-            _ENTRY.format(id="aaaaaaaa", name="a", role="read") + "rpm = 10\n",
-            "k.toml: key[1].rpm: unknown field",
+            _ENTRY.format(id="aaaaaaaa", name="a", role="read") + "rmp = 10\n",
+            "k.toml: key[1].rmp: unknown field",
+        ),
+        (
+            _ENTRY.format(id="aaaaaaaa", name="a", role="read") + "rpm = -1\n",
+            "k.toml: key[1].rpm: must be an integer >= 0, got -1",
+        ),
+        (
+            _ENTRY.format(id="aaaaaaaa", name="a", role="read") + "tpm = 1.5\n",
+            "k.toml: key[1].tpm: must be an integer >= 0, got 1.5",
+        ),
+        (
+            _ENTRY.format(id="aaaaaaaa", name="a", role="read") + 'concurrency = "4"\n',
+            "k.toml: key[1].concurrency: must be an integer >= 0, got '4'",
         ),
         (
             _ENTRY.format(id="AAAA", name="a", role="read"),

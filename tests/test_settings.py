@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from ollama_meter.app import LISTENER_RUNNERS
 from ollama_meter.cli import main
 from ollama_meter.config import ConfigError, HostPort
+from ollama_meter.limit_settings import LIMIT_KEYS, LimitSettings
 from ollama_meter.settings import AccessSettings, Listener, Settings, load_settings
 
 from .access_keys import make_keys
@@ -36,6 +37,8 @@ def test_the_example_file_loads_with_every_setting(tmp_path: Path) -> None:
     assert set(tomllib.loads(EXAMPLE.read_text())["access"]) == {
         f for f in AccessSettings.__dataclass_fields__ if f != "listeners"
     } | {"listener"}
+    assert settings.limits == LimitSettings()  # the example shows the defaults
+    assert set(tomllib.loads(EXAMPLE.read_text())["limits"]) == set(LIMIT_KEYS)
 
 
 @pytest.mark.parametrize(
@@ -56,6 +59,13 @@ def test_the_example_file_loads_with_every_setting(tmp_path: Path) -> None:
             "s.toml: access.listener[1].role: must be read, inference or admin",
         ),
         ("[access\n", "s.toml: not valid TOML"),
+        ("[limits]\ndefault_rpm = -1\n", "s.toml: limits.default_rpm: must be an integer >= 0"),
+        ("[limits]\ndefault_tpm = 2.5\n", "s.toml: limits.default_tpm: must be an integer >= 0"),
+        ("[limits]\nmax_queue_wait = 'soon'\n", "s.toml: limits.max_queue_wait: must be a dura"),
+        ("[limits]\nmax_queued_per_key = 0\n", "s.toml: limits.max_queued_per_key: must be an"),
+        ("[limits]\nredis = 'http://x'\n", "s.toml: limits.redis: must be redis://HOST"),
+        ("[limits]\nredis = 'redis://r'\nredis_password_env = 'NOPE_X'\n", "s.toml: limits.redis_"),
+        ("[limits]\nrpm = 1\n", "s.toml: limits.rpm: unknown key"),
     ],
 )
 def test_a_settings_file_that_cannot_work_is_one_line(
@@ -93,6 +103,19 @@ def test_config_check_and_show(tmp_path: Path) -> None:
     for key in (keys.admin, keys.inference):
         assert key not in result.output
         assert key[3:11] not in result.output
+    assert shown["limits"]["max_queue"] == 64
+
+
+def test_config_show_never_prints_the_redis_password(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text("[limits]\nredis = 'redis://r:6379/0'\nredis_password_env = 'RPW'\n")
+    result = CliRunner().invoke(
+        main, ["config", "show", "--config", str(path)], env={"RPW": "hunter2-secret"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "hunter2" not in result.output
+    assert tomllib.loads(result.output)["limits"]["redis"] == "redis://r:6379/0"
+    assert load_settings(str(path), {"RPW": "pw"}).limits.redis == "redis://:pw@r:6379/0"  # type: ignore[union-attr]
 
 
 def test_a_listener_address_already_in_use_by_the_proxy_is_refused(tmp_path: Path) -> None:

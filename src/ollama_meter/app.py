@@ -30,11 +30,16 @@ from .gateway.fleet import Fleet
 from .gateway.fleet_metrics import FleetMetrics
 from .gateway.identity import KeyRing
 from .gateway.keys import Role
+from .gateway.limit_metrics import LimitMetrics, anonymous_label
+from .gateway.limits import Limiter, WindowStore
 from .gateway.reload import KeysFile
+from .gateway.shared_windows import SharedWindows
 from .gateway.usage import KeyUsage
+from .gateway.windows import LimitsMemory, Windows
 from .hosts import HostCheck, host_check_for
 from .inbound import Refusal, target_of
 from .labels import ModelLabels
+from .limit_settings import LimitSettings
 from .logs import AccessLog
 from .metrics import Metrics, exposition_handler
 from .proxy import JSON_ERROR, SESSION, Proxy
@@ -57,6 +62,7 @@ KEYS_FILE: Final = web.AppKey("keys_file", KeysFile)
 ACCESS: Final = web.AppKey("access", Access)
 #: In fleet mode ([[upstream]] tables): the upstreams and their poller.
 FLEET: Final = web.AppKey("fleet", Fleet)
+LIMITER: Final = web.AppKey("limiter", Limiter)
 LISTENER_RUNNERS: Final = web.AppKey("listener_runners", list[web.AppRunner])
 
 # The session adds none of its default headers: what the client sent is what Ollama gets.
@@ -103,7 +109,10 @@ def create_app(
         dispatch = Dispatch(fleet, settings.routing)
         metrics.upstream_families = False  # per upstream, from the poller (fleet_metrics.py)
         registry.register(FleetMetrics(fleet))
-    proxy = Proxy(config, metrics, labels, access_log, access, dispatch)
+    limiter = None
+    if settings.limits is not None:
+        limiter = _limits(app, settings.limits, registry, access)
+    proxy = Proxy(config, metrics, labels, access_log, access, dispatch, limiter)
     app[METRICS] = metrics
     app[PROXY] = proxy
     if access_log is not None:
@@ -237,6 +246,43 @@ def create_app(
         for listener in settings.access.listeners:
             app.cleanup_ctx.append(_role_listener(config, listener, proxy))
     return app
+
+
+def _limits(
+    app: web.Application,
+    settings: LimitSettings,
+    registry: CollectorRegistry,
+    access: Access | None,
+) -> Limiter:
+    """Per-key limits over windows in memory, or in Redis for a fleet of proxies."""
+    key_label = anonymous_label
+    if access is not None:
+        usage = access.usage
+        key_label = lambda name: usage.label(name, None)[0]  # noqa: E731
+    metrics = LimitMetrics(registry, key_label, redis=settings.redis is not None)
+    windows: WindowStore
+    shared = None
+    if settings.redis is not None:
+        windows = shared = SharedWindows(
+            settings.redis, settings.replicas, on_change=metrics.redis_changed
+        )
+    else:
+        windows = Windows(LimitsMemory())
+    limiter = Limiter(windows, settings.defaults, metrics.refused)
+    app[LIMITER] = limiter
+
+    async def running(app: web.Application) -> AsyncIterator[None]:
+        if shared is not None:
+            await shared.start()
+        try:
+            yield
+        finally:
+            await limiter.settle()
+            if shared is not None:
+                await shared.close()
+
+    app.cleanup_ctx.append(running)
+    return limiter
 
 
 def _access_control(

@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 import tomlkit
+from yarl import URL
 
 from .config import Config, ConfigError, HostPort
 from .fleet_settings import shorthand
@@ -150,4 +151,16 @@ def show(ctx: click.Context, config: str | None) -> None:
             for u in settings.upstreams
         ]
         doc["routing"] = {"admin_upstream": settings.routing.admin_upstream or ""}
+    if settings.limits is not None:
+        limits = settings.limits
+        doc["limits"] = {
+            "default_rpm": limits.defaults.rpm,
+            "default_tpm": limits.defaults.tpm,
+            "default_concurrency": limits.defaults.concurrency,
+            "max_queue": limits.max_queue,
+            "max_queue_wait": f"{limits.max_queue_wait:g}s",
+            "max_queued_per_key": limits.max_queued_per_key,
+            "redis": "" if limits.redis is None else str(URL(limits.redis).with_password(None)),
+            "replicas": limits.replicas,
+        }
     click.echo(tomlkit.dumps(doc), nl=False)

@@ -14,6 +14,7 @@ from .ollama import Usage
 if TYPE_CHECKING:
     from .gateway.access import Gate
     from .gateway.dispatch import Target
+    from .gateway.limits import Held
 
 # Values of the ``reason`` label of request_errors_total (a fixed enum).
 UPSTREAM_UNREACHABLE: Final = "upstream_unreachable"
@@ -67,6 +68,8 @@ class Exchange:
     target: Target | None = None
     cold: bool = False
     loading: bool = False  # cold, and its response head has not come yet
+    #: With [limits]: the key's place in the limits (a gateway.limits.Held), until recorded.
+    held: Held | None = None
 
     @property
     def duration(self) -> float:

@@ -50,6 +50,7 @@ from .exchange import Exchange
 from .gateway.access import Access, Gate
 from .gateway.dispatch import PIN_HEADER, Dispatch
 from .gateway.keys import Role
+from .gateway.limits import Limiter
 from .gateway.union import FLEET_WIDE, V1_MODELS, merge
 from .hosts import HostCheck, host_check_for
 from .inbound import (
@@ -172,6 +173,7 @@ class Proxy:
         access_log: Callable[[Exchange], None] | None,
         access: Access | None = None,
         dispatch: Dispatch | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self._base = str(config.upstream).rstrip("/")
         self._has_base_path = bool(config.upstream.path.strip("/"))
@@ -181,6 +183,7 @@ class Proxy:
         self._access_log = access_log
         self._access = access
         self._dispatch = dispatch
+        self._limiter = limiter
         if dispatch is not None and any(
             node.settings.url.path.strip("/") for node in dispatch.fleet.nodes
         ):
@@ -329,6 +332,8 @@ class Proxy:
         self._metrics.request_finished(x)
         if self._dispatch is not None:
             self._dispatch.ended(x)
+        if self._limiter is not None:
+            self._limiter.ended(x)
         if self._access is not None:
             self._access.finished(x, x.gate, lambda: self._head.client_of(request), request.path)
         if self._access_log is not None:
@@ -390,6 +395,9 @@ class Proxy:
                     whole = asking
                     headers[hdrs.CONTENT_LENGTH] = str(len(asking))
             body = None
+            if self._limiter is not None and route.inference:
+                who = None if gate is None else gate.identity
+                x.held = await self._limiter.check(who, request.path.startswith("/v1/"))
             if self._dispatch is not None:
                 if whole is None and route.inspects_body and request.body_exists:
                     raise _unroutable(request, config.max_inspect_bytes)

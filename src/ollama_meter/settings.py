@@ -32,6 +32,7 @@ from .config import ConfigError, HostPort, is_loopback_listener, parse_listen
 from .fleet_settings import RoutingSettings, UpstreamSettings, parse_routing, parse_upstreams
 from .gateway.keep_alive import MAX_BOUND_SECONDS
 from .gateway.keys import ROLES, Role
+from .limit_settings import LimitSettings, parse_limits
 
 AnonymousRole = Literal["none", "read", "inference"]
 
@@ -87,6 +88,8 @@ class Settings:
     #: The fleet (empty: the core's one --upstream).
     upstreams: tuple[UpstreamSettings, ...] = ()
     routing: RoutingSettings = field(default_factory=RoutingSettings)
+    #: ``[limits]`` (None: no limits, no queue: the core's behaviour).
+    limits: LimitSettings | None = None
     #: The file's tables as read (for ``config show``).
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -110,16 +113,20 @@ def load_settings(path: str | None, environ: Mapping[str, str] | None = None) ->
 def parse_settings(
     doc: dict[str, Any], name: str, base: Path, environ: Mapping[str, str] | None = None
 ) -> Settings:
-    unknown = sorted(set(doc) - {"access", "upstream", "routing"})
+    unknown = sorted(set(doc) - {"access", "upstream", "routing", "limits"})
     if unknown:
         raise ConfigError(f"{name}: {unknown[0]}: unknown table or key")
     access = doc.get("access")
+    limits = doc.get("limits")
     upstreams = parse_upstreams(doc.get("upstream", []), name, environ or {})
     return Settings(
         source=name,
         access=None if access is None else _access(access, f"{name}: access", base),
         upstreams=upstreams,
         routing=parse_routing(doc.get("routing"), name, upstreams),
+        limits=None
+        if limits is None
+        else parse_limits(limits, f"{name}: limits", environ or {}, parse_duration),
         raw=doc,
     )
 

@@ -52,6 +52,10 @@ class Identity:
     digest: bytes = b""
     disabled: bool = False
     expires: float | None = None
+    #: The key's own limits (keys.KeyEntry), resolved against the defaults by limits.py.
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
 
     @classmethod
     def of(cls, entry: KeyEntry) -> Identity:
@@ -64,6 +68,9 @@ class Identity:
             entry.digest,
             entry.disabled,
             entry.expires,
+            entry.rpm,
+            entry.tpm,
+            entry.concurrency,
         )
 
     def with_role(self, role: Role) -> Identity:

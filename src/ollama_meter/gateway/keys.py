@@ -48,7 +48,19 @@ NAME: Final = re.compile(r"[a-z0-9_.-]{1,32}")
 _ID: Final = re.compile(r"[a-z0-9]{8}")
 _HEX_DIGEST: Final = re.compile(r"[0-9a-f]{64}")
 _FIELDS: Final = frozenset(
-    {"id", "name", "sha256", "role", "team", "models", "expires", "disabled"}
+    {
+        "id",
+        "name",
+        "sha256",
+        "role",
+        "team",
+        "models",
+        "expires",
+        "disabled",
+        "rpm",
+        "tpm",
+        "concurrency",
+    }
 )
 _MAX_PATTERN: Final = 256
 
@@ -69,6 +81,10 @@ class KeyEntry:
     #: Unix time from which the key no longer works; None: never.
     expires: float | None = None
     disabled: bool = False
+    #: The key's own limits (None: the ``[limits]`` default; 0: unlimited).
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
 
 
 def key_id(key: str) -> str | None:
@@ -152,7 +168,19 @@ def _entry(table: object, where: str) -> KeyEntry:
         models=models,
         expires=None if expires is None else parse_expiry(expires, f"{where}.expires"),
         disabled=disabled,
+        rpm=_limit(table, "rpm", where),
+        tpm=_limit(table, "tpm", where),
+        concurrency=_limit(table, "concurrency", where),
     )
+
+
+def _limit(table: dict[str, Any], field: str, where: str) -> int | None:
+    value = table.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise KeysFileError(f"{where}.{field}: must be an integer >= 0, got {value!r}"[:300])
+    return value
 
 
 def parse_keys(text: str, source: str) -> tuple[KeyEntry, ...]:

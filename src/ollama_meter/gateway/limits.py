@@ -1,0 +1,212 @@
+"""The limit step: per-key concurrency, then requests per minute, then tokens per minute.
+
+Rules (the limits issue's contract, items 1-3):
+1. In that order; the first limit a request is over refuses it with 429, a body naming the
+   limit, ``Retry-After`` (whole seconds until it would be admitted, at least 1), and on
+   ``/v1`` OpenAI's ``x-ratelimit-*`` headers for each window the key has. A refused request
+   takes nothing: no place in the concurrency count, no entry in the request window.
+2. Concurrency counts a key's requests from admission here to the record step (queued ones
+   included); ``release`` gives the place back exactly once per admitted request.
+3. A key's limits are its own (keys file) where it sets them, else the ``[limits]`` defaults;
+   without access control everyone is ``anonymous`` and has the defaults. 0 is unlimited.
+4. The windows (windows.py) live in memory, or in Redis for a fleet of proxies (redis.py
+   switches to per-replica windows while Redis is away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from ..exchange import Exchange
+from ..inbound import Refusal
+from .identity import ANONYMOUS, Identity
+from .windows import Window
+
+RATE: Final = "rate"
+TOKENS: Final = "tokens"
+KEY_CONCURRENCY: Final = "key_concurrency"
+#: Retry-After of a key at its concurrency: a request of its own must end first, which the
+#: proxy cannot foresee; a second is what a client retrying politely waits.
+_CONCURRENCY_WAIT: Final = 1
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """A key's limits; 0 is unlimited."""
+
+    rpm: int = 0
+    tpm: int = 0
+    concurrency: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.rpm or self.tpm or self.concurrency)
+
+
+class WindowStore(Protocol):
+    async def requests(self, key: str, rpm: int) -> Window: ...
+    async def count_request(self, key: str, rpm: int) -> bool: ...
+    async def tokens(self, key: str, tpm: int) -> Window: ...
+    async def debit(self, key: str, tokens: int) -> bool: ...
+
+
+@dataclass(slots=True)
+class Held:
+    """What an admitted request holds until its record step."""
+
+    key: str
+    limits: KeyLimits
+    released: bool = False
+
+
+def retry_after(wait: float) -> int:
+    """Whole seconds a client must wait to be admitted: rounded up, at least 1."""
+    return max(1, math.ceil(wait - 1e-9))
+
+
+def reset_text(wait: float) -> str:
+    """OpenAI's ``x-ratelimit-reset-*`` form: ``1s``, ``6m0s``, ``20ms``."""
+    if wait < 1:
+        return f"{max(0, math.ceil(wait * 1000))}ms"
+    seconds = math.ceil(wait)
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
+
+
+def openai_headers(requests: Window | None, tokens: Window | None) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for suffix, window in (("requests", requests), ("tokens", tokens)):
+        if window is not None:
+            headers[f"x-ratelimit-limit-{suffix}"] = str(window.limit)
+            headers[f"x-ratelimit-remaining-{suffix}"] = str(window.remaining)
+            headers[f"x-ratelimit-reset-{suffix}"] = reset_text(window.wait)
+    return headers
+
+
+class Limiter:
+    """Rules 1-3 over a window store."""
+
+    def __init__(
+        self,
+        windows: WindowStore,
+        defaults: KeyLimits,
+        refused: Callable[[str, str], None] = lambda reason, key: None,
+    ) -> None:
+        self.windows = windows
+        self.defaults = defaults
+        self._refused = refused
+        #: Requests of each key between admission and the record step.
+        self.in_flight: dict[str, int] = {}
+        self._debits: set[asyncio.Task[None]] = set()
+
+    async def check(self, identity: Identity | None, openai: bool) -> Held | None:
+        """The limit step for a request of ``identity`` (None or not keyed: anonymous)."""
+        if identity is None or not identity.keyed:
+            return await self.admit(ANONYMOUS, self.defaults, openai)
+        limits = self.limits_of(identity.rpm, identity.tpm, identity.concurrency)
+        return await self.admit(identity.name, limits, openai)
+
+    def ended(self, x: Exchange) -> None:
+        """The record step: the place back, and the tokens Ollama reported debited."""
+        held = x.held
+        if held is None:
+            return
+        self.release(held)
+        usage = x.usage
+        if held.limits.tpm and usage is not None and usage.tokens_reported:
+            tokens = usage.prompt_tokens + usage.completion_tokens
+            if tokens > 0:
+                task = asyncio.get_running_loop().create_task(self.debit(held, tokens))
+                self._debits.add(task)
+                task.add_done_callback(self._debits.discard)
+
+    async def settle(self) -> None:
+        """Wait for the debits under way (tests; shutdown)."""
+        while self._debits:
+            await asyncio.gather(*self._debits, return_exceptions=True)
+
+    def limits_of(self, rpm: int | None, tpm: int | None, concurrency: int | None) -> KeyLimits:
+        """A key's limits: each one its own where it sets it (None: the default; rule 3)."""
+        d = self.defaults
+        if rpm is None and tpm is None and concurrency is None:
+            return d
+        return KeyLimits(
+            d.rpm if rpm is None else rpm,
+            d.tpm if tpm is None else tpm,
+            d.concurrency if concurrency is None else concurrency,
+        )
+
+    async def admit(self, key: str, limits: KeyLimits, openai: bool) -> Held | None:
+        """A place for this request (None: the key has no limits), or a 429 Refusal."""
+        if not limits.any:
+            return None
+        count = self.in_flight.get(key, 0)
+        if limits.concurrency and count >= limits.concurrency:
+            raise self._refusal(
+                KEY_CONCURRENCY,
+                key,
+                f"key {key!r} has {count} requests in flight, its limit (concurrency)",
+                _CONCURRENCY_WAIT,
+                {},
+            )
+        self.in_flight[key] = count + 1  # taken before the windows are asked (they await)
+        held = Held(key, limits)
+        try:
+            await self._windows(key, limits, openai)
+        except BaseException:
+            self.release(held)
+            raise
+        return held
+
+    async def _windows(self, key: str, limits: KeyLimits, openai: bool) -> None:
+        windows = self.windows
+        requests = await windows.requests(key, limits.rpm) if limits.rpm else None
+        tokens = await windows.tokens(key, limits.tpm) if limits.tpm else None
+        over: tuple[str, str, Window] | None = None
+        if requests is not None and requests.wait > 0:
+            over = RATE, f"{limits.rpm} requests per minute (rpm)", requests
+        elif tokens is not None and tokens.wait > 0:
+            over = TOKENS, f"{limits.tpm} tokens per minute (tpm)", tokens
+        elif requests is not None and not await windows.count_request(key, limits.rpm):
+            # Another request of the key took the last place since the look above.
+            requests = await windows.requests(key, limits.rpm)
+            over = RATE, f"{limits.rpm} requests per minute (rpm)", requests
+        if over is None:
+            return
+        reason, limit, window = over
+        headers = openai_headers(requests, tokens) if openai else {}
+        raise self._refusal(
+            reason, key, f"key {key!r} is over its limit of {limit}", window.wait, headers
+        )
+
+    def _refusal(
+        self, reason: str, key: str, what: str, wait: float, headers: dict[str, str]
+    ) -> Refusal:
+        self._refused(reason, key)
+        seconds = retry_after(wait)
+        return Refusal(
+            429,
+            f"ollama-meter: {what}; retry in {seconds} s",
+            {"Retry-After": str(seconds), **headers},
+            reason=reason,
+        )
+
+    def release(self, held: Held) -> None:
+        """The request's concurrency place back (rule 2), exactly once."""
+        if held.released:
+            return
+        held.released = True
+        left = self.in_flight.get(held.key, 1) - 1
+        if left > 0:
+            self.in_flight[held.key] = left
+        else:
+            self.in_flight.pop(held.key, None)
+
+    async def debit(self, held: Held, tokens: int) -> None:
+        """The tokens Ollama reported for the request, into its key's window."""
+        if held.limits.tpm and tokens > 0:
+            await self.windows.debit(held.key, tokens)
