@@ -29,7 +29,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from time import perf_counter
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -48,9 +48,13 @@ from .errors import (
 )
 from .exchange import Exchange
 from .gateway.access import Access, Gate
+from .gateway.admission import Admission
 from .gateway.dispatch import PIN_HEADER, Dispatch
+from .gateway.identity import ANONYMOUS
 from .gateway.keys import Role
+from .gateway.limit_metrics import LimitMetrics
 from .gateway.limits import Limiter
+from .gateway.router import model_key
 from .gateway.union import FLEET_WIDE, V1_MODELS, merge
 from .hosts import HostCheck, host_check_for
 from .inbound import (
@@ -174,6 +178,8 @@ class Proxy:
         access: Access | None = None,
         dispatch: Dispatch | None = None,
         limiter: Limiter | None = None,
+        admission: Admission[Any] | None = None,
+        limit_metrics: LimitMetrics | None = None,
     ) -> None:
         self._base = str(config.upstream).rstrip("/")
         self._has_base_path = bool(config.upstream.path.strip("/"))
@@ -184,6 +190,8 @@ class Proxy:
         self._access = access
         self._dispatch = dispatch
         self._limiter = limiter
+        self._admission = admission
+        self._limit_metrics = limit_metrics
         if dispatch is not None and any(
             node.settings.url.path.strip("/") for node in dispatch.fleet.nodes
         ):
@@ -334,6 +342,8 @@ class Proxy:
             self._dispatch.ended(x)
         if self._limiter is not None:
             self._limiter.ended(x)
+        if x.slot is not None and self._admission is not None:
+            self._admission.release(x.slot)
         if self._access is not None:
             self._access.finished(x, x.gate, lambda: self._head.client_of(request), request.path)
         if self._access_log is not None:
@@ -402,6 +412,8 @@ class Proxy:
                 if whole is None and route.inspects_body and request.body_exists:
                     raise _unroutable(request, config.max_inspect_bytes)
                 x.target = await self._dispatch.place(request.method, route, model, request.headers)
+            if self._admission is not None and route.inference and model is not None:
+                await self._admit_slot(x, route, model)
             self._metrics.request_started(x)
             sending = await self._send(request, route, x, target, headers, data, model, whole)
             if isinstance(sending, OwnResponse):
@@ -424,6 +436,25 @@ class Proxy:
                 upstream.release()
             else:
                 upstream.close()
+
+    async def _admit_slot(self, x: Exchange, route: Route, model: str) -> None:
+        """The admit step: a slot at the chosen upstream, or a wait in the queue for one."""
+        admission = self._admission
+        assert admission is not None
+        who = x.key or ANONYMOUS
+        if self._dispatch is None:
+            name = model_key(model)
+            admitted = await admission.admit(who, name, lambda: name)
+        else:
+            dispatch, first = self._dispatch, x.target
+            assert first is not None
+            admitted = await admission.admit(
+                who, first, lambda: dispatch.again(first, route, model)
+            )
+            x.target = admitted.target
+        x.slot = admitted.slot
+        if admitted.slot is not None and self._limit_metrics is not None:
+            self._limit_metrics.queue_wait.labels(x.model).observe(admitted.waited)
 
     async def _fleet_answer(self, x: Exchange, route: Route) -> OwnResponse:
         """``/api/tags``, ``/v1/models``, ``/api/ps`` of a fleet: every healthy upstream's

@@ -133,6 +133,26 @@ class Dispatch:
         assert isinstance(found, AllTried)
         raise Refusal(503, "ollama-meter: every upstream that has it failed", _RETRY_AFTER)
 
+    def again(self, first: Target, route: Route, model: str) -> Target:
+        """The route step run again for a request waiting in the admit step: where it would
+        go now (no tag refresh: its model was listed when it came). A pinned request stays."""
+        key = first.model
+        if first.decision == "pinned" or key is None:
+            return first
+        found = choose(key, self.fleet.views(), self.fleet.now(), self._rng)
+        if isinstance(found, Choice):
+            node = self.fleet.by_name[found.upstream]
+            return Target(node, found.decision.value, key if route.inference else None, key)
+        if isinstance(found, NotListed):
+            raise Refusal(404, not_found(route.template, model))
+        retry = found.retry_after if isinstance(found, OnlyUnhealthy) else 2
+        raise Refusal(
+            503,
+            f"ollama-meter: every upstream that has {model[:100]!r} is down",
+            {"Retry-After": str(retry)},
+            reason="no_upstream",
+        )
+
     def ended(self, x: Exchange) -> None:
         """The record step: the fleet learns how the request went (fleet.py rule 3), and a
         model-management call that changed something refreshes the tags."""
