@@ -220,3 +220,21 @@ async def test_without_slots_nothing_is_gated(
         held.set()
         assert [s for s, _, _ in await asyncio.gather(*tasks)] == [200] * 4
     assert (ADMISSION in meter.app) is (slots is not None)
+
+
+async def test_ollamas_own_503_gets_a_retry_after_behind_a_gated_upstream(
+    start_fleet: FleetFactory, start_meter: MeterFactory
+) -> None:
+    fleet, meter = await _one_upstream(start_fleet, start_meter, Settings(), slots=1)
+    upstream = fleet[0]
+    upstream.busy = True
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{upstream.url}/api/generate", json=_body()) as r:
+            direct = r.status, await r.read()
+            assert "Retry-After" not in r.headers
+        status, headers, body = await _post(http, meter, _body())
+    assert (status, body) == direct
+    assert direct[0] == 503
+    assert headers["Retry-After"] == "1"
+    assert _admission(meter).depth == 0
+    assert meter.value("slots_in_use", upstream="default", model=_LABEL) == 0

@@ -591,6 +591,10 @@ class Proxy:
         out = filtered_headers(upstream.headers, HOP_BY_HOP)
         if x.target is not None:
             out[PIN_HEADER] = x.target.node.name
+        if status == 503 and x.slot is not None and hdrs.RETRY_AFTER not in out:
+            # Ollama's own 503 (its queue is full, or it is busy loading) says nothing of when
+            # to come back; behind a gated upstream, the client is told (limits issue, item 5).
+            out[hdrs.RETRY_AFTER] = "1"
         response = _PassthroughResponse(status=status, reason=upstream.reason, headers=out)
         await response.prepare(request)
         content = upstream.content
