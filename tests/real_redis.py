@@ -56,7 +56,7 @@ async def start_redis(directory: Path) -> RealRedis:
         stderr=asyncio.subprocess.STDOUT,
     )
     assert proc.stdout is not None
-    seen = []
+    seen: list[str] = []
     async with asyncio.timeout(30):
         while True:
             line = (await proc.stdout.readline()).decode()
