@@ -54,7 +54,6 @@ from .gateway.identity import ANONYMOUS
 from .gateway.keys import Role
 from .gateway.limit_metrics import LimitMetrics
 from .gateway.limits import Limiter
-from .gateway.router import model_key
 from .gateway.union import FLEET_WIDE, V1_MODELS, merge
 from .hosts import HostCheck, host_check_for
 from .inbound import (
@@ -443,7 +442,9 @@ class Proxy:
         assert admission is not None
         who = x.key or ANONYMOUS
         if self._dispatch is None:
-            name = model_key(model)
+            # The bounded model label: a client naming endless made-up models must not grow
+            # the slots' table (Ollama answers those with a 404 at once anyway).
+            name = x.model
             admitted = await admission.admit(who, name, lambda: name)
         else:
             dispatch, first = self._dispatch, x.target
