@@ -57,7 +57,7 @@ def not_found(template: str, model: str) -> str:
     return f"model '{model}' not found"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is built per request, and frozen fields cost
 class Target:
     node: Node
     #: routing_decisions_total's label: hot, queued_hot, loading, cold, only, pinned, retry,

@@ -13,7 +13,7 @@ Rules:
    2xx for it there (until the expiry the last /api/ps gave, else ``DEFAULT_KEEP_ALIVE``); a
    request sent while it was cold marks it loading until it answers; in-flight counts and
    moving averages of service and load times come from the requests that ended.
-4. ``views`` hands the router (router.py) an immutable snapshot. Nothing here blocks: the
+4. ``views`` hands the router (router.py) a snapshot that it only reads. Nothing here blocks: the
    poller's asks are bounded by the probe timeout, and the request path only does arithmetic.
 """
 
@@ -80,36 +80,56 @@ class Node:
     loading: dict[str, float] = field(default_factory=dict)
     service: dict[str, float] = field(default_factory=dict)
     load: dict[str, float] = field(default_factory=dict)
+    #: Its address as text, without the trailing slash (a request path is appended to it).
+    base: str = field(init=False)
+    _view: UpstreamView | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.base = str(self.settings.url).rstrip("/")
 
     @property
     def name(self) -> str:
         return self.settings.name
 
-    @property
-    def base(self) -> str:
-        return str(self.settings.url).rstrip("/")
-
     def healthy(self, now: float) -> bool:
         return self.answered and self.breaker.allows(now)
 
     def view(self, now: float) -> UpstreamView:
+        """The router's view of it now. The per-model dicts in it are this node's own, so a
+        view stays current as requests come and go; what else it holds is rebuilt only when
+        it changed (health, a new ``loaded`` or ``models``, which are replaced, never changed
+        in place), or always while a model loads (``loaded`` is then a filtered copy)."""
+        healthy = self.healthy(now)
+        probe = self.breaker.retry_at if self.breaker.is_open else None
+        cached = self._view
+        if (
+            cached is not None
+            and cached.loaded is self.loaded
+            and cached.models is self.models
+            and cached.healthy == healthy
+            and cached.next_probe == probe
+            and not self.loading
+        ):
+            return cached
         loading = self.loading
         loaded = self.loaded
         if loading:  # a model /api/ps lists while the proxy's request still loads it
             loaded = {k: v for k, v in loaded.items() if k not in loading}
-        return UpstreamView(
-            name=self.name,
-            healthy=self.healthy(now),
-            models=self.models,
-            loaded=loaded,
-            loading=loading,
-            in_flight=self.in_flight_by,
-            slots=self.settings.slots,
-            max_loaded=self.settings.max_loaded,
-            service_seconds=self.service,
-            load_seconds=self.load,
-            next_probe=self.breaker.retry_at if self.breaker.is_open else None,
+        settings = self.settings
+        self._view = view = UpstreamView(
+            settings.name,
+            healthy,
+            self.models,
+            loaded,
+            loading,
+            self.in_flight_by,
+            settings.slots,
+            settings.max_loaded,
+            self.service,
+            self.load,
+            probe,
         )
+        return view
 
 
 def _decrement(counts: dict[str, int], key: str) -> bool:
