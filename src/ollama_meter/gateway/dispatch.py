@@ -109,10 +109,12 @@ class Dispatch:
             return Target(node, "pinned", tracked, key)
         if model is None or key is None:
             return Target(self._any(cls, exclude), None, None)
-        found = choose(key, self.fleet.views(), self.fleet.now(), self._rng, exclude)
+        now = self.fleet.now()
+        found = choose(key, self.fleet.views(now), now, self._rng, exclude)
         if isinstance(found, NotListed) and not exclude:
             await self.fleet.refresh_tags(min_gap=MISS_REFRESH_GAP)
-            found = choose(key, self.fleet.views(), self.fleet.now(), self._rng, exclude)
+            now = self.fleet.now()
+            found = choose(key, self.fleet.views(now), now, self._rng, exclude)
         if isinstance(found, Choice):
             decision = "retry" if exclude else found.decision.value
             # Only inference loads a model: a show or a model lookup is not tracked as one.

@@ -297,9 +297,10 @@ class Fleet:
         """Every model name any upstream lists, as it lists it (for the model labels)."""
         return [entry["name"] for node in self.nodes for entry in node.tags]
 
-    def views(self) -> list[UpstreamView]:
-        now = self._clock()
-        return [node.view(now) for node in self.nodes]
+    def views(self, now: float | None = None) -> list[UpstreamView]:
+        """Every node's view at ``now`` (the fleet's clock when None)."""
+        at = self._clock() if now is None else now
+        return [node.view(at) for node in self.nodes]
 
     def healthy(self) -> Iterable[Node]:
         now = self._clock()

@@ -57,6 +57,7 @@ The decision label (``routing_decisions_total``) is the model's state on the cho
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -95,6 +96,7 @@ TIE_SECONDS: Final = 0.05
 DEFAULT_RETRY_AFTER: Final = 5
 
 
+@functools.lru_cache(maxsize=1024)  # called with the same few names on every request
 def model_key(name: str) -> str:
     """A model name spelt as Ollama compares names: ``x`` is ``x:latest``, case-insensitive.
 
