@@ -32,7 +32,7 @@ from ..inbound import Refusal
 from ..ollama import Route, canonical_model
 from .fleet import Fleet, Node
 from .policy import RouteClass, route_class
-from .router import AllTried, Choice, NotListed, OnlyUnhealthy, choose, model_key
+from .router import AllTried, Choice, Decision, NotListed, OnlyUnhealthy, choose, model_key
 
 PIN_HEADER: Final = "X-Ollama-Meter-Upstream"
 _BLOBS: Final = "/api/blobs/{digest}"
@@ -42,6 +42,8 @@ MISS_REFRESH_GAP: Final = 5.0
 #: Failures before any answer: what the breaker counts.
 _TRANSPORT: Final = frozenset({ex.UPSTREAM_UNREACHABLE, ex.UPSTREAM_TIMEOUT, ex.UPSTREAM_CLOSED})
 _RETRY_AFTER: Final = {"Retry-After": "2"}
+#: Each decision's label (an enum's ``.value`` is a descriptor call, on every request).
+_LABELS: Final = {decision: decision.value for decision in Decision}
 
 #: Ollama's 404 text for a model it does not have, by route.
 _PULL_FIRST: Final = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings"})
@@ -116,7 +118,7 @@ class Dispatch:
             now = self.fleet.now()
             found = choose(key, self.fleet.views(now), now, self._rng, exclude)
         if isinstance(found, Choice):
-            decision = "retry" if exclude else found.decision.value
+            decision = "retry" if exclude else _LABELS[found.decision]
             # Only inference loads a model: a show or a model lookup is not tracked as one.
             node = self.fleet.by_name[found.upstream]
             return Target(node, decision, key if route.inference else None, key)
@@ -155,6 +157,7 @@ class Dispatch:
         )
         if (
             not 200 <= x.status < 300
+            or target.decision != "pinned"  # model management always is (rule 2)
             or route_class(x.method, x.endpoint) is not RouteClass.MODEL_ADMIN
         ):
             return

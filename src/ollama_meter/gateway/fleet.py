@@ -99,8 +99,9 @@ class Node:
         view stays current as requests come and go; what else it holds is rebuilt only when
         it changed (health, a new ``loaded`` or ``models``, which are replaced, never changed
         in place), or always while a model loads (``loaded`` is then a filtered copy)."""
-        healthy = self.healthy(now)
-        probe = self.breaker.retry_at if self.breaker.is_open else None
+        breaker = self.breaker  # (self.healthy(now), inline: this runs per upstream per request)
+        probe = breaker.retry_at if breaker.is_open else None
+        healthy = self.answered and (probe is None or now >= probe)
         cached = self._view
         if (
             cached is not None
@@ -395,7 +396,7 @@ class Fleet:
                 self.cold_loads[load] = 0
                 self.created[load] = time.time()
             self.cold_loads[load] += 1
-        if 200 <= status < 300 and not self._is_hot(node, key):
+        if 200 <= status < 300 and not _hot_at(node, key, now):
             # Loaded, for as long as Ollama keeps a model by default (the next poll of /api/ps
             # says exactly).
             node.loaded = {**node.loaded, key: now + DEFAULT_KEEP_ALIVE}
@@ -410,7 +411,11 @@ class Fleet:
         return self._is_hot(node, key)
 
     def _is_hot(self, node: Node, key: str) -> bool:
-        if key not in node.loaded:
-            return False
-        expires = node.loaded[key]
-        return expires is None or expires > self._clock()
+        return _hot_at(node, key, self._clock())
+
+
+def _hot_at(node: Node, key: str, now: float) -> bool:
+    if key not in node.loaded:
+        return False
+    expires = node.loaded[key]
+    return expires is None or expires > now

@@ -218,6 +218,7 @@ def choose(
     # worked out once, the first time a candidate needs them (the same values either way).
     scored: list[tuple[float, Decision, bool, UpstreamView]] = []
     defaults: _Defaults | None = None
+    blocked = False
     for view in eligible:
         slots = view.slots or 1
         busy = view.in_flight.get(key, 0)
@@ -225,27 +226,38 @@ def choose(
         if service is None:
             defaults = defaults or _Defaults(fleet, listing, key)
             service = defaults.service
-        wait = max(0, busy - slots + 1) * service / slots
+        queued = busy - slots + 1
+        wait = queued * service / slots if queued > 0 else 0.0
         expires = view.loaded.get(key, _NOT_LOADED)
         if expires is None or expires > now:
-            state = Decision.HOT if busy < slots else Decision.QUEUED_HOT
-            scored.append((wait, state, False, view))
+            scored.append((wait, _HOT if busy < slots else _QUEUED_HOT, False, view))
         else:
             defaults = defaults or _Defaults(fleet, listing, key)
-            scored.append((*_not_hot(view, key, now, wait, defaults), view))
-    candidates = [entry for entry in scored if not entry[2]] or scored  # rule 3
+            entry = (*_not_hot(view, key, now, wait, defaults), view)
+            blocked = blocked or entry[2]
+            scored.append(entry)
+    if len(scored) == 1:  # one eligible upstream: no choice to make
+        cost, state, _, view = scored[0]
+        return Choice(view.name, Decision.ONLY, state, cost)
+    candidates = scored
+    if blocked:  # rule 3
+        candidates = [entry for entry in scored if not entry[2]] or scored
 
-    best = min(entry[0] for entry in candidates)
-    margin = max(TIE_SECONDS, TIE_FRACTION * best)
+    best = min([entry[0] for entry in candidates])
+    margin = TIE_FRACTION * best
+    if margin < TIE_SECONDS:
+        margin = TIE_SECONDS
     near = [entry for entry in candidates if entry[0] <= best + margin]
     if len(near) > 1:
         totals = [sum(entry[3].in_flight.values()) for entry in near]
         fewest = min(totals)
         near = [entry for entry, total in zip(near, totals, strict=True) if total == fewest]
     cost, state, _, view = near[0] if len(near) == 1 else rng.choice(near)
-    decision = Decision.ONLY if len(eligible) == 1 else state
-    return Choice(view.name, decision, state, cost)
+    return Choice(view.name, state, state, cost)
 
+
+_HOT: Final = Decision.HOT
+_QUEUED_HOT: Final = Decision.QUEUED_HOT
 
 #: The expiry of a model not in ``loaded``: never hot (None there means "no expiry known").
 _NOT_LOADED: Final = -math.inf
