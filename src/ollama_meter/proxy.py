@@ -530,7 +530,8 @@ class Proxy:
                 if reason is None or not resendable:
                     return self._fail(request, x, failure)
             else:
-                read = await _busy_body(upstream) if resendable else None
+                busy_503 = resendable and upstream.status == 503
+                read = await _busy_body(upstream) if busy_503 else None
                 if read is None or b"server busy" not in read:
                     if x.loading:
                         fleet.answered(node, place.key, upstream.status)

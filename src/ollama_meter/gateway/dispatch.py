@@ -32,7 +32,7 @@ from ..inbound import Refusal
 from ..ollama import Route, canonical_model
 from .fleet import Fleet, Node
 from .policy import RouteClass, route_class
-from .router import AllTried, Choice, NotListed, OnlyUnhealthy, choose, model_key
+from .router import AllTried, Choice, Decision, NotListed, OnlyUnhealthy, choose, model_key
 
 PIN_HEADER: Final = "X-Ollama-Meter-Upstream"
 _BLOBS: Final = "/api/blobs/{digest}"
@@ -42,6 +42,8 @@ MISS_REFRESH_GAP: Final = 5.0
 #: Failures before any answer: what the breaker counts.
 _TRANSPORT: Final = frozenset({ex.UPSTREAM_UNREACHABLE, ex.UPSTREAM_TIMEOUT, ex.UPSTREAM_CLOSED})
 _RETRY_AFTER: Final = {"Retry-After": "2"}
+#: Each decision's label (an enum's ``.value`` is a descriptor call, on every request).
+_LABELS: Final = {decision: decision.value for decision in Decision}
 
 #: Ollama's 404 text for a model it does not have, by route.
 _PULL_FIRST: Final = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings"})
@@ -57,7 +59,7 @@ def not_found(template: str, model: str) -> str:
     return f"model '{model}' not found"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is built per request, and frozen fields cost
 class Target:
     node: Node
     #: routing_decisions_total's label: hot, queued_hot, loading, cold, only, pinned, retry,
@@ -109,12 +111,14 @@ class Dispatch:
             return Target(node, "pinned", tracked, key)
         if model is None or key is None:
             return Target(self._any(cls, exclude), None, None)
-        found = choose(key, self.fleet.views(), self.fleet.now(), self._rng, exclude)
+        now = self.fleet.now()
+        found = choose(key, self.fleet.views(now), now, self._rng, exclude)
         if isinstance(found, NotListed) and not exclude:
             await self.fleet.refresh_tags(min_gap=MISS_REFRESH_GAP)
-            found = choose(key, self.fleet.views(), self.fleet.now(), self._rng, exclude)
+            now = self.fleet.now()
+            found = choose(key, self.fleet.views(now), now, self._rng, exclude)
         if isinstance(found, Choice):
-            decision = "retry" if exclude else found.decision.value
+            decision = "retry" if exclude else _LABELS[found.decision]
             # Only inference loads a model: a show or a model lookup is not tracked as one.
             node = self.fleet.by_name[found.upstream]
             return Target(node, decision, key if route.inference else None, key)
@@ -173,6 +177,7 @@ class Dispatch:
         )
         if (
             not 200 <= x.status < 300
+            or target.decision != "pinned"  # model management always is (rule 2)
             or route_class(x.method, x.endpoint) is not RouteClass.MODEL_ADMIN
         ):
             return
