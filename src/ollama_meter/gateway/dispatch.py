@@ -143,10 +143,11 @@ class Dispatch:
         key = first.model
         if first.decision == "pinned" or key is None:
             return first
-        found = choose(key, self.fleet.views(), self.fleet.now(), self._rng)
+        now = self.fleet.now()
+        found = choose(key, self.fleet.views(now), now, self._rng)
         if isinstance(found, Choice):
             node = self.fleet.by_name[found.upstream]
-            return Target(node, found.decision.value, key if route.inference else None, key)
+            return Target(node, _LABELS[found.decision], key if route.inference else None, key)
         if isinstance(found, NotListed):
             raise Refusal(404, not_found(route.template, model))
         retry = found.retry_after if isinstance(found, OnlyUnhealthy) else 2
