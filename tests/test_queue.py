@@ -238,3 +238,23 @@ async def test_ollamas_own_503_gets_a_retry_after_behind_a_gated_upstream(
     assert headers["Retry-After"] == "1"
     assert _admission(meter).depth == 0
     assert meter.value("slots_in_use", upstream="default", model=_LABEL) == 0
+
+
+async def test_a_model_only_a_down_upstream_has_is_a_counted_no_upstream(
+    start_fleet: FleetFactory, start_meter: MeterFactory
+) -> None:
+    fleet = await start_fleet(2, models=[(_MODEL,), ("qwen3:8b",)], slots=1, time_scale=0)
+    settings = parse_settings(tomllib.loads(fleet.toml()), "fleet.toml", Path("."))
+    meter = await start_meter(settings)
+    await fleet[0].refuse()
+    async with aiohttp.ClientSession() as http:
+        statuses = []
+        for _ in range(5):  # 502 while refused; after 3 in a row its breaker opens: down
+            status, headers, _ = await _post(http, meter, _body())
+            statuses.append(status)
+        assert statuses == [502, 502, 502, 503, 503]
+        assert int(headers["Retry-After"]) >= 1
+    assert meter.value("rejected_total", reason="no_upstream", key="anonymous") == 2
+    # The three that failed at the upstream gave their slots back.
+    assert {"upstream": "u1", "model": _LABEL} in meter.series("slots_in_use")
+    assert meter.value("slots_in_use", upstream="u1", model=_LABEL) == 0

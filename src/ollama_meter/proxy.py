@@ -49,7 +49,7 @@ from .errors import (
 from .exchange import Exchange
 from .gateway.access import Access, Gate
 from .gateway.admission import Admission
-from .gateway.dispatch import PIN_HEADER, Dispatch
+from .gateway.dispatch import NO_UPSTREAM, PIN_HEADER, Dispatch
 from .gateway.identity import ANONYMOUS
 from .gateway.keys import Role
 from .gateway.limit_metrics import LimitMetrics
@@ -722,6 +722,8 @@ class Proxy:
 
     def _refuse(self, request: web.Request, x: Exchange, refusal: Refusal) -> OwnResponse:
         x.status = refusal.status
+        if refusal.reason == NO_UPSTREAM and self._limit_metrics is not None and x.target is None:
+            self._limit_metrics.refused(NO_UPSTREAM, x.key)
         if refusal.message is None:
             response = OwnResponse(status=refusal.status)
         else:

@@ -42,6 +42,8 @@ MISS_REFRESH_GAP: Final = 5.0
 #: Failures before any answer: what the breaker counts.
 _TRANSPORT: Final = frozenset({ex.UPSTREAM_UNREACHABLE, ex.UPSTREAM_TIMEOUT, ex.UPSTREAM_CLOSED})
 _RETRY_AFTER: Final = {"Retry-After": "2"}
+#: The reason of a 503 for want of an upstream (rejected_total's, with limits on).
+NO_UPSTREAM: Final = "no_upstream"
 #: Each decision's label (an enum's ``.value`` is a descriptor call, on every request).
 _LABELS: Final = {decision: decision.value for decision in Decision}
 
@@ -125,7 +127,10 @@ class Dispatch:
         if isinstance(found, NotListed):
             if any(not node.tags_known for node in self.fleet.healthy()):
                 raise Refusal(
-                    503, "ollama-meter: an upstream's model list is not known yet", _RETRY_AFTER
+                    503,
+                    "ollama-meter: an upstream's model list is not known yet",
+                    _RETRY_AFTER,
+                    NO_UPSTREAM,
                 )
             raise Refusal(404, not_found(route.template, model))
         if isinstance(found, OnlyUnhealthy):
@@ -133,9 +138,12 @@ class Dispatch:
                 503,
                 f"ollama-meter: every upstream that has {model[:100]!r} is down",
                 {"Retry-After": str(found.retry_after)},
+                NO_UPSTREAM,
             )
         assert isinstance(found, AllTried)
-        raise Refusal(503, "ollama-meter: every upstream that has it failed", _RETRY_AFTER)
+        raise Refusal(
+            503, "ollama-meter: every upstream that has it failed", _RETRY_AFTER, NO_UPSTREAM
+        )
 
     def again(self, first: Target, route: Route, model: str) -> Target:
         """The route step run again for a request waiting in the admit step: where it would
@@ -155,7 +163,7 @@ class Dispatch:
             503,
             f"ollama-meter: every upstream that has {model[:100]!r} is down",
             {"Retry-After": str(retry)},
-            reason="no_upstream",
+            NO_UPSTREAM,
         )
 
     def ended(self, x: Exchange) -> None:
@@ -202,7 +210,7 @@ class Dispatch:
     def _any(self, cls: RouteClass, exclude: frozenset[str] = frozenset()) -> Node:
         healthy = [node for node in self.fleet.healthy() if node.name not in exclude]
         if not healthy:
-            raise Refusal(503, "ollama-meter: no upstream is answering", _RETRY_AFTER)
+            raise Refusal(503, "ollama-meter: no upstream is answering", _RETRY_AFTER, NO_UPSTREAM)
         if cls is RouteClass.PUBLIC:
             return healthy[0]  # /api/version and /: the first healthy server's, every time
         if cls in (RouteClass.ACCOUNT, RouteClass.OTHER) and self._admin is not None:
