@@ -258,3 +258,28 @@ async def test_a_model_only_a_down_upstream_has_is_a_counted_no_upstream(
     # The three that failed at the upstream gave their slots back.
     assert {"upstream": "u1", "model": _LABEL} in meter.series("slots_in_use")
     assert meter.value("slots_in_use", upstream="u1", model=_LABEL) == 0
+
+
+async def test_a_retry_never_takes_an_upstream_past_its_slots(
+    start_fleet: FleetFactory, start_meter: MeterFactory
+) -> None:
+    fleet = await start_fleet(2, models=(_MODEL,), loaded=(_MODEL,), slots=1, time_scale=0)
+    settings = parse_settings(tomllib.loads(fleet.toml()), "fleet.toml", Path("."))
+    meter = await start_meter(settings)
+    held = fleet[1].hold_tokens(_MODEL)
+    admission = _admission(meter)
+    async with aiohttp.ClientSession() as http:
+        pinned = {"X-Ollama-Meter-Upstream": "u2"}
+        first = asyncio.create_task(
+            http.post(f"{meter.url}/api/generate", json=_body(), headers=pinned)
+        )
+        await _running_one(fleet[1])
+        await fleet[0].refuse()
+        # To u1 (free), refused there; u2's one slot is taken: not retried there.
+        status, _, _ = await _post(http, meter, _body())
+        assert status == 502
+        held.set()
+        (await first).release()
+    assert fleet[1].peak[_MODEL] == 1
+    assert meter.value("slots_in_use", upstream="u1", model=_LABEL) == 0
+    assert admission.depth == 0

@@ -545,6 +545,11 @@ class Proxy:
                 next_place = await self._dispatch.place(
                     request.method, route, model, request.headers, frozenset(tried)
                 )
+                if x.slot is not None and self._admission is not None:
+                    moved = self._admission.move(x.slot, next_place)
+                    if moved is False:  # the other one's slots are all taken: no retry
+                        raise Refusal(503, None)
+                    x.slot = moved
             except Refusal:
                 if busy is not None:
                     return busy  # every holder is busy: Ollama's own 503 stands

@@ -171,6 +171,16 @@ class Admission(Generic[T]):
         target, slot = future.result()  # or the Refusal the router gave when looked at again
         return Admitted(target, slot, self._clock() - arrived, True)
 
+    def move(self, slot: Slot, target: T) -> Slot | Literal[False] | None:
+        """A retry elsewhere: a slot at ``target`` instead of ``slot`` (None: not gated
+        there), or False, keeping ``slot``, when ``target`` is full (a retry never takes an
+        upstream past its slots)."""
+        free = self._free(target)
+        if free is False:
+            return False
+        self.release(slot)
+        return None if free is None else self._take(free)
+
     def _drop(self, waiter: _Waiter[T]) -> None:
         queue = self._queues.get(waiter.key)
         if queue is None or waiter not in queue:
