@@ -23,7 +23,7 @@ from ollama_meter.gateway.limits import KeyLimits, Limiter, openai_headers, rese
 from ollama_meter.gateway.windows import LimitsMemory, Window, Windows
 from ollama_meter.inbound import Refusal
 from ollama_meter.limit_settings import LimitSettings
-from ollama_meter.settings import AccessSettings, Settings
+from ollama_meter.settings import AccessSettings, Settings, load_settings, with_keys_file
 
 from .conftest import Meter, MeterFactory
 from .fake_ollama import FakeOllama, Reply
@@ -361,3 +361,16 @@ async def test_a_key_at_its_concurrency_is_refused_and_a_stream_holds_its_place(
         async with http.post(f"{meter.url}/api/generate", json=_GENERATE, headers=auth) as r:
             assert r.status == 200
     assert meter.value("rejected_total", reason="key_concurrency", key="bob") == 1
+
+
+def test_keys_file_on_the_command_line_keeps_the_limits(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(
+        "[limits]\ndefault_rpm = 7\n[access]\nkeys_file = 'k.toml'\nanonymous = 'read'\n"
+    )
+    settings = with_keys_file(load_settings(str(path)), str(tmp_path / "other.toml"))
+    assert settings.limits is not None
+    assert settings.limits.defaults.rpm == 7
+    assert settings.access is not None
+    assert settings.access.keys_file == tmp_path / "other.toml"
+    assert settings.access.anonymous == "read"

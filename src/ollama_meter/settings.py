@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal, cast
 
@@ -207,17 +207,5 @@ def with_keys_file(settings: Settings, keys_file: str | None) -> Settings:
     if not keys_file.strip():
         raise ConfigError("keys-file: empty (leave the option out to run without API keys)")
     access = settings.access or AccessSettings(keys_file=Path(keys_file))
-    return Settings(
-        source=settings.source,
-        access=AccessSettings(
-            keys_file=Path(keys_file),
-            anonymous=access.anonymous,
-            max_keep_alive=access.max_keep_alive,
-            audit_log=access.audit_log,
-            max_key_labels=access.max_key_labels,
-            listeners=access.listeners,
-        ),
-        upstreams=settings.upstreams,
-        routing=settings.routing,
-        raw=settings.raw,
-    )
+    # Every other setting as it was (a field added to Settings is carried without a change here).
+    return replace(settings, access=replace(access, keys_file=Path(keys_file)))
