@@ -22,6 +22,7 @@ from yarl import URL
 from .config import Config, ConfigError, HostPort
 from .fleet_settings import shorthand
 from .gateway.keys import KeysFileError, load_keys
+from .ledger_settings import with_ledger
 from .settings import Settings, load_settings, with_keys_file
 
 
@@ -40,10 +41,13 @@ def gateway_settings(
     core: Config,
     upstreams: tuple[str, ...] = (),
     explicit: bool = False,
+    ledger: str | None = None,
 ) -> Settings:
     """The settings file (and --keys-file over it; several --upstream as a fleet), checked
     against the core's listeners; ``${VAR}`` in the file from the environment."""
     settings = with_keys_file(load_settings(path, os.environ), keys_file)
+    if ledger is not None:
+        settings = dataclasses.replace(settings, ledger=with_ledger(settings.ledger, ledger))
     if len(upstreams) > 1 or explicit:
         if settings.upstreams:
             raise ConfigError(
@@ -83,7 +87,11 @@ def _load(ctx: click.Context, config: str | None) -> tuple[Config, Settings]:
         core = _core(invocation)
         addresses = tuple(invocation.params.get("upstream") or ())
         settings = gateway_settings(
-            config or invocation.config, invocation.keys_file, core, addresses
+            config or invocation.config,
+            invocation.keys_file,
+            core,
+            addresses,
+            ledger=invocation.params.get("ledger"),
         )
         if settings.access is not None:
             load_keys(settings.access.keys_file)
@@ -162,5 +170,14 @@ def show(ctx: click.Context, config: str | None) -> None:
             "max_queued_per_key": limits.max_queued_per_key,
             "redis": "" if limits.redis is None else str(URL(limits.redis).with_password(None)),
             "replicas": limits.replicas,
+        }
+    if settings.ledger is not None:
+        ledger = settings.ledger
+        doc["ledger"] = {
+            "store": ledger.where,
+            "flush_interval": f"{ledger.flush_interval:g}s",
+            "replica": ledger.replica or "(the host name)",
+            "max_pending_rows": ledger.max_pending_rows,
+            "keep": f"{ledger.keep / 86400:g}d",
         }
     click.echo(tomlkit.dumps(doc), nl=False)

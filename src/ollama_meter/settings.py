@@ -32,6 +32,7 @@ from .config import ConfigError, HostPort, is_loopback_listener, parse_listen
 from .fleet_settings import RoutingSettings, UpstreamSettings, parse_routing, parse_upstreams
 from .gateway.keep_alive import MAX_BOUND_SECONDS
 from .gateway.keys import ROLES, Role
+from .ledger_settings import LedgerSettings, parse_ledger
 from .limit_settings import LimitSettings, parse_limits
 
 AnonymousRole = Literal["none", "read", "inference"]
@@ -90,6 +91,8 @@ class Settings:
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     #: ``[limits]`` (None: no limits, no queue: the core's behaviour).
     limits: LimitSettings | None = None
+    #: ``[ledger]`` (None: no ledger, no file written: the core's behaviour).
+    ledger: LedgerSettings | None = None
     #: The file's tables as read (for ``config show``).
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -113,11 +116,12 @@ def load_settings(path: str | None, environ: Mapping[str, str] | None = None) ->
 def parse_settings(
     doc: dict[str, Any], name: str, base: Path, environ: Mapping[str, str] | None = None
 ) -> Settings:
-    unknown = sorted(set(doc) - {"access", "upstream", "routing", "limits"})
+    unknown = sorted(set(doc) - {"access", "upstream", "routing", "limits", "ledger"})
     if unknown:
         raise ConfigError(f"{name}: {unknown[0]}: unknown table or key")
     access = doc.get("access")
     limits = doc.get("limits")
+    ledger = doc.get("ledger")
     upstreams = parse_upstreams(doc.get("upstream", []), name, environ or {})
     return Settings(
         source=name,
@@ -127,6 +131,9 @@ def parse_settings(
         limits=None
         if limits is None
         else parse_limits(limits, f"{name}: limits", environ or {}, parse_duration),
+        ledger=None
+        if ledger is None
+        else parse_ledger(ledger, f"{name}: ledger", base, environ or {}, parse_duration),
         raw=doc,
     )
 
@@ -217,5 +224,6 @@ def with_keys_file(settings: Settings, keys_file: str | None) -> Settings:
         ),
         upstreams=settings.upstreams,
         routing=settings.routing,
+        ledger=settings.ledger,
         raw=settings.raw,
     )
