@@ -90,6 +90,7 @@ class LedgerWriter:
                 return False
             self.flushes["ok"] += 1
             self.last_flush = self._clock()
+            log.debug("ledger: %d rows written to %s", len(rows), self.store.where)
             if self._failing:
                 self._failing = False
                 log.info(
