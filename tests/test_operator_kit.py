@@ -25,6 +25,10 @@ from ollama_meter.cli import main
 from ollama_meter.config import Config, parse_listen
 from ollama_meter.gateway.fleet import Fleet
 from ollama_meter.gateway.fleet_metrics import FleetMetrics
+from ollama_meter.gateway.ledger import Rollup
+from ollama_meter.gateway.ledger_metrics import LedgerMetrics
+from ollama_meter.gateway.ledger_store import SqliteStore
+from ollama_meter.gateway.ledger_writer import LedgerWriter
 from ollama_meter.gateway.usage import KeyUsage
 from ollama_meter.ollama import ENDPOINTS
 
@@ -395,6 +399,7 @@ def test_dashboard_panels_have_units_and_use_the_datasource_variable() -> None:
         "Fleet",
         "Proxy",
         "Keys",
+        "Ledger",
     ]
     for panel in doc["panels"]:
         if panel["type"] == "row":
@@ -436,6 +441,8 @@ def known_names() -> set[str]:
     names |= core_names() | fleet_names()
     registry = CollectorRegistry()
     KeyUsage(registry, max_key_labels=1)
+    writer = LedgerWriter(Rollup(1), SqliteStore(Path("unused.sqlite")), "r", 10.0, 3600.0)
+    registry.register(LedgerMetrics(writer))
     for family in registry.collect():
         names.update(sample_names(family.name, family.type))
     rules = load_yaml("prometheus/rules/ollama-meter.yml")

@@ -5,7 +5,7 @@ Rules:
    written by the store on the writer's one thread: the loop never waits on a disk or a
    network, and a request never waits on the writer.
 2. A write that fails gives its rows back to the rollup (bounded there), is counted, logged
-   once until a write succeeds again, and retried with a doubling delay (up to 5 minutes).
+   once until a write succeeds again, and retried with a doubling delay (up to a minute).
 3. ``close`` (at shutdown, after the requests in flight were recorded) writes what is left:
    SIGTERM loses nothing that the store takes.
 4. Rows older than ``keep`` are deleted at the first write and then once a day.
@@ -26,7 +26,9 @@ from .ledger_store import Store, StoreDown
 
 log = logging.getLogger(__name__)
 
-_MAX_BACKOFF: Final = 300.0
+# A failing store is tried every minute at least: the alert OllamaMeterLedgerFlushFailing
+# looks for failures in any 2 minutes.
+_MAX_BACKOFF: Final = 60.0
 _PRUNE_EVERY: Final = 86400.0
 
 
