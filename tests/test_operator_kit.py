@@ -115,6 +115,15 @@ def test_compose_stack_is_wired_together() -> None:
     [published] = meter["ports"]
     assert published.rsplit(":", 2)[-2:] == [str(config.listen.port)] * 2
     assert meter["depends_on"]["ollama"]["condition"] == "service_healthy"
+    # The usage ledger is on a named volume (it outlives the container), at a directory the
+    # image creates for its user (a volume copies its owner).
+    ledger = Path(env["OLLAMA_METER_LEDGER"])
+    [volume] = [v for v in meter["volumes"] if v.endswith(f":{ledger.parent}")]
+    assert volume.split(":")[0] in compose["volumes"]
+    assert (
+        f"install -d -o 10001 -g 10001 -m 0750 {ledger.parent}" in (ROOT / "Dockerfile").read_text()
+    )
+    assert f"VOLUME {ledger.parent}" in (ROOT / "Dockerfile").read_text()
 
     # Prometheus scrapes the service on its listen port and loads our rules, read-only.
     prometheus = services["prometheus"]
