@@ -66,15 +66,15 @@ def test_requests_of_one_hour_and_key_add_to_one_row() -> None:
     rollup.add(exchange(key=None, team=None))
     rows = rollup.take()
     assert len(rollup) == 0
-    assert [(r.key.hour, r.key.key, r.key.status_class) for r in rows] == [
+    assert [(k.hour, k.key, k.status_class) for k, _ in rows] == [
         (int(NOV_3) // 3600 * 3600, "alice", "2xx"),
         (int(NOV_3) // 3600 * 3600, "alice", "499"),
         (int(NOV_3) // 3600 * 3600 + 3600, "anonymous", "2xx"),
     ]
-    assert rows[0].counts[:4] == (2, 0, 11, 22)
-    assert rows[1].counts[1] == 1  # an error, by its reason too
-    assert rows[2].key.team == ""
-    assert rows[0].key.upstream == "default"
+    assert rows[0][1][:4] == [2, 0, 11, 22]
+    assert rows[1][1][1] == 1  # an error, by its reason too
+    assert rows[2][0].team == ""
+    assert rows[0][0].upstream == "default"
 
 
 def test_the_bound_drops_the_oldest_rows_and_counts_them() -> None:
@@ -85,11 +85,11 @@ def test_the_bound_drops_the_oldest_rows_and_counts_them() -> None:
     rollup.add(exchange(model="c"))
     rollup.give_back(rows)  # "a" is the oldest: it goes
     assert rollup.dropped == 1
-    assert [r.key.model for r in rollup.take()] == ["b", "c"]
+    assert [k.model for k, _ in rollup.take()] == ["b", "c"]
     for model in "defg":
         rollup.add(exchange(model=model))
     assert rollup.dropped == 3
-    assert [r.key.model for r in rollup.take()] == ["f", "g"]
+    assert [k.model for k, _ in rollup.take()] == ["f", "g"]
 
 
 def test_given_back_rows_add_to_the_newer_ones() -> None:
@@ -98,8 +98,8 @@ def test_given_back_rows_add_to_the_newer_ones() -> None:
     rows = rollup.take()
     rollup.add(exchange())
     rollup.give_back(rows)
-    [row] = rollup.take()
-    assert row.counts[:4] == (2, 0, 20, 40)
+    [(_, counts)] = rollup.take()
+    assert counts[:4] == [2, 0, 20, 40]
 
 
 def seeded(path: Path) -> SqliteStore:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 from ..exchange import ERROR_REASONS, Exchange
@@ -55,10 +54,8 @@ class RowKey(NamedTuple):
     status_class: str
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
-    key: RowKey
-    counts: tuple[float, ...]  # COUNTS' values; the token and request counts are integers
+#: A row: its key, and COUNTS' values (the request and token counts are whole numbers).
+Row = tuple[RowKey, list[float]]
 
 
 class Rollup:
@@ -112,15 +109,16 @@ class Rollup:
                 row[6] += usage.load_seconds
 
     def take(self) -> list[Row]:
-        """Every pending row, oldest first; the rollup starts empty."""
+        """Every pending row, oldest first; the rollup starts empty. The rows are the
+        rollup's own lists, handed over (cheap on the loop: no copy of the numbers)."""
         rows, self._rows = self._rows, OrderedDict()
-        return [Row(key, tuple(counts)) for key, counts in rows.items()]
+        return list(rows.items())
 
     def give_back(self, rows: Iterable[Row]) -> None:
         """Rows a flush could not write: kept before the newer ones, within the bound."""
         newer, self._rows = self._rows, OrderedDict()
-        for row in rows:
-            self._rows[row.key] = list(row.counts)
+        for key, counts in rows:
+            self._rows[key] = counts
         for key, counts in newer.items():
             kept = self._rows.get(key)
             if kept is None:

@@ -74,12 +74,12 @@ def _values(rows: Iterable[Row], replica: str) -> list[tuple[object, ...]]:
     integer = [name not in _SECONDS for name in COUNTS]
     return [
         (
-            row.key.hour,
+            key.hour,
             replica,
-            *row.key[1:],
-            *(int(v) if i else v for v, i in zip(row.counts, integer, strict=True)),
+            *key[1:],
+            *(int(v) if i else v for v, i in zip(counts, integer, strict=True)),
         )
-        for row in rows
+        for key, counts in rows
     ]
 
 
