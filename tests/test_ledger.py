@@ -298,3 +298,23 @@ def test_the_password_comes_from_the_environment_and_is_never_shown() -> None:
     )
     assert settings == LedgerSettings(url="postgresql://meter:s3cret@db/meter", keep=30 * 86400.0)
     assert "s3cret" not in settings.where
+
+
+def test_config_show_prints_the_ledger_without_its_password(tmp_path: Path) -> None:
+    config = tmp_path / "m.toml"
+    config.write_text(
+        '[ledger]\nurl = "postgresql://meter@db/meter"\npassword_env = "PW"\nreplica = "r1"\n'
+    )
+    result = CliRunner().invoke(
+        main, ["config", "show", "--config", str(config)], env={"PW": "s3cret"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "s3cret" not in result.output
+    assert 'store = "postgresql://meter@db/meter"' in result.output
+    assert 'replica = "r1"' in result.output
+    # --ledger over the file's table.
+    sqlite = tmp_path / "u.sqlite"
+    result = CliRunner().invoke(
+        main, ["--ledger", str(sqlite), "config", "show", "--config", str(config)], env={"PW": "x"}
+    )
+    assert f'store = "{sqlite}"' in result.output
