@@ -48,6 +48,9 @@ ANY_IS_BAD: Final = [(None, "green"), (1, "red")]
 # Per-key families exist only with access control on ([access] keys_file).
 WITH_KEYS: Final = "With API keys on ([access] keys_file); empty without them."
 WITH_LEDGER: Final = "With the usage ledger on ([ledger] or --ledger); empty without it."
+WITH_LIMITS: Final = (
+    "With limits or slots on ([limits], --slots, [[upstream]] slots); empty without them."
+)
 # Families of fleet mode, or the upstream label it adds, exist only with [[upstream]] tables.
 WITH_FLEET: Final = "In fleet mode ([[upstream]] tables); empty without them."
 F_FLEET: Final = f'{F_INST}, upstream!=""'
@@ -585,6 +588,66 @@ def rows() -> list[tuple[str, list[Panel]]]:
                         )
                     ],
                     width=4,
+                ),
+            ],
+        ),
+        (
+            "Capacity: are requests waiting for a slot, and who is turned away?",
+            [
+                panel(
+                    "Slots in use vs configured",
+                    "Requests at each gated upstream (its slots set), summed over its models, "
+                    "against the slots configured per model. In use near configured for long: "
+                    "requests queue in the proxy (Queue depth). " + WITH_LIMITS,
+                    "short",
+                    [
+                        (
+                            f"sum by (upstream) (ollama_meter_slots_in_use{{{F_INST}}})",
+                            "{{upstream}} in use",
+                        ),
+                        (
+                            f"max by (upstream) (ollama_meter_slots_configured{{{F_INST}}})",
+                            "{{upstream}} configured",
+                        ),
+                    ],
+                    width=8,
+                ),
+                panel(
+                    "Queue depth",
+                    "Requests waiting in the proxy for a slot, all upstreams together (at "
+                    "[limits] max_queue, new ones get 503). " + WITH_LIMITS,
+                    "short",
+                    [(f"sum by (instance) (ollama_meter_queue_depth{{{F_INST}}})", "{{instance}}")],
+                    width=4,
+                ),
+                panel(
+                    "Queue wait p95",
+                    "95th percentile of the time from arrival to a slot, by model: the wait in "
+                    "the proxy's queue (Ollama's own load time is the Load duration panel). "
+                    + WITH_LIMITS,
+                    "s",
+                    [
+                        (
+                            "histogram_quantile(0.95, sum by (le, model) (rate("
+                            f"ollama_meter_queue_wait_seconds_bucket{{{F_MODEL}}}[{RATE}])))",
+                            "{{model}}",
+                        )
+                    ],
+                    width=6,
+                ),
+                panel(
+                    "Rejections by reason and key",
+                    "Requests refused per second: 429 for a key over its rate (rpm), tokens "
+                    "(tpm) or concurrency; 503 for a full queue, a wait past max_queue_wait, or "
+                    "no upstream for the model. " + WITH_LIMITS,
+                    "reqps",
+                    [
+                        (
+                            rate_by("reason, key", "ollama_meter_rejected_total", F_INST),
+                            "{{reason}} {{key}}",
+                        )
+                    ],
+                    width=6,
                 ),
             ],
         ),

@@ -48,6 +48,30 @@ def test_create_prints_the_key_once_and_stores_only_its_hash(tmp_path: Path) -> 
     assert found.team == "ml"
 
 
+def test_a_keys_own_limits_are_set_and_listed(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    made = _run(
+        "keys", "create", "--file", str(path), "--name", "a", "--role", "inference",
+        "--rpm", "60", "--concurrency", "2",
+    )  # fmt: skip
+    assert made[0] == 0, made
+    [entry] = load_keys(path)
+    assert (entry.rpm, entry.tpm, entry.concurrency) == (60, None, 2)
+    assert "rpm=60,concurrency=2" in _run("keys", "list", "--file", str(path))[1]
+    assert _run("keys", "limit", "--file", str(path), "a", "--tpm", "50000")[0] == 0
+    [entry] = load_keys(path)
+    assert (entry.rpm, entry.tpm, entry.concurrency) == (60, 50000, 2)
+    assert _run("keys", "limit", "--file", str(path), "a", "--default", "--tpm", "0")[0] == 0
+    [entry] = load_keys(path)
+    assert (entry.rpm, entry.tpm, entry.concurrency) == (None, 0, None)
+    code, _, err = _run("keys", "limit", "--file", str(path), "a", "--rpm", "-1")
+    assert code == 2
+    assert "-1" in err
+    code, _, err = _run("keys", "limit", "--file", str(path), "a")
+    assert code == 2
+    assert "nothing to change" in err
+
+
 def test_list_disable_enable_remove_keep_a_hand_written_file(tmp_path: Path) -> None:
     path = tmp_path / "keys.toml"
     path.write_text("# Our team's keys: ask Sam before adding one.\n")
@@ -62,6 +86,7 @@ def test_list_disable_enable_remove_keep_a_hand_written_file(tmp_path: Path) -> 
         "TEAM",
         "MODELS",
         "EXPIRES",
+        "LIMITS",
         "STATE",
     ]
     assert "sha256" not in out

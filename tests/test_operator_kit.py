@@ -23,12 +23,14 @@ from prometheus_client import CollectorRegistry
 
 from ollama_meter.cli import main
 from ollama_meter.config import Config, parse_listen
+from ollama_meter.gateway.admission import Admission
 from ollama_meter.gateway.fleet import Fleet
 from ollama_meter.gateway.fleet_metrics import FleetMetrics
 from ollama_meter.gateway.ledger import Rollup
 from ollama_meter.gateway.ledger_metrics import LedgerMetrics
 from ollama_meter.gateway.ledger_store import SqliteStore
 from ollama_meter.gateway.ledger_writer import LedgerWriter
+from ollama_meter.gateway.limit_metrics import LimitMetrics, anonymous_label
 from ollama_meter.gateway.usage import KeyUsage
 from ollama_meter.ollama import ENDPOINTS
 
@@ -407,6 +409,7 @@ def test_dashboard_panels_have_units_and_use_the_datasource_variable() -> None:
         "Models",
         "Fleet",
         "Proxy",
+        "Capacity",
         "Keys",
         "Ledger",
     ]
@@ -442,12 +445,21 @@ def fleet_names() -> set[str]:
     return names - core_names()
 
 
+def limits_names() -> set[str]:
+    """Sample names of the families that limits and the queue add (a fresh LimitMetrics,
+    with Redis, watching an empty queue)."""
+    registry = CollectorRegistry()
+    metrics = LimitMetrics(registry, anonymous_label, redis=True)
+    metrics.watch(Admission({}, lambda target: None, 1, 1.0, 1, clock=lambda: 0.0))
+    return {n for family in registry.collect() for n in sample_names(family.name, family.type)}
+
+
 def known_names() -> set[str]:
     """Series names a query may read: our families (with their sample suffixes), those that
     access control and fleet mode add (read from a fresh KeyUsage and FleetMetrics: the golden
     list is the core's), the recording rules, and the standard process series."""
     names = {"up", "process_resident_memory_bytes", "process_cpu_seconds_total"}
-    names |= core_names() | fleet_names()
+    names |= core_names() | fleet_names() | limits_names()
     registry = CollectorRegistry()
     KeyUsage(registry, max_key_labels=1)
     writer = LedgerWriter(Rollup(1), SqliteStore(Path("unused.sqlite")), "r", 10.0, 3600.0)

@@ -41,17 +41,20 @@ import pytest
 import yaml
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
+from tomlkit.items import Table
 
 from ollama_meter.app import KEYS_FILE
 from ollama_meter.gateway.dispatch import PIN_HEADER
+from ollama_meter.gateway.keys import append_key, edit_key
 from ollama_meter.ledger_settings import LedgerSettings
+from ollama_meter.limit_settings import LimitSettings
 from ollama_meter.settings import Settings
 
 from .access_keys import Keys, access_settings, make_keys
 from .conftest import Meter, MeterFactory, unused_port
 from .fake_ollama import NDJSON, FakeOllama, Reply, lines_of
 from .test_fleet import fleet_settings
-from .test_operator_kit import dashboard, fleet_names, load_yaml
+from .test_operator_kit import dashboard, fleet_names, limits_names, load_yaml
 
 ROOT = Path(__file__).parent.parent
 MESSAGES = [{"role": "user", "content": "Why is the sky blue?"}]
@@ -370,21 +373,25 @@ def substitute(expr: str, model: str = ".*") -> str:
 
 
 def fleet_row(panels: list[dict[str, Any]]) -> set[str]:
-    """Titles of the panels of the Fleet row."""
+    """Titles of the panels of the Fleet and Capacity rows (the fleet stack has limits and
+    slots on; the core's has neither)."""
     titles, row = set(), ""
+    rows = set()
     for panel in panels:
         if panel["type"] == "row":
             row = panel["title"]
-        elif row.startswith("Fleet:"):
+        elif row.startswith(("Fleet:", "Capacity:")):
             titles.add(panel["title"])
-    assert titles, "the dashboard has no Fleet row"
+            rows.add(row.partition(":")[0])
+    assert rows == {"Fleet", "Capacity"}, "the dashboard has no Fleet or no Capacity row"
     return titles
 
 
 def fleet_only(selector: str) -> bool:
-    """A selector of a family that only fleet mode exposes, or of the label it adds."""
+    """A selector of a family that only fleet mode (or limits) exposes, or of the label the
+    fleet adds."""
     name = selector.partition("{")[0]
-    return name in fleet_names() or 'upstream!=""' in selector
+    return name in fleet_names() | limits_names() or 'upstream!=""' in selector
 
 
 async def check_every_panel_and_rule(
@@ -475,6 +482,8 @@ class FleetStack:
     fakes: list[FakeOllama]
     scrapes: ScrapeCounter
     prometheus: str
+    #: A key of one request a minute.
+    capped: str
 
 
 @pytest.fixture
@@ -493,9 +502,19 @@ async def fleet_stack(
     second.url = str((await aiohttp_server(second.app)).make_url("")).rstrip("/")
     refused = f"http://127.0.0.1:{unused_port()}"
     fleet = fleet_settings([fake.url, second.url, refused])
+    # Limits and slots on (the Capacity row): one slot a model, no queue (the traffic is one
+    # request at a time, but for _fill_the_queue's), and one key capped at 1 rpm.
+    upstreams = tuple(dataclasses.replace(u, slots=1) for u in fleet.upstreams)
+    capped, _ = append_key(keys.path, name="capped", role="inference")
+    edit_key(keys.path, "capped", _one_rpm)
     access = access_settings(keys, anonymous="inference").access
     meter = await start_meter(
-        settings=with_ledger(dataclasses.replace(fleet, access=access), tmp_path)
+        settings=with_ledger(
+            dataclasses.replace(
+                fleet, access=access, upstreams=upstreams, limits=LimitSettings(max_queue=0)
+            ),
+            tmp_path,
+        )
     )
     counter = ScrapeCounter(meter.url)
     forwarder = await aiohttp_server(counter.app)
@@ -503,7 +522,11 @@ async def fleet_stack(
     async with run_prometheus(
         prometheus_binary, prometheus_features, address, keys, tmp_path
     ) as url:
-        yield FleetStack(meter, [fake, second], counter, url)
+        yield FleetStack(meter, [fake, second], counter, url, capped)
+
+
+def _one_rpm(table: Table) -> None:
+    table["rpm"] = 1
 
 
 async def drive_fleet(stack: FleetStack, keys: Keys) -> None:
@@ -531,6 +554,33 @@ async def drive_fleet(stack: FleetStack, keys: Keys) -> None:
     ):
         await _drive(stack.fakes[0], client, admin)
     await _drive_keys(stack.meter, keys)
+    async with with_key(stack.meter, stack.capped) as client:
+        refusals = []
+        for _ in range(2):  # one a minute: the second (and, a round later, the first) is 429
+            try:
+                await client.chat(model="llama3.2", messages=MESSAGES)
+            except ollama.ResponseError as refused:
+                refusals.append(refused.status_code)
+        assert 429 in refusals
+    await _fill_the_queue(stack)
+
+
+async def _fill_the_queue(stack: FleetStack) -> None:
+    """gpu-1's one slot taken by a held reply: the next request for it finds no room in a
+    queue of 0, and gets 503 at once."""
+    release = asyncio.Event()
+    stack.fakes[0].script(
+        "POST", "/api/chat", Reply(chunks=[lines_of("chat_stream.ndjson")[0]], gates={0: release})
+    )
+    url, pin = stack.meter.url, {PIN_HEADER: "gpu-1"}
+    async with aiohttp.ClientSession(headers=pin) as http:
+        body = {"model": "llama3.2", "messages": MESSAGES}
+        held = asyncio.create_task(http.post(f"{url}/api/chat", json=body))
+        await stack.fakes[0].wait_for("/api/chat", stack.fakes[0].count("/api/chat") + 1)
+        async with http.post(f"{url}/api/chat", json=body) as full:
+            assert full.status == 503
+        release.set()
+        (await held).release()
 
 
 async def test_in_a_fleet_every_panel_and_rule_works_on_real_data(

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -24,6 +25,7 @@ from . import __version__
 from .config import Config, is_loopback_listener
 from .errors import error_body
 from .gateway.access import Access
+from .gateway.admission import Admission
 from .gateway.audit import AuditLog
 from .gateway.dispatch import Dispatch
 from .gateway.fleet import Fleet
@@ -32,6 +34,7 @@ from .gateway.identity import KeyRing
 from .gateway.keys import Role
 from .gateway.limit_metrics import LimitMetrics, anonymous_label
 from .gateway.limits import Limiter, WindowStore
+from .gateway.queueing import gated_slots, queue_bounds, where_of
 from .gateway.reload import KeysFile
 from .gateway.shared_windows import SharedWindows
 from .gateway.usage import KeyUsage
@@ -64,6 +67,7 @@ ACCESS: Final = web.AppKey("access", Access)
 #: In fleet mode ([[upstream]] tables): the upstreams and their poller.
 FLEET: Final = web.AppKey("fleet", Fleet)
 LIMITER: Final = web.AppKey("limiter", Limiter)
+ADMISSION: Final = web.AppKey("admission", Admission[Any])
 LISTENER_RUNNERS: Final = web.AppKey("listener_runners", list[web.AppRunner])
 
 # The session adds none of its default headers: what the client sent is what Ollama gets.
@@ -111,8 +115,23 @@ def create_app(
         metrics.upstream_families = False  # per upstream, from the poller (fleet_metrics.py)
         registry.register(FleetMetrics(fleet))
     limiter = None
+    limit_metrics = None
     if settings.limits is not None:
-        limiter = _limits(app, settings.limits, registry, access)
+        limiter, limit_metrics = _limits(app, settings.limits, registry, access)
+    admission = None
+    slots = gated_slots(settings)
+    if slots:
+        if limit_metrics is None:
+            limit_metrics = LimitMetrics(registry, _key_label(access), redis=False)
+        admission = Admission(
+            slots,
+            where_of(dispatch),
+            *queue_bounds(settings.limits or LimitSettings()),
+            clock=time.monotonic,
+            refused=limit_metrics.refused,
+        )
+        limit_metrics.watch(admission)
+        app[ADMISSION] = admission
     ledger = None
     if settings.ledger is not None:
         ledger = start_ledger(app, settings.ledger, registry)
@@ -124,7 +143,9 @@ def create_app(
         access,
         dispatch,
         limiter,
-        None if ledger is None else ledger.rollup.add,
+        admission,
+        limit_metrics,
+        ledger=None if ledger is None else ledger.rollup.add,
     )
     app[METRICS] = metrics
     app[PROXY] = proxy
@@ -272,13 +293,9 @@ def _limits(
     settings: LimitSettings,
     registry: CollectorRegistry,
     access: Access | None,
-) -> Limiter:
+) -> tuple[Limiter, LimitMetrics]:
     """Per-key limits over windows in memory, or in Redis for a fleet of proxies."""
-    key_label = anonymous_label
-    if access is not None:
-        usage = access.usage
-        key_label = lambda name: usage.label(name, None)[0]  # noqa: E731
-    metrics = LimitMetrics(registry, key_label, redis=settings.redis is not None)
+    metrics = LimitMetrics(registry, _key_label(access), redis=settings.redis is not None)
     windows: WindowStore
     shared = None
     if settings.redis is not None:
@@ -301,7 +318,14 @@ def _limits(
                 await shared.close()
 
     app.cleanup_ctx.append(running)
-    return limiter
+    return limiter, metrics
+
+
+def _key_label(access: Access | None) -> Callable[[str | None], str]:
+    if access is None:
+        return anonymous_label
+    usage = access.usage
+    return lambda name: usage.label(name, None)[0]
 
 
 def _access_control(

@@ -82,6 +82,14 @@ def _option(name: str, **kwargs: Any) -> Callable[[_F], _F]:
     "fleet of u1, u2, ... (or [[upstream]] tables in --config).",
 )
 @_option(
+    "--slots",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Requests Ollama runs at once per model (its OLLAMA_NUM_PARALLEL): with it, at most "
+    "that many go up at once and the rest wait in the proxy's queue ([limits] in --config). "
+    "Unset: not gated.",
+)
+@_option(
     "--metrics-listen",
     default=None,
     metavar="HOST:PORT",
@@ -201,6 +209,7 @@ def main(
     ledger: str | None,
     listen: str,
     upstream: tuple[str, ...],
+    slots: int | None,
     metrics_listen: str | None,
     preserve_host: bool,
     max_inspect_bytes: int,
@@ -253,7 +262,7 @@ def main(
             access_log=access_log and log_level.lower() in ("debug", "info"),
         )
         given = ctx.get_parameter_source("upstream") not in (None, ParameterSource.DEFAULT)
-        settings = gateway_settings(config, keys_file, core, upstream, given, ledger)
+        settings = gateway_settings(config, keys_file, core, upstream, given, slots, ledger)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     setup_logging(log_format, log_level)

@@ -41,6 +41,7 @@ def gateway_settings(
     core: Config,
     upstreams: tuple[str, ...] = (),
     explicit: bool = False,
+    slots: int | None = None,
     ledger: str | None = None,
 ) -> Settings:
     """The settings file (and --keys-file over it; several --upstream as a fleet), checked
@@ -56,6 +57,14 @@ def gateway_settings(
             )
         if len(upstreams) > 1:
             settings = dataclasses.replace(settings, upstreams=shorthand(list(upstreams)))
+    if slots is not None:
+        if settings.upstreams and len(upstreams) <= 1:
+            raise ConfigError(
+                f"slots: given as --slots (or OLLAMA_METER_SLOTS) and [[upstream]] tables are "
+                f"in {settings.source}: set slots in each [[upstream]]"
+            )
+        fleet = tuple(dataclasses.replace(u, slots=slots) for u in settings.upstreams)
+        settings = dataclasses.replace(settings, upstreams=fleet, slots=slots)
     for upstream in settings.upstreams:
         core.check_upstream(upstream.url)
     access = settings.access
@@ -91,6 +100,7 @@ def _load(ctx: click.Context, config: str | None) -> tuple[Config, Settings]:
             invocation.keys_file,
             core,
             addresses,
+            slots=invocation.params.get("slots"),
             ledger=invocation.params.get("ledger"),
         )
         if settings.access is not None:

@@ -8,6 +8,7 @@ running proxy picks every change up within 2 s (or at once on SIGHUP).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import click
 from tomlkit.items import Table
 
 from .gateway.keys import (
+    LIMIT_FIELDS,
     NAME,
     ROLES,
     KeyEntry,
@@ -62,6 +64,29 @@ def keys_command() -> None:
     """Manage API keys (the keys file holds their SHA-256 hashes only)."""
 
 
+def _limit_options(command: Callable[..., None]) -> Callable[..., None]:
+    for name, what in reversed(
+        (
+            ("--rpm", "requests per minute"),
+            ("--tpm", "prompt + completion tokens per minute"),
+            ("--concurrency", "requests in flight at once"),
+        )
+    ):
+        command = click.option(
+            name,
+            default=None,
+            type=click.IntRange(min=0),
+            metavar="N",
+            help=f"Its own limit of {what} (0: unlimited; unset: [limits]' default).",
+        )(command)
+    return command
+
+
+def _given(rpm: int | None, tpm: int | None, concurrency: int | None) -> dict[str, int]:
+    values = zip(LIMIT_FIELDS, (rpm, tpm, concurrency), strict=True)
+    return {field: value for field, value in values if value is not None}
+
+
 @keys_command.command("create")
 @_file_option
 @click.option("--name", required=True, callback=_name, help="Unique; the key's metric label.")
@@ -73,6 +98,7 @@ def keys_command() -> None:
 @click.option(
     "--expires", default=None, callback=_expires, metavar="DATE", help="e.g. 2027-06-30 (UTC)."
 )
+@_limit_options
 def create(
     path: Path,
     name: str,
@@ -80,6 +106,9 @@ def create(
     team: str | None,
     models: str | None,
     expires: datetime | None,
+    rpm: int | None,
+    tpm: int | None,
+    concurrency: int | None,
 ) -> None:
     """Add a key and print it, once: only its hash is kept."""
     patterns = None
@@ -89,7 +118,13 @@ def create(
             raise click.BadParameter("no model names", param_hint="--models")
     try:
         key, entry = append_key(
-            path, name=name, role=role, team=team, models=patterns, expires=expires
+            path,
+            name=name,
+            role=role,
+            team=team,
+            models=patterns,
+            expires=expires,
+            limits=_given(rpm, tpm, concurrency),
         )
     except (KeysFileError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -118,11 +153,13 @@ def list_keys(path: Path) -> None:
     except KeysFileError as exc:
         raise click.ClickException(str(exc)) from None
     now = time.time()
-    rows = [("NAME", "ID", "ROLE", "TEAM", "MODELS", "EXPIRES", "STATE")]
+    rows = [("NAME", "ID", "ROLE", "TEAM", "MODELS", "EXPIRES", "LIMITS", "STATE")]
     for e in entries:
         expires = "" if e.expires is None else datetime.fromtimestamp(e.expires, UTC).isoformat()
         models = ",".join(e.models) if e.models is not None else "*"
-        rows.append((e.name, e.id, e.role, e.team or "", models, expires, _state(e, now)))
+        own = _given(e.rpm, e.tpm, e.concurrency)
+        limits = ",".join(f"{field}={value}" for field, value in own.items()) or "default"
+        rows.append((e.name, e.id, e.role, e.team or "", models, expires, limits, _state(e, now)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -137,6 +174,38 @@ def _edit(path: Path, name: str, disabled: bool | None) -> None:
 
     try:
         edit_key(path, name, None if disabled is None else change)
+    except (KeysFileError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@keys_command.command("limit")
+@_file_option
+@click.argument("name")
+@_limit_options
+@click.option("--default", "default", is_flag=True, help="Remove its own limits first.")
+def limit(
+    path: Path,
+    name: str,
+    rpm: int | None,
+    tpm: int | None,
+    concurrency: int | None,
+    default: bool,
+) -> None:
+    """Set a key's own limits (a running proxy reloads them within seconds)."""
+    given = _given(rpm, tpm, concurrency)
+    if not given and not default:
+        raise click.UsageError("nothing to change: give --rpm, --tpm, --concurrency or --default")
+
+    def change(table: Table) -> None:
+        if default:
+            for field in LIMIT_FIELDS:
+                if field in table:
+                    del table[field]
+        for field, value in given.items():
+            table[field] = value
+
+    try:
+        edit_key(path, name, change)
     except (KeysFileError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
 

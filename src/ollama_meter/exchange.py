@@ -13,6 +13,7 @@ from .ollama import Usage
 
 if TYPE_CHECKING:
     from .gateway.access import Gate
+    from .gateway.admission import Slot
     from .gateway.dispatch import Target
     from .gateway.limits import Held
 
@@ -70,6 +71,8 @@ class Exchange:
     loading: bool = False  # cold, and its response head has not come yet
     #: With [limits]: the key's place in the limits (a gateway.limits.Held), until recorded.
     held: Held | None = None
+    #: Its slot at (upstream, model) when the upstream is gated (a gateway.admission.Slot).
+    slot: Slot | None = None
 
     @property
     def duration(self) -> float:

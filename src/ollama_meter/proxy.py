@@ -29,7 +29,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from time import perf_counter
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -48,8 +48,11 @@ from .errors import (
 )
 from .exchange import Exchange
 from .gateway.access import Access, Gate
-from .gateway.dispatch import PIN_HEADER, Dispatch
+from .gateway.admission import Admission
+from .gateway.dispatch import NO_UPSTREAM, PIN_HEADER, Dispatch
+from .gateway.identity import ANONYMOUS
 from .gateway.keys import Role
+from .gateway.limit_metrics import LimitMetrics
 from .gateway.limits import Limiter
 from .gateway.union import FLEET_WIDE, V1_MODELS, merge
 from .hosts import HostCheck, host_check_for
@@ -174,6 +177,8 @@ class Proxy:
         access: Access | None = None,
         dispatch: Dispatch | None = None,
         limiter: Limiter | None = None,
+        admission: Admission[Any] | None = None,
+        limit_metrics: LimitMetrics | None = None,
         ledger: Callable[[Exchange], None] | None = None,
     ) -> None:
         self._ledger = ledger
@@ -186,6 +191,8 @@ class Proxy:
         self._access = access
         self._dispatch = dispatch
         self._limiter = limiter
+        self._admission = admission
+        self._limit_metrics = limit_metrics
         if dispatch is not None and any(
             node.settings.url.path.strip("/") for node in dispatch.fleet.nodes
         ):
@@ -336,6 +343,8 @@ class Proxy:
             self._dispatch.ended(x)
         if self._limiter is not None:
             self._limiter.ended(x)
+        if x.slot is not None and self._admission is not None:
+            self._admission.release(x.slot)
         if self._access is not None:
             self._access.finished(x, x.gate, lambda: self._head.client_of(request), request.path)
         if self._ledger is not None:
@@ -406,6 +415,8 @@ class Proxy:
                 if whole is None and route.inspects_body and request.body_exists:
                     raise _unroutable(request, config.max_inspect_bytes)
                 x.target = await self._dispatch.place(request.method, route, model, request.headers)
+            if self._admission is not None and route.inference and model is not None:
+                await self._admit_slot(x, route, model)
             self._metrics.request_started(x)
             sending = await self._send(request, route, x, target, headers, data, model, whole)
             if isinstance(sending, OwnResponse):
@@ -428,6 +439,27 @@ class Proxy:
                 upstream.release()
             else:
                 upstream.close()
+
+    async def _admit_slot(self, x: Exchange, route: Route, model: str) -> None:
+        """The admit step: a slot at the chosen upstream, or a wait in the queue for one."""
+        admission = self._admission
+        assert admission is not None
+        who = x.key or ANONYMOUS
+        if self._dispatch is None:
+            # The bounded model label: a client naming endless made-up models must not grow
+            # the slots' table (Ollama answers those with a 404 at once anyway).
+            name = x.model
+            admitted = await admission.admit(who, name, lambda: name)
+        else:
+            dispatch, first = self._dispatch, x.target
+            assert first is not None
+            admitted = await admission.admit(
+                who, first, lambda: dispatch.again(first, route, model)
+            )
+            x.target = admitted.target
+        x.slot = admitted.slot
+        if admitted.slot is not None and self._limit_metrics is not None:
+            self._limit_metrics.queue_wait.labels(x.model).observe(admitted.waited)
 
     async def _fleet_answer(self, x: Exchange, route: Route) -> OwnResponse:
         """``/api/tags``, ``/v1/models``, ``/api/ps`` of a fleet: every healthy upstream's
@@ -502,7 +534,8 @@ class Proxy:
                 if reason is None or not resendable:
                     return self._fail(request, x, failure)
             else:
-                read = await _busy_body(upstream) if resendable else None
+                busy_503 = resendable and upstream.status == 503
+                read = await _busy_body(upstream) if busy_503 else None
                 if read is None or b"server busy" not in read:
                     if x.loading:
                         fleet.answered(node, place.key, upstream.status)
@@ -516,6 +549,11 @@ class Proxy:
                 next_place = await self._dispatch.place(
                     request.method, route, model, request.headers, frozenset(tried)
                 )
+                if x.slot is not None and self._admission is not None:
+                    moved = self._admission.move(x.slot, next_place)
+                    if moved is False:  # the other one's slots are all taken: no retry
+                        raise Refusal(503, None)
+                    x.slot = moved
             except Refusal:
                 if busy is not None:
                     return busy  # every holder is busy: Ollama's own 503 stands
@@ -564,6 +602,10 @@ class Proxy:
         out = filtered_headers(upstream.headers, HOP_BY_HOP)
         if x.target is not None:
             out[PIN_HEADER] = x.target.node.name
+        if status == 503 and x.slot is not None and hdrs.RETRY_AFTER not in out:
+            # Ollama's own 503 (its queue is full, or it is busy loading) says nothing of when
+            # to come back; behind a gated upstream, the client is told (limits issue, item 5).
+            out[hdrs.RETRY_AFTER] = "1"
         response = _PassthroughResponse(status=status, reason=upstream.reason, headers=out)
         await response.prepare(request)
         content = upstream.content
@@ -689,6 +731,8 @@ class Proxy:
 
     def _refuse(self, request: web.Request, x: Exchange, refusal: Refusal) -> OwnResponse:
         x.status = refusal.status
+        if refusal.reason == NO_UPSTREAM and self._limit_metrics is not None and x.target is None:
+            self._limit_metrics.refused(NO_UPSTREAM, x.key)
         if refusal.message is None:
             response = OwnResponse(status=refusal.status)
         else:

@@ -89,10 +89,12 @@ class Settings:
     #: The fleet (empty: the core's one --upstream).
     upstreams: tuple[UpstreamSettings, ...] = ()
     routing: RoutingSettings = field(default_factory=RoutingSettings)
-    #: ``[limits]`` (None: no limits, no queue: the core's behaviour).
+    #: ``[limits]`` (None: no limits; the queue has its defaults if slots are set).
     limits: LimitSettings | None = None
     #: ``[ledger]`` (None: no ledger, no file written: the core's behaviour).
     ledger: LedgerSettings | None = None
+    #: ``--slots``: requests the one upstream runs at once per model (None: not gated).
+    slots: int | None = None
     #: The file's tables as read (for ``config show``).
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 

@@ -32,7 +32,7 @@ from ..inbound import Refusal
 from ..ollama import Route, canonical_model
 from .fleet import Fleet, Node
 from .policy import RouteClass, route_class
-from .router import AllTried, Choice, NotListed, OnlyUnhealthy, choose, model_key
+from .router import AllTried, Choice, Decision, NotListed, OnlyUnhealthy, choose, model_key
 
 PIN_HEADER: Final = "X-Ollama-Meter-Upstream"
 _BLOBS: Final = "/api/blobs/{digest}"
@@ -42,6 +42,10 @@ MISS_REFRESH_GAP: Final = 5.0
 #: Failures before any answer: what the breaker counts.
 _TRANSPORT: Final = frozenset({ex.UPSTREAM_UNREACHABLE, ex.UPSTREAM_TIMEOUT, ex.UPSTREAM_CLOSED})
 _RETRY_AFTER: Final = {"Retry-After": "2"}
+#: The reason of a 503 for want of an upstream (rejected_total's, with limits on).
+NO_UPSTREAM: Final = "no_upstream"
+#: Each decision's label (an enum's ``.value`` is a descriptor call, on every request).
+_LABELS: Final = {decision: decision.value for decision in Decision}
 
 #: Ollama's 404 text for a model it does not have, by route.
 _PULL_FIRST: Final = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings"})
@@ -57,7 +61,7 @@ def not_found(template: str, model: str) -> str:
     return f"model '{model}' not found"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is built per request, and frozen fields cost
 class Target:
     node: Node
     #: routing_decisions_total's label: hot, queued_hot, loading, cold, only, pinned, retry,
@@ -109,19 +113,24 @@ class Dispatch:
             return Target(node, "pinned", tracked, key)
         if model is None or key is None:
             return Target(self._any(cls, exclude), None, None)
-        found = choose(key, self.fleet.views(), self.fleet.now(), self._rng, exclude)
+        now = self.fleet.now()
+        found = choose(key, self.fleet.views(now), now, self._rng, exclude)
         if isinstance(found, NotListed) and not exclude:
             await self.fleet.refresh_tags(min_gap=MISS_REFRESH_GAP)
-            found = choose(key, self.fleet.views(), self.fleet.now(), self._rng, exclude)
+            now = self.fleet.now()
+            found = choose(key, self.fleet.views(now), now, self._rng, exclude)
         if isinstance(found, Choice):
-            decision = "retry" if exclude else found.decision.value
+            decision = "retry" if exclude else _LABELS[found.decision]
             # Only inference loads a model: a show or a model lookup is not tracked as one.
             node = self.fleet.by_name[found.upstream]
             return Target(node, decision, key if route.inference else None, key)
         if isinstance(found, NotListed):
             if any(not node.tags_known for node in self.fleet.healthy()):
                 raise Refusal(
-                    503, "ollama-meter: an upstream's model list is not known yet", _RETRY_AFTER
+                    503,
+                    "ollama-meter: an upstream's model list is not known yet",
+                    _RETRY_AFTER,
+                    NO_UPSTREAM,
                 )
             raise Refusal(404, not_found(route.template, model))
         if isinstance(found, OnlyUnhealthy):
@@ -129,9 +138,33 @@ class Dispatch:
                 503,
                 f"ollama-meter: every upstream that has {model[:100]!r} is down",
                 {"Retry-After": str(found.retry_after)},
+                NO_UPSTREAM,
             )
         assert isinstance(found, AllTried)
-        raise Refusal(503, "ollama-meter: every upstream that has it failed", _RETRY_AFTER)
+        raise Refusal(
+            503, "ollama-meter: every upstream that has it failed", _RETRY_AFTER, NO_UPSTREAM
+        )
+
+    def again(self, first: Target, route: Route, model: str) -> Target:
+        """The route step run again for a request waiting in the admit step: where it would
+        go now (no tag refresh: its model was listed when it came). A pinned request stays."""
+        key = first.model
+        if first.decision == "pinned" or key is None:
+            return first
+        now = self.fleet.now()
+        found = choose(key, self.fleet.views(now), now, self._rng)
+        if isinstance(found, Choice):
+            node = self.fleet.by_name[found.upstream]
+            return Target(node, _LABELS[found.decision], key if route.inference else None, key)
+        if isinstance(found, NotListed):
+            raise Refusal(404, not_found(route.template, model))
+        retry = found.retry_after if isinstance(found, OnlyUnhealthy) else 2
+        raise Refusal(
+            503,
+            f"ollama-meter: every upstream that has {model[:100]!r} is down",
+            {"Retry-After": str(retry)},
+            NO_UPSTREAM,
+        )
 
     def ended(self, x: Exchange) -> None:
         """The record step: the fleet learns how the request went (fleet.py rule 3), and a
@@ -153,6 +186,7 @@ class Dispatch:
         )
         if (
             not 200 <= x.status < 300
+            or target.decision != "pinned"  # model management always is (rule 2)
             or route_class(x.method, x.endpoint) is not RouteClass.MODEL_ADMIN
         ):
             return
@@ -176,7 +210,7 @@ class Dispatch:
     def _any(self, cls: RouteClass, exclude: frozenset[str] = frozenset()) -> Node:
         healthy = [node for node in self.fleet.healthy() if node.name not in exclude]
         if not healthy:
-            raise Refusal(503, "ollama-meter: no upstream is answering", _RETRY_AFTER)
+            raise Refusal(503, "ollama-meter: no upstream is answering", _RETRY_AFTER, NO_UPSTREAM)
         if cls is RouteClass.PUBLIC:
             return healthy[0]  # /api/version and /: the first healthy server's, every time
         if cls in (RouteClass.ACCOUNT, RouteClass.OTHER) and self._admin is not None:

@@ -13,7 +13,7 @@ Rules:
    2xx for it there (until the expiry the last /api/ps gave, else ``DEFAULT_KEEP_ALIVE``); a
    request sent while it was cold marks it loading until it answers; in-flight counts and
    moving averages of service and load times come from the requests that ended.
-4. ``views`` hands the router (router.py) an immutable snapshot. Nothing here blocks: the
+4. ``views`` hands the router (router.py) a snapshot that it only reads. Nothing here blocks: the
    poller's asks are bounded by the probe timeout, and the request path only does arithmetic.
 """
 
@@ -80,36 +80,57 @@ class Node:
     loading: dict[str, float] = field(default_factory=dict)
     service: dict[str, float] = field(default_factory=dict)
     load: dict[str, float] = field(default_factory=dict)
+    #: Its address as text, without the trailing slash (a request path is appended to it).
+    base: str = field(init=False)
+    _view: UpstreamView | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.base = str(self.settings.url).rstrip("/")
 
     @property
     def name(self) -> str:
         return self.settings.name
 
-    @property
-    def base(self) -> str:
-        return str(self.settings.url).rstrip("/")
-
     def healthy(self, now: float) -> bool:
         return self.answered and self.breaker.allows(now)
 
     def view(self, now: float) -> UpstreamView:
+        """The router's view of it now. The per-model dicts in it are this node's own, so a
+        view stays current as requests come and go; what else it holds is rebuilt only when
+        it changed (health, a new ``loaded`` or ``models``, which are replaced, never changed
+        in place), or always while a model loads (``loaded`` is then a filtered copy)."""
+        breaker = self.breaker  # (self.healthy(now), inline: this runs per upstream per request)
+        probe = breaker.retry_at if breaker.is_open else None
+        healthy = self.answered and (probe is None or now >= probe)
+        cached = self._view
+        if (
+            cached is not None
+            and cached.loaded is self.loaded
+            and cached.models is self.models
+            and cached.healthy == healthy
+            and cached.next_probe == probe
+            and not self.loading
+        ):
+            return cached
         loading = self.loading
         loaded = self.loaded
         if loading:  # a model /api/ps lists while the proxy's request still loads it
             loaded = {k: v for k, v in loaded.items() if k not in loading}
-        return UpstreamView(
-            name=self.name,
-            healthy=self.healthy(now),
-            models=self.models,
-            loaded=loaded,
-            loading=loading,
-            in_flight=self.in_flight_by,
-            slots=self.settings.slots,
-            max_loaded=self.settings.max_loaded,
-            service_seconds=self.service,
-            load_seconds=self.load,
-            next_probe=self.breaker.retry_at if self.breaker.is_open else None,
+        settings = self.settings
+        self._view = view = UpstreamView(
+            settings.name,
+            healthy,
+            self.models,
+            loaded,
+            loading,
+            self.in_flight_by,
+            settings.slots,
+            settings.max_loaded,
+            self.service,
+            self.load,
+            probe,
         )
+        return view
 
 
 def _decrement(counts: dict[str, int], key: str) -> bool:
@@ -277,9 +298,10 @@ class Fleet:
         """Every model name any upstream lists, as it lists it (for the model labels)."""
         return [entry["name"] for node in self.nodes for entry in node.tags]
 
-    def views(self) -> list[UpstreamView]:
-        now = self._clock()
-        return [node.view(now) for node in self.nodes]
+    def views(self, now: float | None = None) -> list[UpstreamView]:
+        """Every node's view at ``now`` (the fleet's clock when None)."""
+        at = self._clock() if now is None else now
+        return [node.view(at) for node in self.nodes]
 
     def healthy(self) -> Iterable[Node]:
         now = self._clock()
@@ -374,7 +396,7 @@ class Fleet:
                 self.cold_loads[load] = 0
                 self.created[load] = time.time()
             self.cold_loads[load] += 1
-        if 200 <= status < 300 and not self._is_hot(node, key):
+        if 200 <= status < 300 and not _hot_at(node, key, now):
             # Loaded, for as long as Ollama keeps a model by default (the next poll of /api/ps
             # says exactly).
             node.loaded = {**node.loaded, key: now + DEFAULT_KEEP_ALIVE}
@@ -389,7 +411,11 @@ class Fleet:
         return self._is_hot(node, key)
 
     def _is_hot(self, node: Node, key: str) -> bool:
-        if key not in node.loaded:
-            return False
-        expires = node.loaded[key]
-        return expires is None or expires > self._clock()
+        return _hot_at(node, key, self._clock())
+
+
+def _hot_at(node: Node, key: str, now: float) -> bool:
+    if key not in node.loaded:
+        return False
+    expires = node.loaded[key]
+    return expires is None or expires > now

@@ -27,7 +27,7 @@ import re
 import secrets
 import tempfile
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -174,6 +174,9 @@ def _entry(table: object, where: str) -> KeyEntry:
     )
 
 
+LIMIT_FIELDS: Final = ("rpm", "tpm", "concurrency")
+
+
 def _limit(table: dict[str, Any], field: str, where: str) -> int | None:
     value = table.get(field)
     if value is None:
@@ -280,8 +283,10 @@ def append_key(
     team: str | None = None,
     models: tuple[str, ...] | None = None,
     expires: datetime | None = None,
+    limits: Mapping[str, int] | None = None,
 ) -> tuple[str, KeyEntry]:
-    """Add a new key to the file (created if absent); (the key, its entry)."""
+    """Add a new key to the file (created if absent); (the key, its entry). ``limits``:
+    its own rpm, tpm and concurrency, those it sets."""
     with _locked(path) as doc:
         tables = _tables(doc, path)
         if any(t.get("name") == name for t in tables):
@@ -299,6 +304,8 @@ def append_key(
             table["models"] = list(models)
         if expires is not None:
             table["expires"] = expires
+        for field, value in (limits or {}).items():
+            table[field] = value
         if "key" in doc:
             cast(AoT, doc["key"]).append(table)
         else:

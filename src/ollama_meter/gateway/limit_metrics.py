@@ -55,7 +55,7 @@ class LimitMetrics:
         )
         self.queue_wait = Histogram(
             "queue_wait_seconds",
-            "Time from arrival to a slot at an upstream, of requests that got one or gave up "
+            "Time from arrival to a slot at a gated upstream, of the requests that got one "
             "(the proxy's queue; Ollama's own load time is load_duration_seconds).",
             ("model",),
             buckets=WAIT_BUCKETS,

@@ -57,6 +57,7 @@ The decision label (``routing_decisions_total``) is the model's state on the cho
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -95,6 +96,7 @@ TIE_SECONDS: Final = 0.05
 DEFAULT_RETRY_AFTER: Final = 5
 
 
+@functools.lru_cache(maxsize=1024)  # called with the same few names on every request
 def model_key(name: str) -> str:
     """A model name spelt as Ollama compares names: ``x`` is ``x:latest``, case-insensitive.
 
@@ -117,7 +119,9 @@ class Decision(enum.Enum):
     ONLY = "only"  # one eligible upstream: no choice was made
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, and these are
+# built on every request. Nothing changes them once built (the router only reads).
+@dataclass(slots=True)
 class UpstreamView:
     """What the router knows of one upstream at decision time. Model names by ``model_key``."""
 
@@ -147,7 +151,7 @@ class UpstreamView:
     next_probe: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Choice:
     """Send the request to ``upstream``."""
 
@@ -205,70 +209,94 @@ def choose(
     healthy = [view for view in listing if view.healthy]
     if not healthy:
         return OnlyUnhealthy(key, tuple(v.name for v in listing), _retry_after(listing, now))
-    eligible = [view for view in healthy if view.name not in exclude]
+    eligible = [view for view in healthy if view.name not in exclude] if exclude else healthy
     if not eligible:
         return AllTried(key, tuple(view.name for view in healthy))
 
-    load_default = _mean([view.load_seconds for view in listing], key, DEFAULT_LOAD_SECONDS)
-    service_default = _mean(
-        [view.service_seconds for view in listing], key, DEFAULT_SERVICE_SECONDS
-    )
-    live = [view for view in fleet if view.healthy]  # where an evicted model may stay hot
-    scored = [_estimate(view, key, now, load_default, service_default, live) for view in eligible]
-    candidates = [entry for entry in scored if not entry.blocked] or scored  # rule 3
+    # Each candidate as (cost, state, blocked, view). A hot one (the steady state) is scored
+    # here, without the defaults that only a missing average or a load needs: those are
+    # worked out once, the first time a candidate needs them (the same values either way).
+    scored: list[tuple[float, Decision, bool, UpstreamView]] = []
+    defaults: _Defaults | None = None
+    blocked = False
+    for view in eligible:
+        slots = view.slots or 1
+        busy = view.in_flight.get(key, 0)
+        service = view.service_seconds.get(key)
+        if service is None:
+            defaults = defaults or _Defaults(fleet, listing, key)
+            service = defaults.service
+        queued = busy - slots + 1
+        wait = queued * service / slots if queued > 0 else 0.0
+        expires = view.loaded.get(key, _NOT_LOADED)
+        if expires is None or expires > now:
+            scored.append((wait, _HOT if busy < slots else _QUEUED_HOT, False, view))
+        else:
+            defaults = defaults or _Defaults(fleet, listing, key)
+            entry = (*_not_hot(view, key, now, wait, defaults), view)
+            blocked = blocked or entry[2]
+            scored.append(entry)
+    if len(scored) == 1:  # one eligible upstream: no choice to make
+        cost, state, _, view = scored[0]
+        return Choice(view.name, Decision.ONLY, state, cost)
+    candidates = scored
+    if blocked:  # rule 3
+        candidates = [entry for entry in scored if not entry[2]] or scored
 
-    best = min(entry.cost for entry in candidates)
-    margin = max(TIE_SECONDS, TIE_FRACTION * best)
-    near = [entry for entry in candidates if entry.cost <= best + margin]
+    best = min([entry[0] for entry in candidates])
+    margin = TIE_FRACTION * best
+    if margin < TIE_SECONDS:
+        margin = TIE_SECONDS
+    near = [entry for entry in candidates if entry[0] <= best + margin]
     if len(near) > 1:
-        fewest = min(entry.total_in_flight for entry in near)
-        near = [entry for entry in near if entry.total_in_flight == fewest]
-    pick = near[0] if len(near) == 1 else rng.choice(near)
-    decision = Decision.ONLY if len(eligible) == 1 else pick.state
-    return Choice(pick.view.name, decision, pick.state, pick.cost)
+        totals = [sum(entry[3].in_flight.values()) for entry in near]
+        fewest = min(totals)
+        near = [entry for entry, total in zip(near, totals, strict=True) if total == fewest]
+    cost, state, _, view = near[0] if len(near) == 1 else rng.choice(near)
+    return Choice(view.name, state, state, cost)
 
 
-@dataclass(frozen=True, slots=True)
-class _Estimate:
-    view: UpstreamView
-    cost: float
-    state: Decision
-    blocked: bool  # rule 3: a cold load there would wait for a model in use to go idle
+_HOT: Final = Decision.HOT
+_QUEUED_HOT: Final = Decision.QUEUED_HOT
 
-    @property
-    def total_in_flight(self) -> int:
-        return sum(self.view.in_flight.values())
+#: The expiry of a model not in ``loaded``: never hot (None there means "no expiry known").
+_NOT_LOADED: Final = -math.inf
 
 
-def _estimate(
-    view: UpstreamView,
-    key: str,
-    now: float,
-    load_default: float,
-    service_default: float,
-    live: Sequence[UpstreamView],
-) -> _Estimate:
-    slots = view.slots or 1
-    busy = view.in_flight.get(key, 0)
-    service = view.service_seconds.get(key, service_default)
-    wait = max(0, busy - slots + 1) * service / slots
-    if _holds(view, key, now):
-        state = Decision.HOT if busy < slots else Decision.QUEUED_HOT
-        return _Estimate(view, wait, state, blocked=False)
-    load = view.load_seconds.get(key, load_default)
+class _Defaults:
+    """What scoring a candidate without a model's own averages, or a cold one, needs: the
+    other upstreams' mean load and service times, and where an evicted model may stay hot."""
+
+    __slots__ = ("live", "load", "service")
+
+    def __init__(
+        self, fleet: Sequence[UpstreamView], listing: Sequence[UpstreamView], key: str
+    ) -> None:
+        self.load = _mean([view.load_seconds for view in listing], key, DEFAULT_LOAD_SECONDS)
+        self.service = _mean(
+            [view.service_seconds for view in listing], key, DEFAULT_SERVICE_SECONDS
+        )
+        self.live = [view for view in fleet if view.healthy]
+
+
+def _not_hot(
+    view: UpstreamView, key: str, now: float, wait: float, defaults: _Defaults
+) -> tuple[float, Decision, bool]:
+    """(cost, state, blocked) of an upstream where the model is not hot (rules 2 and 3;
+    ``blocked``: a cold load there would wait for a model in use to go idle)."""
+    load = view.load_seconds.get(key, defaults.load)
     started = view.loading.get(key)
     if started is not None:
-        remaining = max(0.0, load - (now - started))
-        return _Estimate(view, remaining + wait, Decision.LOADING, blocked=False)
+        return max(0.0, load - (now - started)) + wait, Decision.LOADING, False
     victim, drain = _victim(view, now)
     if drain is not None:
-        return _Estimate(view, drain + load + wait, Decision.COLD, blocked=True)
+        return drain + load + wait, Decision.COLD, True
     charge = 0.0
     if victim is not None and not any(
-        other is not view and _holds(other, victim, now) for other in live
+        other is not view and _holds(other, victim, now) for other in defaults.live
     ):
         charge = view.load_seconds.get(victim, DEFAULT_LOAD_SECONDS)
-    return _Estimate(view, load + wait + charge, Decision.COLD, blocked=False)
+    return load + wait + charge, Decision.COLD, False
 
 
 def expected_victim(view: UpstreamView, now: float) -> str | None:
