@@ -21,6 +21,7 @@ from ollama_meter.exchange import CLIENT_DISCONNECT, Exchange
 from ollama_meter.gateway.ledger import Rollup
 from ollama_meter.gateway.ledger_report import ReportError, parse_by, parse_time
 from ollama_meter.gateway.ledger_store import LedgerError, SqliteStore
+from ollama_meter.gateway.ledger_writer import LedgerWriter
 from ollama_meter.ledger_settings import LedgerSettings, parse_ledger
 from ollama_meter.ollama import Usage
 from ollama_meter.settings import parse_duration
@@ -169,6 +170,7 @@ def test_csv_is_read_back_by_a_csv_reader(tmp_path: Path) -> None:
         ("key,team,model,endpoint,upstream,day,hour", 8),
         ("day", 2),
         ("endpoint,replica", 4),
+        ("status", 2),
     ],
 )
 def test_every_by_combination_sums_to_the_same_totals(tmp_path: Path, by: str, groups: int) -> None:
@@ -318,3 +320,35 @@ def test_config_show_prints_the_ledger_without_its_password(tmp_path: Path) -> N
         main, ["--ledger", str(sqlite), "config", "show", "--config", str(config)], env={"PW": "x"}
     )
     assert f'store = "{sqlite}"' in result.output
+
+
+async def test_rows_past_keep_are_pruned_at_the_first_flush_then_daily(tmp_path: Path) -> None:
+    store = seeded(tmp_path / "u.sqlite")  # hours of 3 and 4 November
+    clock = Clock(datetime(2026, 11, 5, 0, 30, tzinfo=UTC).timestamp())
+    writer = LedgerWriter(Rollup(10, clock), store, "r1", 10.0, keep=36 * 3600.0, clock=clock)
+    await writer.start()
+    writer.rollup.add(exchange())
+    assert await writer.flush()
+    # 36 hours before 5 November 00:00: 3 November 12:00; the 14:00 rows stay until a day later.
+    days = {g[0] for g in totals(store, ("day",))}
+    assert days == {"2026-11-03", "2026-11-04", "2026-11-05"}
+    clock.now += 3600  # an hour later: no prune yet (once a day)
+    assert await writer.flush()
+    assert {g[0] for g in totals(store, ("day",))} == days
+    clock.now += 86400
+    assert await writer.flush()
+    assert {g[0] for g in totals(store, ("day",))} == {"2026-11-04", "2026-11-05"}
+    await writer.close()
+
+
+def test_usage_takes_the_ledger_of_the_settings_file(tmp_path: Path) -> None:
+    seeded(tmp_path / "u.sqlite").close()
+    config = tmp_path / "m.toml"
+    config.write_text('[ledger]\npath = "u.sqlite"\n')
+    for args in (["--config", str(config), "usage"], ["usage", "--config", str(config)]):
+        result = CliRunner().invoke(main, [*args, "--since", "2026-11-01", "--format", "json"])
+        assert result.exit_code == 0, result.output
+        assert sum(r["requests"] for r in orjson.loads(result.output)["rows"]) == 8
+    result = CliRunner().invoke(main, ["usage"])
+    assert result.exit_code == 1
+    assert result.output == "Error: no ledger: give --ledger PATH|URL, or [ledger] in --config\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sqlite3
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -198,6 +199,9 @@ async def test_usage_is_served_on_loopback_without_keys_and_to_admins_with_them(
             "default",
             1,
         )
+        async with session.get(meter.url + "/-/usage?by=replica") as r:
+            [row] = (await r.json())["rows"]
+        assert row["replica"] == socket.gethostname()  # the default replica name
         async with session.get(meter.url + "/-/usage?format=csv&by=endpoint") as r:
             assert r.headers["Content-Type"].startswith("text/csv")
             assert (await r.text()).splitlines()[0] == (
@@ -235,7 +239,10 @@ def locked(path: Path) -> Iterator[None]:
 
 
 async def test_a_store_that_takes_no_writes_keeps_the_rows_and_writes_them_when_back(
-    fake: FakeOllama, start_meter: MeterFactory, tmp_path: Path
+    fake: FakeOllama,
+    start_meter: MeterFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     path = tmp_path / "usage.sqlite"
     meter = await start_meter(Settings(ledger=_ledger(path, max_pending_rows=2)))
@@ -263,6 +270,10 @@ async def test_a_store_that_takes_no_writes_keeps_the_rows_and_writes_them_when_
             assert meter.value("ledger_flushes_total", result="error") == 3
             assert meter.value("ledger_write_errors_total") == 3
         assert await writer.flush()
+    # Said once for the outage, and once when it ended.
+    said = [r.getMessage() for r in caplog.records if r.name.endswith("ledger_writer")]
+    assert len([m for m in said if "ledger: cannot write to" in m]) == 1
+    assert len([m for m in said if "takes writes again (2 rows written)" in m]) == 1
     assert meter.value("ledger_flushes_total", result="ok") == 1
     assert meter.value("ledger_pending_rows") == 0
     assert meter.value("ledger_last_flush_timestamp_seconds") > 0

@@ -36,7 +36,7 @@ from .settings import load_settings
     "--by",
     default=",".join(DEFAULT_BY),
     show_default=True,
-    help="Group by any of key, team, model, endpoint, upstream, replica, day, hour.",
+    help="Group by any of key, team, model, endpoint, upstream, status, replica, day, hour.",
 )
 @click.option("--key", default=None, metavar="NAME", help="Only this key's requests.")
 @click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(FORMATS))

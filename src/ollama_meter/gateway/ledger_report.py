@@ -6,9 +6,10 @@ Rules:
 1. A report covers the hours that start in [since, until), in UTC. ``since`` is a date
    (``2026-11-01``, ``2026-11-01T13``), or an age (``7d``, ``12h``) before now, rounded down
    to the hour; the default is the start of the current month. ``until`` defaults to now.
-2. ``by`` is any combination of key, team, model, endpoint, upstream, replica, day, hour; the
-   numbers are requests, prompt tokens, completion tokens, GPU seconds (Ollama's
-   prompt_eval + eval + load durations) and errors, summed over every replica.
+2. ``by`` is any combination of key, team, model, endpoint, upstream, status (the class:
+   2xx, 4xx, 499, 5xx), replica, day, hour; the numbers are requests, prompt tokens,
+   completion tokens, GPU seconds (Ollama's prompt_eval + eval + load durations) and errors,
+   summed over every replica.
 3. Field names are stable (the JSON and CSV headers): the ``by`` names, then ``requests``,
    ``prompt_tokens``, ``completion_tokens``, ``gpu_seconds``, ``errors``. CSV follows
    RFC 4180 (a header row, CRLF, quotes where needed).
@@ -29,7 +30,9 @@ import orjson
 from .ledger import COUNTS, HOUR
 from .ledger_store import KEY_COLUMNS
 
-GROUPS: Final = ("key", "team", "model", "endpoint", "upstream", "replica", "day", "hour")
+GROUPS: Final = (
+    "key", "team", "model", "endpoint", "upstream", "status", "replica", "day", "hour"
+)  # fmt: skip
 DEFAULT_BY: Final = ("key", "model")
 NUMBERS: Final = ("requests", "prompt_tokens", "completion_tokens", "gpu_seconds", "errors")
 FORMATS: Final = ("table", "csv", "json")
