@@ -6,6 +6,7 @@ fails nothing, keeps the rows (within the bound) and writes them once it is back
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import sqlite3
@@ -29,9 +30,10 @@ from ollama_meter.settings import AccessSettings, Settings
 
 from .access_keys import make_keys
 from .clients import openai_httpx
-from .conftest import Meter, MeterFactory
+from .conftest import Meter, MeterFactory, unused_port
 from .fake_ollama import JSON_UTF8, MISSING_MODEL, NDJSON, FakeOllama, Reply, lines_of
 from .ledger_helpers import per, sqlite_totals, summed
+from .test_fleet import fleet_settings
 
 MESSAGES: Any = [{"role": "user", "content": "hi"}]
 
@@ -311,3 +313,18 @@ async def test_the_ledger_families_are_a_pinned_contract_and_exist_only_with_it(
     if os.environ.get("UPDATE_GOLDEN"):
         LEDGER_GOLDEN.write_text(text)
     assert text == LEDGER_GOLDEN.read_text()
+
+
+async def test_in_a_fleet_rows_name_the_upstream_a_request_went_to(
+    fake: FakeOllama, start_meter: MeterFactory, tmp_path: Path
+) -> None:
+    path = tmp_path / "usage.sqlite"
+    fleet = fleet_settings([fake.url, f"http://127.0.0.1:{unused_port()}"])
+    meter = await start_meter(dataclasses.replace(fleet, ledger=_ledger(path)))
+    async with ollama.AsyncClient(host=meter.url) as client:
+        await client.generate(model="llama3.2", prompt="hi")
+        with pytest.raises(ollama.ResponseError):
+            await client.generate(model="llama9", prompt="hi")  # listed nowhere: sent nowhere
+    assert await meter.app[LEDGER].flush()
+    rows = sqlite_totals(path, ("upstream", "status"))
+    assert {g: row["requests"] for g, row in rows.items()} == {("gpu-1", "2xx"): 1, ("", "4xx"): 1}

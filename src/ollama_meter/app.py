@@ -134,7 +134,7 @@ def create_app(
         app[ADMISSION] = admission
     ledger = None
     if settings.ledger is not None:
-        ledger = start_ledger(app, settings.ledger, registry)
+        ledger = start_ledger(app, settings.ledger, registry, fleet is not None)
     proxy = Proxy(
         config,
         metrics,

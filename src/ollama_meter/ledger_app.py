@@ -41,7 +41,7 @@ _CSV: Final = "text/csv; charset=utf-8"
 
 
 def start_ledger(
-    app: web.Application, settings: LedgerSettings, registry: CollectorRegistry
+    app: web.Application, settings: LedgerSettings, registry: CollectorRegistry, fleet: bool
 ) -> LedgerWriter:
     """The rollup and its writer (a cleanup context). A SQLite file is opened now, so that a
     missing directory or a corrupt file refuses the start (LedgerError)."""
@@ -49,7 +49,7 @@ def start_ledger(
     if isinstance(store, SqliteStore):
         store.open()
     writer = LedgerWriter(
-        Rollup(settings.max_pending_rows),
+        Rollup(settings.max_pending_rows, fleet=fleet),
         store,
         settings.replica or socket.gethostname(),
         settings.flush_interval,

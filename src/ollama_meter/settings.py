@@ -9,7 +9,7 @@ Rules:
 4. No I/O beyond reading the file: the keys file it names is read by the gateway.
 
 The tables (each gateway issue adds its own; ``[[upstream]]`` and ``[routing]``: see
-fleet_settings.py):
+fleet_settings.py; ``[limits]``: limit_settings.py; ``[ledger]``: ledger_settings.py):
 
 ``[access]``
     ``keys_file`` (turns access control on), ``anonymous`` (``none``, ``read`` or

@@ -61,11 +61,16 @@ Row = tuple[RowKey, list[float]]
 class Rollup:
     """The rows not yet in the store."""
 
-    __slots__ = ("_clock", "_rows", "dropped", "max_rows")
+    __slots__ = ("_clock", "_rows", "_unrouted", "dropped", "max_rows")
 
-    def __init__(self, max_rows: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, max_rows: int, clock: Callable[[], float] = time.time, fleet: bool = False
+    ) -> None:
         self.max_rows = max_rows
         self._clock = clock
+        # The upstream of a request that went to none: with one upstream it is that one
+        # ("default"); in a fleet, a request refused before routing went nowhere ("").
+        self._unrouted = "" if fleet else DEFAULT_UPSTREAM
         # Ordered: the oldest rows are the first to go when the bound is hit (popitem is O(1)).
         self._rows: OrderedDict[RowKey, list[float]] = OrderedDict()
         #: Rows dropped because the bound was hit (ledger_dropped_rows_total).
@@ -82,7 +87,7 @@ class Rollup:
             x.team or "",
             x.model,
             x.endpoint,
-            DEFAULT_UPSTREAM if target is None else target.node.name,
+            self._unrouted if target is None else target.node.name,
             status_class(x.status),
         )
         row = self._rows.get(key)
