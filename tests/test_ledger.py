@@ -243,6 +243,21 @@ def test_a_corrupt_ledger_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
     assert (code, out.startswith(f"Error: {path}: not a usable SQLite ledger")) == (1, True)
 
 
+def test_another_programs_database_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "notes.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+    db.close()
+    before = path.read_bytes()
+    result = CliRunner().invoke(main, ["--ledger", str(path), "--upstream", "127.0.0.1:1"])
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {path}: a SQLite database, but not an ollama-meter ledger (its tables: "
+        "notes); it is left as it is\n"
+    )
+    assert path.read_bytes() == before
+
+
 def test_a_ledger_in_a_missing_directory_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "nowhere" / "usage.sqlite"
     result = CliRunner().invoke(main, ["--ledger", str(path)])

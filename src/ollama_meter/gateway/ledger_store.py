@@ -12,8 +12,8 @@ Rules:
        LedgerError            the store cannot be used: refuse to start (one line)
        └── StoreDown          the store did not answer or refused a write: keep the rows, retry
 
-   A file that is not a SQLite database, or a schema newer than this version knows, is a
-   LedgerError: the file is never overwritten or migrated down.
+   A file that is not a SQLite database, another program's database, or a schema newer than
+   this version knows, is a LedgerError: the file is never overwritten or migrated down.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise LedgerError(f"{self.path}: cannot open: {exc}") from None
         try:
+            self._refuse_foreign(db)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             self._migrate(db)
@@ -128,6 +129,15 @@ class SqliteStore:
             db.close()
             raise
         self._db = db
+
+    def _refuse_foreign(self, db: sqlite3.Connection) -> None:
+        """Someone else's database: adding our tables (or WAL mode) to it would change it."""
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and "schema_version" not in tables:
+            raise LedgerError(
+                f"{self.path}: a SQLite database, but not an ollama-meter ledger (its tables: "
+                f"{', '.join(sorted(tables))[:100]}); it is left as it is"
+            )
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         with db:
