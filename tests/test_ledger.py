@@ -367,3 +367,20 @@ def test_usage_takes_the_ledger_of_the_settings_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["usage"])
     assert result.exit_code == 1
     assert result.output == "Error: no ledger: give --ledger PATH|URL, or [ledger] in --config\n"
+
+
+def test_config_check_names_the_ledger_and_refuses_a_missing_directory(tmp_path: Path) -> None:
+    config = tmp_path / "m.toml"
+    config.write_text('[ledger]\npath = "u.sqlite"\n')
+    result = CliRunner().invoke(main, ["config", "check", "--config", str(config)])
+    assert (result.exit_code, result.output) == (
+        0,
+        f"ok: {config}; usage ledger in {tmp_path / 'u.sqlite'}\n",
+    )
+    assert not (tmp_path / "u.sqlite").exists()  # checked, not created
+    config.write_text('[ledger]\npath = "gone/u.sqlite"\n')
+    result = CliRunner().invoke(main, ["config", "check", "--config", str(config)])
+    assert (result.exit_code, result.output) == (
+        1,
+        f"Error: {tmp_path / 'gone/u.sqlite'}: directory {tmp_path / 'gone'} does not exist\n",
+    )

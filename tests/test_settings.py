@@ -98,7 +98,10 @@ def test_config_check_and_show(tmp_path: Path) -> None:
     keys = make_keys(tmp_path)
     result = CliRunner().invoke(main, ["config", "check", "--config", config])
     assert result.exit_code == 0, result.output
-    assert result.output == f"ok: {config}; access control on, 6 keys in {keys.path}\n"
+    assert result.output == (
+        f"ok: {config}; access control on, 6 keys in {keys.path}; "
+        f"usage ledger in {tmp_path / 'usage.sqlite'}\n"
+    )
     result = CliRunner().invoke(main, ["--listen", "127.0.0.1:9999", "config", "show"], env={
         "OLLAMA_METER_CONFIG": config,
     })  # fmt: skip

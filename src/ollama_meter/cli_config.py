@@ -130,6 +130,13 @@ def check(ctx: click.Context, config: str | None) -> None:
     if settings.access is not None:
         count = len(load_keys(settings.access.keys_file))
         what += f"; access control on, {count} keys in {settings.access.keys_file}"
+    ledger = settings.ledger
+    if ledger is not None:
+        if ledger.path is not None and not ledger.path.parent.is_dir():
+            raise click.ClickException(
+                f"{ledger.path}: directory {ledger.path.parent} does not exist"
+            )
+        what += f"; usage ledger in {ledger.where}"
     click.echo(f"ok: {what}")
 
 
