@@ -14,6 +14,8 @@ from pathlib import Path
 import orjson
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ollama_meter.cli import main
 from ollama_meter.config import ConfigError
@@ -310,11 +312,9 @@ def test_bad_ledger_settings_are_one_line(table: dict[str, object], message: str
 
 def test_the_password_comes_from_the_environment_and_is_never_shown() -> None:
     table = {"url": "postgresql://meter@db/meter", "password_env": "PW", "keep": "30d"}
-    settings = parse_ledger(
-        table, "s.toml: ledger", Path("/etc/m"), {"PW": "s3cret"}, parse_duration
-    )
-    assert settings == LedgerSettings(url="postgresql://meter:s3cret@db/meter", keep=30 * 86400.0)
-    assert "s3cret" not in settings.where
+    parsed = parse_ledger(table, "s.toml: ledger", Path("/etc/m"), {"PW": "s3cret"}, parse_duration)
+    assert parsed == LedgerSettings(url="postgresql://meter:s3cret@db/meter", keep=30 * 86400.0)
+    assert "s3cret" not in parsed.where
 
 
 def test_config_show_prints_the_ledger_without_its_password(tmp_path: Path) -> None:
@@ -384,3 +384,44 @@ def test_config_check_names_the_ledger_and_refuses_a_missing_directory(tmp_path:
         1,
         f"Error: {tmp_path / 'gone/u.sqlite'}: directory {tmp_path / 'gone'} does not exist\n",
     )
+
+
+# Operations on a rollup: add a request of model N, or flush (taken rows written, or given
+# back by a store that failed).
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(0, 5)),
+        st.tuples(st.just("flush"), st.booleans()),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_OPS, bound=st.integers(1, 8))
+def test_rows_given_back_are_neither_lost_nor_doubled(
+    ops: list[tuple[str, object]], bound: int
+) -> None:
+    """Whatever the order of adds and failed or good flushes: the rollup never holds more
+    than its bound, nothing is counted twice, and nothing is lost unless a row was dropped
+    (and counted)."""
+    rollup = Rollup(bound, Clock(NOV_3))
+    written = 0.0
+    added = 0
+    for op, arg in ops:
+        if op == "add":
+            added += 1
+            rollup.add(exchange(model=f"m{arg}"))
+        else:
+            rows = rollup.take()
+            if arg:
+                written += sum(counts[0] for _, counts in rows)
+            else:
+                rollup.give_back(rows)
+        assert len(rollup) <= bound
+    pending = sum(counts[0] for _, counts in rollup.take())
+    assert written + pending <= added
+    if rollup.dropped == 0:
+        assert written + pending == added
+    if bound >= 6:  # as many rows as models: the bound is never reached
+        assert rollup.dropped == 0
