@@ -364,6 +364,13 @@ def test_usage_takes_the_ledger_of_the_settings_file(tmp_path: Path) -> None:
         result = CliRunner().invoke(main, [*args, "--since", "2026-11-01", "--format", "json"])
         assert result.exit_code == 0, result.output
         assert sum(r["requests"] for r in orjson.loads(result.output)["rows"]) == 8
+    # OLLAMA_METER_LEDGER, as compose.yaml sets it for `docker compose exec ... usage`.
+    result = CliRunner().invoke(
+        main,
+        ["usage", "--since", "2026-11-01", "--format", "json"],
+        env={"OLLAMA_METER_LEDGER": str(tmp_path / "u.sqlite")},
+    )
+    assert sum(r["requests"] for r in orjson.loads(result.output)["rows"]) == 8
     result = CliRunner().invoke(main, ["usage"])
     assert result.exit_code == 1
     assert result.output == "Error: no ledger: give --ledger PATH|URL, or [ledger] in --config\n"
