@@ -400,17 +400,27 @@ async def test_request_heads_are_bounded_in_total(fake: FakeOllama, meter: Meter
     )
     assert status_of(reply) == 200
     too_many = "".join(f"X-H{i}: {field}\r\n" for i in range(100))
-    reply = await raw_request(
+    refused = await refusal_of(
         meter.url,
         f"GET / HTTP/1.1\r\nHost: localhost\r\n{too_many}Connection: close\r\n\r\n".encode(),
     )
-    assert status_of(reply) in (400, 431)
+    assert refused in (400, 431, None)
     too_long = "v" * (64 * 1024)
-    reply = await raw_request(
+    refused = await refusal_of(
         meter.url, f"GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: {too_long}\r\n\r\n".encode()
     )
-    assert status_of(reply) in (400, 431)
+    assert refused in (400, 431, None)
     assert len(fake.received) == before + 1
+
+
+async def refusal_of(url: str, data: bytes) -> int | None:
+    """The status a refused head got; None when the connection was reset while the client
+    was still sending it (the server answered and closed first: a refusal too, but the kernel
+    may drop the answer)."""
+    try:
+        return status_of(await raw_request(url, data))
+    except (ConnectionResetError, BrokenPipeError):
+        return None
 
 
 # --- Shared scrape probes ------------------------------------------------------------------
