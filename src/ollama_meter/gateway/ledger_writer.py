@@ -142,4 +142,4 @@ class LedgerWriter:
                 self.store.where,
             )
         await self._in_thread(self.store.close)
-        self._thread.shutdown(wait=True)
+        self._thread.shutdown(wait=False)  # its last job is done: nothing to wait for
