@@ -10,11 +10,15 @@ COPY src ./src
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.12.12-slim-bookworm
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin meter
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin meter \
+    && install -d -o 10001 -g 10001 -m 0750 /var/lib/ollama-meter
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index /wheels/*.whl
 ENV PYTHONUNBUFFERED=1 \
     OLLAMA_METER_LISTEN=0.0.0.0:11435
+# The usage ledger, when on (OLLAMA_METER_LEDGER=/var/lib/ollama-meter/usage.sqlite), lives
+# here; a volume mounted on it keeps the directory's owner (compose.yaml does).
+VOLUME /var/lib/ollama-meter
 USER 10001
 EXPOSE 11435
 HEALTHCHECK --interval=15s --timeout=3s --start-period=5s --retries=3 \

@@ -69,6 +69,7 @@ def paired_difference(
 BASELINE = "ollama-meter@base"  # run.py's --baseline-src target
 KEYED = "ollama-meter+keys"  # run.py's --keys target
 FLEET = "ollama-meter+fleet"  # run.py's --fleet target
+LEDGER = "ollama-meter+ledger"  # run.py's --ledger target
 
 
 def _targets(
@@ -130,6 +131,15 @@ def _targets(
                     added < 50,
                 )
             )
+    if get(throughput, meter, "rps") and get(throughput, LEDGER, "rps"):
+        ratio = paired_ratio(raw, throughput, LEDGER, meter, "rps")
+        measured = f"{ratio:.3f}x"
+        if get(throughput, LEDGER, "cpu_us_per_request"):
+            added = paired_difference(raw, throughput, LEDGER, meter, "cpu_us_per_request")
+            measured += f" ({added:+.1f} µs of CPU per request)"
+        rows.append(
+            (f"`{LEDGER}` (usage ledger on) >= 0.97x ollama-meter", measured, ratio >= 0.97)
+        )
     p50 = get("1 latency c=1", meter, "p50_us")
     p50_direct = get("1 latency c=1", direct, "p50_us")
     if p50 is not None and p50_direct is not None:

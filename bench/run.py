@@ -17,6 +17,9 @@ order (alternation evens out a noisy machine), and reports medians and the ratio
 - ``ollama-meter+fleet`` (with ``--fleet N``): ollama-meter in front of N fake upstreams of its
   own (``--upstream`` given N times: u1, u2, ...), each listing the requests' model as loaded
   (upstream.py ``--loaded-for``), so that every request is routed; request/response only.
+- ``ollama-meter+ledger`` (with ``--ledger``): ollama-meter with ``--ledger`` on a SQLite file
+  in the run's temporary directory (the usage ledger, flushed every 10 s); request/response
+  only. bench/ledger_flush.py times a flush of 10,000 rows on its own.
 
 Pinning (2 cores): the target under test runs alone on CPU 0; the upstream and the load
 generator share CPU 1, for every target, direct included. Load: wrk (C) for request/response
@@ -167,6 +170,8 @@ BASELINE = "ollama-meter@base"
 KEYED = "ollama-meter+keys"
 #: The name of the --fleet target.
 FLEET = "ollama-meter+fleet"
+#: The name of the --ledger target.
+LEDGER = "ollama-meter+ledger"
 #: How long the fleet's upstreams say their models stay loaded (upstream.py --loaded-for):
 #: longer than any run, so that the router sees them hot throughout.
 FLEET_LOADED_FOR = 86400.0
@@ -228,7 +233,9 @@ class Bench:
         keys: int = 0,
         rounds: int | None = None,
         fleet: int = 0,
+        ledger: bool = False,
     ) -> None:
+        self.ledger = ledger
         self.quick = quick
         self.baseline_env = baseline_env
         self.keys = keys
@@ -328,6 +335,12 @@ class Bench:
             targets.append(self.start_keyed(upstream))
         if self.fleet and extras:  # the same: ollama-meter is the single-upstream figure
             targets.append(self.start_fleet())
+        if self.ledger and extras:  # the same: the pair the --ledger ratio compares
+            ledger = self.start_meter(
+                LEDGER, upstream, None, "--ledger", str(self.dir / "usage.sqlite")
+            )
+            ledger.streams = False
+            targets.append(ledger)
         if self.baseline_env is not None:  # beside ollama-meter: its neighbour in every round
             targets.append(self.start_meter(BASELINE, upstream, self.baseline_env))
         port = free_port()
@@ -670,6 +683,11 @@ def main() -> None:
         help=f"add {FLEET}: ollama-meter in front of N fake upstreams, every request routed",
     )
     parser.add_argument(
+        "--ledger",
+        action="store_true",
+        help=f"add {LEDGER}: ollama-meter with the usage ledger on (SQLite)",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         metavar="N",
@@ -691,7 +709,7 @@ def main() -> None:
             sys.exit(str(exc))
     if args.fleet == 1 or args.fleet < 0:
         sys.exit("--fleet N: N >= 2 (one --upstream is the single-server proxy, ollama-meter)")
-    bench = Bench(args.quick, baseline_env, args.keys, args.rounds, args.fleet)
+    bench = Bench(args.quick, baseline_env, args.keys, args.rounds, args.fleet, args.ledger)
     bench.results.machine = machine()
     if args.baseline_src:
         bench.results.baseline = {

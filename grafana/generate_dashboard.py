@@ -5,7 +5,7 @@ fails when the committed JSON and this script disagree. Queries use ollama-meter
 contract and the recording rules of prometheus/rules/ollama-meter.yml (for the heavy histogram
 quantiles). Variables: datasource, instance, model, endpoint. The Fleet row reads the
 families fleet mode adds ([[upstream]] tables), the Keys row those access control adds
-([access] keys_file).
+([access] keys_file), the Ledger row those of the usage ledger ([ledger]).
 
 In fleet mode the upstream families (upstream_up, loaded_models, model_*) carry an
 ``upstream`` label; without a fleet they have none. Panels outside the Fleet row aggregate
@@ -47,6 +47,7 @@ COUNT: Final = [(None, "blue")]
 ANY_IS_BAD: Final = [(None, "green"), (1, "red")]
 # Per-key families exist only with access control on ([access] keys_file).
 WITH_KEYS: Final = "With API keys on ([access] keys_file); empty without them."
+WITH_LEDGER: Final = "With the usage ledger on ([ledger] or --ledger); empty without it."
 WITH_LIMITS: Final = (
     "With limits or slots on ([limits], --slots, [[upstream]] slots); empty without them."
 )
@@ -740,6 +741,60 @@ def rows() -> list[tuple[str, list[Panel]]]:
                     "short",
                     f"sum(increase(ollama_meter_audit_write_errors_total{{{F_INST}}}[$__range]))",
                     "lost",
+                    width=4,
+                    thresholds=ANY_IS_BAD,
+                ),
+            ],
+        ),
+        (
+            "Ledger: is every request being recorded for the usage reports?",
+            [
+                panel(
+                    "Ledger flushes by result",
+                    "Flushes of the usage ledger's hourly rows to its store (SQLite or "
+                    "PostgreSQL) per second, by result; failing for 10 minutes: alert "
+                    "OllamaMeterLedgerFlushFailing. " + WITH_LEDGER,
+                    "ops",
+                    [
+                        (
+                            rate_by("result", "ollama_meter_ledger_flushes_total", F_INST),
+                            "{{result}}",
+                        )
+                    ],
+                    width=10,
+                ),
+                panel(
+                    "Ledger rows waiting",
+                    "Hourly usage rows in memory, not yet in the store: a flush interval's worth "
+                    "while it takes writes, growing while it does not (up to max_pending_rows). "
+                    + WITH_LEDGER,
+                    "short",
+                    [
+                        (
+                            f"sum by (instance) (ollama_meter_ledger_pending_rows{{{F_INST}}})",
+                            "{{instance}}",
+                        )
+                    ],
+                    width=6,
+                ),
+                stat(
+                    "Since the last ledger flush",
+                    "Time since the ledger's store last took a flush, for the meter furthest "
+                    "behind: what a crash would lose. " + WITH_LEDGER,
+                    "s",
+                    f"max(time() - ollama_meter_ledger_last_flush_timestamp_seconds{{{F_INST}}})",
+                    "behind",
+                    width=4,
+                    thresholds=[(None, "green"), (600, "red")],
+                ),
+                stat(
+                    "Ledger rows dropped",
+                    "Usage rows dropped in the time range because the store took no writes "
+                    "for so long that max_pending_rows was reached: their requests are "
+                    "missing from the usage reports. " + WITH_LEDGER,
+                    "short",
+                    f"sum(increase(ollama_meter_ledger_dropped_rows_total{{{F_INST}}}[$__range]))",
+                    "dropped",
                     width=4,
                     thresholds=ANY_IS_BAD,
                 ),

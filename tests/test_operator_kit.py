@@ -26,6 +26,10 @@ from ollama_meter.config import Config, parse_listen
 from ollama_meter.gateway.admission import Admission
 from ollama_meter.gateway.fleet import Fleet
 from ollama_meter.gateway.fleet_metrics import FleetMetrics
+from ollama_meter.gateway.ledger import Rollup
+from ollama_meter.gateway.ledger_metrics import LedgerMetrics
+from ollama_meter.gateway.ledger_store import SqliteStore
+from ollama_meter.gateway.ledger_writer import LedgerWriter
 from ollama_meter.gateway.limit_metrics import LimitMetrics, anonymous_label
 from ollama_meter.gateway.usage import KeyUsage
 from ollama_meter.ollama import ENDPOINTS
@@ -113,6 +117,15 @@ def test_compose_stack_is_wired_together() -> None:
     [published] = meter["ports"]
     assert published.rsplit(":", 2)[-2:] == [str(config.listen.port)] * 2
     assert meter["depends_on"]["ollama"]["condition"] == "service_healthy"
+    # The usage ledger is on a named volume (it outlives the container), at a directory the
+    # image creates for its user (a volume copies its owner).
+    ledger = Path(env["OLLAMA_METER_LEDGER"])
+    [volume] = [v for v in meter["volumes"] if v.endswith(f":{ledger.parent}")]
+    assert volume.split(":")[0] in compose["volumes"]
+    assert (
+        f"install -d -o 10001 -g 10001 -m 0750 {ledger.parent}" in (ROOT / "Dockerfile").read_text()
+    )
+    assert f"VOLUME {ledger.parent}" in (ROOT / "Dockerfile").read_text()
 
     # Prometheus scrapes the service on its listen port and loads our rules, read-only.
     prometheus = services["prometheus"]
@@ -398,6 +411,7 @@ def test_dashboard_panels_have_units_and_use_the_datasource_variable() -> None:
         "Proxy",
         "Capacity",
         "Keys",
+        "Ledger",
     ]
     for panel in doc["panels"]:
         if panel["type"] == "row":
@@ -448,6 +462,8 @@ def known_names() -> set[str]:
     names |= core_names() | fleet_names() | limits_names()
     registry = CollectorRegistry()
     KeyUsage(registry, max_key_labels=1)
+    writer = LedgerWriter(Rollup(1), SqliteStore(Path("unused.sqlite")), "r", 10.0, 3600.0)
+    registry.register(LedgerMetrics(writer))
     for family in registry.collect():
         names.update(sample_names(family.name, family.type))
     rules = load_yaml("prometheus/rules/ollama-meter.yml")

@@ -6,8 +6,9 @@ short, the scrape and evaluation intervals (1 s), without its alerting section (
 Alertmanager is not there), and with the feature flags compose.yaml gives it, those this
 Prometheus knows. ollama-meter runs with API keys on, clients without a key being anonymous
 with the inference role, so the core's traffic is the same as without keys and the Keys row has
-data. Traffic comes from the official ``ollama`` client: streamed and not, several models, an
-error and a cancelled stream, requests with keys and refused ones. Progress is followed by
+data, and with the usage ledger on, so that the Ledger row has data too. Traffic comes from
+the official ``ollama`` client: streamed and not, several models, an error and a cancelled
+stream, requests with keys and refused ones. Progress is followed by
 events, not sleeps: every scrape makes ollama-meter ask the fake Ollama for /api/ps, so the
 test waits for those arrivals.
 
@@ -45,7 +46,9 @@ from tomlkit.items import Table
 from ollama_meter.app import KEYS_FILE
 from ollama_meter.gateway.dispatch import PIN_HEADER
 from ollama_meter.gateway.keys import append_key, edit_key
+from ollama_meter.ledger_settings import LedgerSettings
 from ollama_meter.limit_settings import LimitSettings
+from ollama_meter.settings import Settings
 
 from .access_keys import Keys, access_settings, make_keys
 from .conftest import Meter, MeterFactory, unused_port
@@ -118,10 +121,18 @@ def keys(tmp_path: Path) -> Keys:
     return make_keys(tmp_path)
 
 
+def with_ledger(settings: Settings, directory: Path) -> Settings:
+    """The usage ledger on too (flushed 5 times a second), so the Ledger row has data."""
+    ledger = LedgerSettings(path=directory / "usage.sqlite", flush_interval=0.2)
+    return dataclasses.replace(settings, ledger=ledger)
+
+
 @pytest.fixture
-async def meter(start_meter: MeterFactory, keys: Keys) -> Meter:
-    """ollama-meter with API keys on; a client without a key may run models (as anonymous)."""
-    return await start_meter(settings=access_settings(keys, anonymous="inference"))
+async def meter(start_meter: MeterFactory, keys: Keys, tmp_path: Path) -> Meter:
+    """ollama-meter with API keys on; a client without a key may run models (as anonymous);
+    the usage ledger on."""
+    settings = access_settings(keys, anonymous="inference")
+    return await start_meter(settings=with_ledger(settings, tmp_path))
 
 
 def with_key(meter: Meter, key: str) -> ollama.AsyncClient:
@@ -498,8 +509,11 @@ async def fleet_stack(
     edit_key(keys.path, "capped", _one_rpm)
     access = access_settings(keys, anonymous="inference").access
     meter = await start_meter(
-        settings=dataclasses.replace(
-            fleet, access=access, upstreams=upstreams, limits=LimitSettings(max_queue=0)
+        settings=with_ledger(
+            dataclasses.replace(
+                fleet, access=access, upstreams=upstreams, limits=LimitSettings(max_queue=0)
+            ),
+            tmp_path,
         )
     )
     counter = ScrapeCounter(meter.url)

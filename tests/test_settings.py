@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from ollama_meter.app import LISTENER_RUNNERS
 from ollama_meter.cli import main
 from ollama_meter.config import ConfigError, HostPort
+from ollama_meter.ledger_settings import LEDGER_KEYS, LedgerSettings
 from ollama_meter.limit_settings import LIMIT_KEYS, LimitSettings
 from ollama_meter.settings import AccessSettings, Listener, Settings, load_settings
 
@@ -39,6 +40,12 @@ def test_the_example_file_loads_with_every_setting(tmp_path: Path) -> None:
     } | {"listener"}
     assert settings.limits == LimitSettings()  # the example shows the defaults
     assert set(tomllib.loads(EXAMPLE.read_text())["limits"]) == set(LIMIT_KEYS)
+    # The ledger: SQLite beside the file, the defaults; the PostgreSQL keys shown commented.
+    assert settings.ledger == LedgerSettings(path=EXAMPLE.parent / "usage.sqlite")
+    shown = set(tomllib.loads(EXAMPLE.read_text())["ledger"])
+    assert shown | {"url", "password_env"} == set(LEDGER_KEYS)
+    assert "# url = " in EXAMPLE.read_text()
+    assert "# password_env = " in EXAMPLE.read_text()
 
 
 @pytest.mark.parametrize(
@@ -91,7 +98,10 @@ def test_config_check_and_show(tmp_path: Path) -> None:
     keys = make_keys(tmp_path)
     result = CliRunner().invoke(main, ["config", "check", "--config", config])
     assert result.exit_code == 0, result.output
-    assert result.output == f"ok: {config}; access control on, 6 keys in {keys.path}\n"
+    assert result.output == (
+        f"ok: {config}; access control on, 6 keys in {keys.path}; "
+        f"usage ledger in {tmp_path / 'usage.sqlite'}\n"
+    )
     result = CliRunner().invoke(main, ["--listen", "127.0.0.1:9999", "config", "show"], env={
         "OLLAMA_METER_CONFIG": config,
     })  # fmt: skip

@@ -22,7 +22,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 
 from . import __version__
-from .config import Config
+from .config import Config, is_loopback_listener
 from .errors import error_body
 from .gateway.access import Access
 from .gateway.admission import Admission
@@ -42,6 +42,7 @@ from .gateway.windows import LimitsMemory, Windows
 from .hosts import HostCheck, host_check_for
 from .inbound import Refusal, target_of
 from .labels import ModelLabels
+from .ledger_app import start_ledger, usage_handler
 from .limit_settings import LimitSettings
 from .logs import AccessLog
 from .metrics import Metrics, exposition_handler
@@ -131,8 +132,20 @@ def create_app(
         )
         limit_metrics.watch(admission)
         app[ADMISSION] = admission
+    ledger = None
+    if settings.ledger is not None:
+        ledger = start_ledger(app, settings.ledger, registry, fleet is not None)
     proxy = Proxy(
-        config, metrics, labels, access_log, access, dispatch, limiter, admission, limit_metrics
+        config,
+        metrics,
+        labels,
+        access_log,
+        access,
+        dispatch,
+        limiter,
+        admission,
+        limit_metrics,
+        ledger=None if ledger is None else ledger.rollup.add,
     )
     app[METRICS] = metrics
     app[PROXY] = proxy
@@ -258,6 +271,12 @@ def create_app(
         # Upstream addresses and their errors: an admin's (with keys on).
         status = fleet_status if access is None else _keyed(access, fleet_status, "admin")
         own_route(app, "/-/fleet", _host_checked(proxy.host_check, status))
+
+    if ledger is not None:
+        # Who used what: an admin's (with keys on); else only on a loopback listener.
+        report = usage_handler(ledger, access is not None or is_loopback_listener(config.listen))
+        report = report if access is None else _keyed(access, report, "admin")
+        own_route(app, "/-/usage", _host_checked(proxy.host_check, report))
 
     # /-/healthy answers any Host: probes (Docker, Kubernetes) use whatever address they have.
     own_route(app, "/-/healthy", healthy)

@@ -23,8 +23,10 @@ from .app import ACCESS, UPSTREAM_ANSWERED, create_app
 from .cli_config import Invocation, config_command, gateway_settings
 from .cli_fleet import fleet_command
 from .cli_keys import keys_command
+from .cli_usage import usage_command
 from .config import Config, ConfigError, HostCheckMode, LogFormat
 from .gateway.keys import KeysFileError
+from .gateway.ledger_store import LedgerError
 from .logs import setup_logging
 from .metrics import build_registry
 from .settings import Settings
@@ -60,6 +62,12 @@ def _option(name: str, **kwargs: Any) -> Callable[[_F], _F]:
     default=None,
     metavar="PATH",
     help="The API keys file: turns access control on (over [access] keys_file of --config).",
+)
+@_option(
+    "--ledger",
+    default=None,
+    metavar="PATH|URL",
+    help="The usage ledger: a SQLite file, or postgresql://... (over [ledger] of --config).",
 )
 @_option(
     "--listen", default="127.0.0.1:11435", metavar="HOST:PORT", help="Where the proxy listens."
@@ -198,6 +206,7 @@ def main(
     ctx: click.Context,
     config: str | None,
     keys_file: str | None,
+    ledger: str | None,
     listen: str,
     upstream: tuple[str, ...],
     slots: int | None,
@@ -253,7 +262,7 @@ def main(
             access_log=access_log and log_level.lower() in ("debug", "info"),
         )
         given = ctx.get_parameter_source("upstream") not in (None, ParameterSource.DEFAULT)
-        settings = gateway_settings(config, keys_file, core, upstream, given, slots)
+        settings = gateway_settings(config, keys_file, core, upstream, given, slots, ledger)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     setup_logging(log_format, log_level)
@@ -263,6 +272,7 @@ def main(
 main.add_command(keys_command)
 main.add_command(config_command)
 main.add_command(fleet_command)
+main.add_command(usage_command)
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -290,7 +300,7 @@ def run(config: Config, settings: Settings | None = None) -> None:
     metrics_at = config.metrics_listen.url if config.metrics_listen else config.listen.url
     try:
         app = create_app(config, build_registry(), settings)
-    except KeysFileError as exc:
+    except (KeysFileError, LedgerError) as exc:
         raise click.ClickException(str(exc)) from None
 
     fleet = settings.upstreams if settings is not None else ()
@@ -339,5 +349,7 @@ def run(config: Config, settings: Settings | None = None) -> None:
             print=announce,
             loop=event_loop_factory()(),
         )
+    except LedgerError as exc:
+        raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot start: {exc.strerror or exc}") from None

@@ -22,6 +22,7 @@ from yarl import URL
 from .config import Config, ConfigError, HostPort
 from .fleet_settings import shorthand
 from .gateway.keys import KeysFileError, load_keys
+from .ledger_settings import with_ledger
 from .settings import Settings, load_settings, with_keys_file
 
 
@@ -41,10 +42,13 @@ def gateway_settings(
     upstreams: tuple[str, ...] = (),
     explicit: bool = False,
     slots: int | None = None,
+    ledger: str | None = None,
 ) -> Settings:
     """The settings file (and --keys-file over it; several --upstream as a fleet), checked
     against the core's listeners; ``${VAR}`` in the file from the environment."""
     settings = with_keys_file(load_settings(path, os.environ), keys_file)
+    if ledger is not None:
+        settings = dataclasses.replace(settings, ledger=with_ledger(settings.ledger, ledger))
     if len(upstreams) > 1 or explicit:
         if settings.upstreams:
             raise ConfigError(
@@ -97,6 +101,7 @@ def _load(ctx: click.Context, config: str | None) -> tuple[Config, Settings]:
             core,
             addresses,
             slots=invocation.params.get("slots"),
+            ledger=invocation.params.get("ledger"),
         )
         if settings.access is not None:
             load_keys(settings.access.keys_file)
@@ -125,6 +130,13 @@ def check(ctx: click.Context, config: str | None) -> None:
     if settings.access is not None:
         count = len(load_keys(settings.access.keys_file))
         what += f"; access control on, {count} keys in {settings.access.keys_file}"
+    ledger = settings.ledger
+    if ledger is not None:
+        if ledger.path is not None and not ledger.path.parent.is_dir():
+            raise click.ClickException(
+                f"{ledger.path}: directory {ledger.path.parent} does not exist"
+            )
+        what += f"; usage ledger in {ledger.where}"
     click.echo(f"ok: {what}")
 
 
@@ -175,5 +187,14 @@ def show(ctx: click.Context, config: str | None) -> None:
             "max_queued_per_key": limits.max_queued_per_key,
             "redis": "" if limits.redis is None else str(URL(limits.redis).with_password(None)),
             "replicas": limits.replicas,
+        }
+    if settings.ledger is not None:
+        ledger = settings.ledger
+        doc["ledger"] = {
+            "store": ledger.where,
+            "flush_interval": f"{ledger.flush_interval:g}s",
+            "replica": ledger.replica or "(the host name)",
+            "max_pending_rows": ledger.max_pending_rows,
+            "keep": f"{ledger.keep / 86400:g}d",
         }
     click.echo(tomlkit.dumps(doc), nl=False)

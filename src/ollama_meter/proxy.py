@@ -179,7 +179,9 @@ class Proxy:
         limiter: Limiter | None = None,
         admission: Admission[Any] | None = None,
         limit_metrics: LimitMetrics | None = None,
+        ledger: Callable[[Exchange], None] | None = None,
     ) -> None:
+        self._ledger = ledger
         self._base = str(config.upstream).rstrip("/")
         self._has_base_path = bool(config.upstream.path.strip("/"))
         self._config = config
@@ -345,6 +347,8 @@ class Proxy:
             self._admission.release(x.slot)
         if self._access is not None:
             self._access.finished(x, x.gate, lambda: self._head.client_of(request), request.path)
+        if self._ledger is not None:
+            self._ledger(x)
         if self._access_log is not None:
             self._access_log(x)
 

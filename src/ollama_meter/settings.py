@@ -9,7 +9,7 @@ Rules:
 4. No I/O beyond reading the file: the keys file it names is read by the gateway.
 
 The tables (each gateway issue adds its own; ``[[upstream]]`` and ``[routing]``: see
-fleet_settings.py):
+fleet_settings.py; ``[limits]``: limit_settings.py; ``[ledger]``: ledger_settings.py):
 
 ``[access]``
     ``keys_file`` (turns access control on), ``anonymous`` (``none``, ``read`` or
@@ -32,6 +32,7 @@ from .config import ConfigError, HostPort, is_loopback_listener, parse_listen
 from .fleet_settings import RoutingSettings, UpstreamSettings, parse_routing, parse_upstreams
 from .gateway.keep_alive import MAX_BOUND_SECONDS
 from .gateway.keys import ROLES, Role
+from .ledger_settings import LedgerSettings, parse_ledger
 from .limit_settings import LimitSettings, parse_limits
 
 AnonymousRole = Literal["none", "read", "inference"]
@@ -90,6 +91,8 @@ class Settings:
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     #: ``[limits]`` (None: no limits; the queue has its defaults if slots are set).
     limits: LimitSettings | None = None
+    #: ``[ledger]`` (None: no ledger, no file written: the core's behaviour).
+    ledger: LedgerSettings | None = None
     #: ``--slots``: requests the one upstream runs at once per model (None: not gated).
     slots: int | None = None
     #: The file's tables as read (for ``config show``).
@@ -115,11 +118,12 @@ def load_settings(path: str | None, environ: Mapping[str, str] | None = None) ->
 def parse_settings(
     doc: dict[str, Any], name: str, base: Path, environ: Mapping[str, str] | None = None
 ) -> Settings:
-    unknown = sorted(set(doc) - {"access", "upstream", "routing", "limits"})
+    unknown = sorted(set(doc) - {"access", "upstream", "routing", "limits", "ledger"})
     if unknown:
         raise ConfigError(f"{name}: {unknown[0]}: unknown table or key")
     access = doc.get("access")
     limits = doc.get("limits")
+    ledger = doc.get("ledger")
     upstreams = parse_upstreams(doc.get("upstream", []), name, environ or {})
     return Settings(
         source=name,
@@ -129,6 +133,9 @@ def parse_settings(
         limits=None
         if limits is None
         else parse_limits(limits, f"{name}: limits", environ or {}, parse_duration),
+        ledger=None
+        if ledger is None
+        else parse_ledger(ledger, f"{name}: ledger", base, environ or {}, parse_duration),
         raw=doc,
     )
 
