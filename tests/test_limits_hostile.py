@@ -1,0 +1,144 @@
+"""The limits and the queue (issue 12) reviewed as a hostile client would use them: each test
+here proves one problem found in review, through the proxy on loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from ollama_meter.app import ADMISSION, LIMITER
+from ollama_meter.gateway.admission import Admission
+from ollama_meter.gateway.keys import append_key
+from ollama_meter.limit_settings import LimitSettings
+from ollama_meter.settings import AccessSettings, Settings
+
+from .conftest import Meter, MeterFactory
+from .fake_fleet import FleetFactory
+from .fake_ollama import FakeOllama, Reply
+
+_A = "llama3.2"
+_B = "qwen3:8b"
+
+
+def _admission(meter: Meter) -> Admission[Any]:
+    return meter.app[ADMISSION]
+
+
+async def _until(predicate: Any) -> None:
+    """Until ``predicate()`` holds, looked at after each turn of the loop (the proxy runs in
+    this loop, so every change to its queue happens in one of those turns)."""
+    for _ in range(10_000):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("never held")
+
+
+async def _post(
+    http: aiohttp.ClientSession, meter: Meter, body: dict[str, Any], key: str | None = None
+) -> tuple[int, bytes]:
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    async with http.post(f"{meter.url}/api/generate", json=body, headers=headers) as r:
+        return r.status, await r.read()
+
+
+def _body(model: str, prompt: str = "hi") -> dict[str, Any]:
+    return {"model": model, "prompt": prompt, "stream": False}
+
+
+# --- a waiter whose slot is free is never woken -------------------------------------------------
+
+
+async def test_a_waiter_for_a_free_model_is_not_stuck_behind_its_keys_head_for_another(
+    start_fleet: FleetFactory, start_meter: MeterFactory
+) -> None:
+    """Without keys everyone is ``anonymous``: one queue. Its head waits for model A; a request
+    behind it waits for model B. When B's slot frees, ``pump`` only looks at the head (A:
+    still full) and the B request waits on, with B's slot idle, until ``max_queue_wait``."""
+    fleet = await start_fleet(1, models=(_A, _B), loaded=(_A, _B), slots=1, time_scale=0)
+    upstream = fleet[0]
+    settings = Settings(slots=1, limits=LimitSettings(max_queue_wait=3.0))
+    meter = await start_meter(settings, upstream=upstream.url)
+    hold_a, hold_b = upstream.hold_tokens(_A), upstream.hold_tokens(_B)
+    admission = _admission(meter)
+    async with aiohttp.ClientSession() as http:
+        running_a = asyncio.create_task(_post(http, meter, _body(_A, "a1")))
+        await upstream.wait_until(lambda: upstream.in_flight(_A) == 1)
+        running_b = asyncio.create_task(_post(http, meter, _body(_B, "b1")))
+        await upstream.wait_until(lambda: upstream.in_flight(_B) == 1)
+        waiting_a = asyncio.create_task(_post(http, meter, _body(_A, "a2")))
+        await _until(lambda: admission.depth == 1)
+        waiting_b = asyncio.create_task(_post(http, meter, _body(_B, "b2")))
+        await _until(lambda: admission.depth == 2)
+        hold_b.set()  # B's slot frees (twice over): b2 must take it, A is still busy
+        assert (await running_b)[0] == 200
+        status, body = await waiting_b
+        assert status == 200, body
+        assert not running_a.done()
+        hold_a.set()
+        assert [(await t)[0] for t in (running_a, waiting_a)] == [200, 200]
+    assert admission.depth == 0
+
+
+# --- a tpm debit of a huge token count ---------------------------------------------------------
+
+
+def _answer(prompt: int, completion: int) -> Reply:
+    doc = {
+        "model": _A,
+        "created_at": "2026-12-02T10:00:00Z",
+        "response": "ok",
+        "done": True,
+        "done_reason": "stop",
+        "total_duration": 1000,
+        "load_duration": 10,
+        "prompt_eval_count": prompt,
+        "prompt_eval_duration": 100,
+        "eval_count": completion,
+        "eval_duration": 100,
+    }
+    return Reply.body(orjson.dumps(doc))
+
+
+def _tpm_key(tmp_path: Path, tpm: int) -> tuple[Settings, str]:
+    keys = tmp_path / "keys.toml"
+    key, _ = append_key(keys, name="bob", role="inference")
+    keys.write_text(keys.read_text().rstrip("\n") + f"\ntpm = {tpm}\n")
+    return Settings(access=AccessSettings(keys), limits=LimitSettings()), key
+
+
+async def test_a_huge_reported_token_count_still_closes_the_tpm_window(
+    start_meter: MeterFactory, fake: FakeOllama, tmp_path: Path
+) -> None:
+    """The debit adds one window entry per token (``[entry] * tokens``): a count past what a
+    list can index makes the debit task die (OverflowError), so nothing is debited and the
+    key keeps its whole budget."""
+    settings, key = _tpm_key(tmp_path, tpm=50)
+    meter = await start_meter(settings)
+    fake.script("POST", "/api/generate", _answer(2**62, 2**62), _answer(1, 1))
+    async with aiohttp.ClientSession() as http:
+        assert (await _post(http, meter, _body(_A), key))[0] == 200
+        await meter.app[LIMITER].settle()
+        status, body = await _post(http, meter, _body(_A), key)
+    assert status == 429, body
+    assert fake.count("/api/generate") == 1
+
+
+async def test_a_tpm_debit_keeps_no_more_entries_than_the_window_can_count(
+    start_meter: MeterFactory, fake: FakeOllama, tmp_path: Path
+) -> None:
+    """Memory: a request reporting millions of tokens must not cost millions of list entries
+    for a minute (the window only ever counts the newest ``tpm``)."""
+    settings, key = _tpm_key(tmp_path, tpm=50)
+    meter = await start_meter(settings)
+    fake.script("POST", "/api/generate", _answer(1, 2_000_000))
+    async with aiohttp.ClientSession() as http:
+        assert (await _post(http, meter, _body(_A), key))[0] == 200
+        await meter.app[LIMITER].settle()
+        assert (await _post(http, meter, _body(_A), key))[0] == 429
+    storage = meter.app[LIMITER].windows.storage  # type: ignore[attr-defined]
+    assert sum(len(events) for events in storage.events.values()) <= 50
