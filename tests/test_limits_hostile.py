@@ -9,12 +9,15 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from ollama_meter.app import ADMISSION, LIMITER
+from ollama_meter.config import ConfigError
 from ollama_meter.gateway.admission import Admission
 from ollama_meter.gateway.keys import append_key
+from ollama_meter.gateway.limits import KeyLimits
 from ollama_meter.limit_settings import LimitSettings
-from ollama_meter.settings import AccessSettings, Settings
+from ollama_meter.settings import AccessSettings, Settings, load_settings
 
 from .conftest import Meter, MeterFactory
 from .fake_fleet import FleetFactory
@@ -142,3 +145,49 @@ async def test_a_tpm_debit_keeps_no_more_entries_than_the_window_can_count(
         assert (await _post(http, meter, _body(_A), key))[0] == 429
     storage = meter.app[LIMITER].windows.storage  # type: ignore[attr-defined]
     assert sum(len(events) for events in storage.events.values()) <= 50
+
+
+# --- a max_queue_wait that is no duration -----------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-nan"])
+def test_a_max_queue_wait_that_is_not_a_finite_duration_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """TOML has ``nan`` and ``inf`` floats: ``nan < 0`` is false, so ``nan`` was taken, and
+    every request that had to wait for a slot was a 503 at once ("no slot within nan s");
+    ``inf`` made the bounded wait unbounded."""
+    monkeypatch.chdir(tmp_path)
+    Path("s.toml").write_text(f"[limits]\nmax_queue_wait = {value}\n")
+    with pytest.raises(ConfigError) as error:
+        load_settings("s.toml")
+    assert str(error.value).startswith("s.toml: limits.max_queue_wait: must be")
+    assert "\n" not in str(error.value)
+
+
+# --- rpm counts requests the queue refused ----------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="rpm is counted at the limit step, before admission: a request the queue then "
+    "refuses (503, never sent to Ollama) keeps its place in the request window",
+)
+async def test_a_request_the_queue_refused_takes_no_place_in_the_rpm_window(
+    start_fleet: FleetFactory, start_meter: MeterFactory
+) -> None:
+    """A client that honours the 503's Retry-After comes back to a 429: its refused attempts
+    used up its requests per minute, though none reached Ollama."""
+    fleet = await start_fleet(1, models=(_A,), loaded=(_A,), slots=1, time_scale=0)
+    upstream = fleet[0]
+    limits = LimitSettings(defaults=KeyLimits(rpm=2), max_queue=0)
+    meter = await start_meter(Settings(slots=1, limits=limits), upstream=upstream.url)
+    held = upstream.hold_tokens(_A)
+    async with aiohttp.ClientSession() as http:
+        running = asyncio.create_task(_post(http, meter, _body(_A, "first")))
+        await upstream.wait_until(lambda: upstream.in_flight(_A) == 1)
+        assert (await _post(http, meter, _body(_A, "refused")))[0] == 503  # queue_full
+        held.set()
+        assert (await running)[0] == 200
+        status, body = await _post(http, meter, _body(_A, "second"))
+    assert status == 200, body  # the second request Ollama would see this minute
