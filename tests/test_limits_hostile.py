@@ -4,6 +4,8 @@ here proves one problem found in review, through the proxy on loopback sockets."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +13,13 @@ import aiohttp
 import orjson
 import pytest
 
-from ollama_meter.app import ADMISSION, LIMITER
+from ollama_meter.app import ADMISSION, FLEET, LIMITER
 from ollama_meter.config import ConfigError
 from ollama_meter.gateway.admission import Admission
 from ollama_meter.gateway.keys import append_key
 from ollama_meter.gateway.limits import KeyLimits
 from ollama_meter.limit_settings import LimitSettings
-from ollama_meter.settings import AccessSettings, Settings, load_settings
+from ollama_meter.settings import AccessSettings, Settings, load_settings, parse_settings
 
 from .conftest import Meter, MeterFactory
 from .fake_fleet import FleetFactory
@@ -269,3 +271,39 @@ async def test_a_padded_body_does_not_jump_past_the_slots(
         await first
         jumper.cancel()
     assert not at_once, "Ollama ran two requests of a model gated at one slot"
+
+
+# --- a request that never left the queue is counted as ended at its upstream ------------------
+
+
+async def test_requests_the_queue_refused_or_lost_do_not_end_at_the_upstream(
+    start_fleet: FleetFactory, start_meter: MeterFactory
+) -> None:
+    """The route step names the upstream before the admit step: a request refused there
+    (queue full, wait too long) or whose client left while queued was never sent, yet the
+    record step told the fleet it ended there. Each one took a request of the model off the
+    upstream's count while that request still ran, and the count went negative: the router's
+    costs and ``upstream_requests_in_flight`` drift from the truth."""
+    fleet = await start_fleet(1, models=(_A,), loaded=(_A,), slots=1, time_scale=0)
+    upstream = fleet[0]
+    settings = parse_settings(tomllib.loads(fleet.toml()), "fleet.toml", Path("."))
+    settings = dataclasses.replace(settings, limits=LimitSettings(max_queue=1))
+    meter = await start_meter(settings)
+    admission = _admission(meter)
+    node = meter.app[FLEET].nodes[0]
+    held = upstream.hold_tokens(_A)
+    async with aiohttp.ClientSession() as http:
+        running = asyncio.create_task(_post(http, meter, _body(_A, "running")))
+        await upstream.wait_until(lambda: upstream.in_flight(_A) == 1)
+        async with aiohttp.ClientSession() as leaving:
+            gone = asyncio.create_task(_post(leaving, meter, _body(_A, "gone")))
+            await _until(lambda: admission.depth == 1)
+            assert (await _post(http, meter, _body(_A, "refused")))[0] == 503  # full
+        gone.cancel()
+        await _until(lambda: admission.depth == 0)
+        assert node.in_flight == 1
+        assert sum(node.in_flight_by.values()) == 1
+        held.set()
+        assert (await running)[0] == 200
+    assert node.in_flight == 0
+    assert meter.value("upstream_requests_in_flight", upstream="u1") == 0
