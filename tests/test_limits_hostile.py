@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -307,3 +308,69 @@ async def test_requests_the_queue_refused_or_lost_do_not_end_at_the_upstream(
         assert (await running)[0] == 200
     assert node.in_flight == 0
     assert meter.value("upstream_requests_in_flight", upstream="u1") == 0
+
+
+# --- a key that keeps one request waiting takes every turn ------------------------------------
+
+
+def _prompts(upstream: Any) -> list[str]:
+    return [
+        orjson.loads(call.body)["prompt"] for call in upstream.calls if call.path == "/api/generate"
+    ]
+
+
+async def test_a_key_that_keeps_one_request_waiting_does_not_take_every_turn(
+    start_fleet: FleetFactory, start_meter: MeterFactory, tmp_path: Path
+) -> None:
+    """A key whose queue runs empty is forgotten, and a key that starts waiting goes first:
+    a client that sends its next request as soon as the last one has its slot is "new"
+    every time, and is served at every turnover while a key with requests waiting all along
+    gets none (round-robin would alternate)."""
+    keys = tmp_path / "keys.toml"
+    patient, _ = append_key(keys, name="patient", role="inference")
+    eager, _ = append_key(keys, name="eager", role="inference")
+    settings = Settings(access=AccessSettings(keys), limits=LimitSettings(), slots=1)
+    fleet = await start_fleet(1, models=(_A,), loaded=(_A,), slots=1, time_scale=0)
+    upstream = fleet[0]
+    meter = await start_meter(settings, upstream=upstream.url)
+    admission = _admission(meter)
+    hold = upstream.hold_tokens(_A)
+    tasks = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+
+        def send(prompt: str, key: str) -> None:
+            tasks.append(asyncio.create_task(_post(http, meter, _body(_A, prompt), key)))
+
+        send("e0", eager)
+        await upstream.wait_until(lambda: len(_prompts(upstream)) == 1)
+        for i in range(4):
+            send(f"p{i}", patient)
+        await _until(lambda: admission.depth == 4)
+        eager_sent = 1
+        for turn in range(1, 7):
+            if not any(p.startswith("e") for p in _waiting(eager_sent, _prompts(upstream))):
+                before = admission.depth
+                send(f"e{eager_sent}", eager)  # its next one, as soon as the last has a slot
+                eager_sent += 1
+                await _until(_depth_is(admission, before + 1))
+            following = upstream.hold_tokens(_A)
+            hold.set()  # one turnover: the running request ends, the next one gets the slot
+            hold = following
+            await upstream.wait_until(_arrived(upstream, turn + 1))
+        hold.set()
+        await asyncio.gather(*tasks)
+    served = _prompts(upstream)[1:7]
+    assert sum(p.startswith("p") for p in served) >= 3, served
+
+
+def _depth_is(admission: Admission[Any], depth: int) -> Callable[[], bool]:
+    return lambda: admission.depth == depth
+
+
+def _arrived(upstream: Any, count: int) -> Callable[[], bool]:
+    return lambda: len(_prompts(upstream)) == count
+
+
+def _waiting(eager_sent: int, served: list[str]) -> list[str]:
+    """The eager key's requests sent and not yet at the upstream."""
+    return [f"e{i}" for i in range(eager_sent) if f"e{i}" not in served]

@@ -10,8 +10,10 @@ Rules (the limits issue, item 4):
    model never holds back one of the same key whose model has a free slot), so a request
    takes whichever upstream frees first, or another one the router now prefers (a cold load
    judged cheaper than the wait). Keys are served round-robin: a key that starts waiting
-   goes first, and a key just served goes last, so a key that queued 100 requests delays one
-   that queued 1 by at most one slot turnover.
+   goes first, and a key just served goes last (and stays there, queue empty or not, until
+   nobody waits), so a key that queued 100 requests delays one that queued 1 by at most one
+   slot turnover, and a key that sends each request as the last one gets its slot is served
+   in turn like any other.
 3. Bounded: ``max_queue`` waiting in all (0: none), ``max_queued_per_key`` of one key;
    past either, 503 at once. A wait past ``max_queue_wait`` is a 503 too. Both carry
    ``Retry-After`` estimated from the queue ahead, the mean time a slot is held and the
@@ -152,7 +154,7 @@ class Admission(Generic[T]):
         if queue is None:
             queue = self._queues[key] = deque()
             self._queues.move_to_end(key, last=False)  # a key that starts waiting goes first
-        queue.append(waiter)
+        queue.append(waiter)  # (a key served while others wait keeps its turn: rule 2)
         self.depth += 1
         future = waiter.future
         try:
@@ -187,9 +189,7 @@ class Admission(Generic[T]):
         if queue is None or waiter not in queue:
             return
         queue.remove(waiter)
-        self.depth -= 1
-        if not queue:
-            del self._queues[waiter.key]
+        self._left()
         if not waiter.future.done():
             waiter.future.cancel()
 
@@ -235,15 +235,22 @@ class Admission(Generic[T]):
             self._pop(key, queue, index)
             waiter.future.set_result((target, slot))
             if key in self._queues:
-                self._queues.move_to_end(key)  # served: last in turn
+                self._queues.move_to_end(key)  # served: last in turn, even with none left
             return True
         return False
 
     def _pop(self, key: str, queue: deque[_Waiter[T]], index: int = 0) -> None:
         del queue[index]
+        self._left()
+
+    def _left(self) -> None:
+        """One request fewer waiting. A key whose queue runs empty keeps its place in the
+        turn while others wait (were it forgotten, a key that sends its next request as soon
+        as the last one has a slot would be new, so first, at every turnover); the turn is
+        forgotten when nobody waits."""
         self.depth -= 1
-        if not queue:
-            del self._queues[key]
+        if not self.depth:
+            self._queues.clear()
 
     # -- refusals ---------------------------------------------------------------------------
 
