@@ -374,3 +374,23 @@ def _arrived(upstream: Any, count: int) -> Callable[[], bool]:
 def _waiting(eager_sent: int, served: list[str]) -> list[str]:
     """The eager key's requests sent and not yet at the upstream."""
     return [f"e{i}" for i in range(eager_sent) if f"e{i}" not in served]
+
+
+# --- a bad Redis URL's password in the error line ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url", ["http://:s3cret@redis:6379/0", "redis://:s3cret@", "redis://me:s3cret@:6379"]
+)
+def test_a_redis_url_that_cannot_work_is_one_line_without_its_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """The error echoed the URL whole, password and all, to stderr and the logs."""
+    monkeypatch.chdir(tmp_path)
+    Path("s.toml").write_text(f'[limits]\nredis = "{url}"\n')
+    with pytest.raises(ConfigError) as error:
+        load_settings("s.toml")
+    message = str(error.value)
+    assert message.startswith("s.toml: limits.redis: must be redis://")
+    assert "s3cret" not in message
+    assert "\n" not in message
