@@ -394,3 +394,34 @@ def test_a_redis_url_that_cannot_work_is_one_line_without_its_password(
     assert message.startswith("s.toml: limits.redis: must be redis://")
     assert "s3cret" not in message
     assert "\n" not in message
+
+
+# --- a waiter whose model is deleted is counted as a 503 it was not ---------------------------
+
+
+async def test_a_waiter_whose_model_is_gone_gets_a_404_not_counted_as_no_upstream(
+    start_fleet: FleetFactory, start_meter: MeterFactory
+) -> None:
+    """The admit step counted every refusal the router gave a waiting request as
+    ``rejected_total{reason="no_upstream"}`` (a 503), the 404 of a model nobody lists any
+    more too."""
+    fleet = await start_fleet(1, models=(_A, _B), loaded=(_A,), slots=1, time_scale=0)
+    upstream = fleet[0]
+    settings = parse_settings(tomllib.loads(fleet.toml()), "fleet.toml", Path("."))
+    meter = await start_meter(settings)
+    admission = _admission(meter)
+    held = upstream.hold_tokens(_A)
+    async with aiohttp.ClientSession() as http:
+        running = asyncio.create_task(_post(http, meter, _body(_A, "running")))
+        await upstream.wait_until(lambda: upstream.in_flight(_A) == 1)
+        waiting = asyncio.create_task(_post(http, meter, _body(_A, "waiting")))
+        await _until(lambda: admission.depth == 1)
+        for name in [k for k, v in upstream.sched.models.items() if v.startswith(_A)]:
+            del upstream.sched.models[name]  # gone from the upstream's /api/tags
+        async with http.delete(f"{meter.url}/api/delete", json={"model": _A}) as r:
+            assert r.status == 200
+        held.set()
+        assert (await running)[0] == 200
+        status, body = await waiting
+    assert status == 404, body
+    assert meter.value("rejected_total", reason="no_upstream", key="anonymous") == 0

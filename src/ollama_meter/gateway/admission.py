@@ -224,7 +224,8 @@ class Admission(Generic[T]):
             try:
                 target = waiter.choose()
             except Refusal as refusal:
-                self._refused(NO_UPSTREAM, key)
+                if refusal.reason == NO_UPSTREAM:  # not the 404 of a model gone meanwhile
+                    self._refused(NO_UPSTREAM, key)
                 self._pop(key, queue, index)
                 waiter.future.set_exception(refusal)
                 return True
