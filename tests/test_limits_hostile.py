@@ -425,3 +425,36 @@ async def test_a_waiter_whose_model_is_gone_gets_a_404_not_counted_as_no_upstrea
         status, body = await waiting
     assert status == 404, body
     assert meter.value("rejected_total", reason="no_upstream", key="anonymous") == 0
+
+
+# --- another spelling of the model takes a slot of its own ------------------------------------
+
+
+async def test_library_spelling_of_a_model_waits_for_the_same_slot(
+    start_meter: MeterFactory, fake: FakeOllama
+) -> None:
+    """With one upstream the slots are keyed by the model label, and ``library/llama3.2``
+    is its own label (canonical_model keeps the default namespace unless the default host
+    comes first), though Ollama reads it as ``llama3.2``: spelling the name that way ran a
+    second request of a model gated at one slot."""
+    meter = await start_meter(Settings(slots=1, limits=LimitSettings()))
+    admission = _admission(meter)
+    release = asyncio.Event()
+    first = orjson.dumps({"model": _A, "response": "a", "done": False}) + b"\n"
+    fake.script(
+        "POST", "/api/generate", Reply(content_type="application/x-ndjson", chunks=[first, b""],
+                                       gates={1: release}),
+    )  # fmt: skip
+    async with aiohttp.ClientSession() as http:
+        running = asyncio.create_task(_post(http, meter, {"model": _A, "prompt": "a"}))
+        await fake.wait_for("/api/generate", 1)
+        other = asyncio.create_task(_post(http, meter, _body("library/llama3.2", "b")))
+        queued = asyncio.create_task(_until(lambda: admission.depth == 1))
+        sent = asyncio.create_task(fake.wait_for("/api/generate", 2))
+        await asyncio.wait({queued, sent}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        went_up = sent.done() and not queued.done()
+        sent.cancel()
+        release.set()
+        await running
+        await other
+    assert not went_up, "both spellings were at Ollama at once"
