@@ -19,6 +19,7 @@ must be an integer >= 0, got -1``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
@@ -42,6 +43,8 @@ LIMIT_KEYS: Final = frozenset(
     }
 )
 _REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
+#: The password of a URL's user information (``//user:PASSWORD@``).
+_PASSWORD: Final = re.compile(r"(//[^/@:]*:)[^/@]*@")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +115,7 @@ def _redis(table: Mapping[str, object], where: str, environ: Mapping[str, str]) 
     if parsed.scheme not in _REDIS_SCHEMES or (parsed.scheme != "unix" and not parsed.host):
         raise ConfigError(
             f"{where}.redis: must be redis://HOST[:PORT][/DB], rediss://... or unix://PATH, "
-            f"got {url!r}"[:300]
+            f"got {_masked(url)!r}"[:300]
         )
     variable = table.get("redis_password_env", "")
     if not isinstance(variable, str):
@@ -122,3 +125,8 @@ def _redis(table: Mapping[str, object], where: str, environ: Mapping[str, str]) 
             raise ConfigError(f"{where}.redis_password_env: ${variable} is not set")
         parsed = parsed.with_password(environ[variable])
     return str(parsed)
+
+
+def _masked(url: str) -> str:
+    """A URL as an error may show it: a password in it replaced (errors reach logs)."""
+    return _PASSWORD.sub(r"\1***@", url)

@@ -54,6 +54,7 @@ from .gateway.identity import ANONYMOUS
 from .gateway.keys import Role
 from .gateway.limit_metrics import LimitMetrics
 from .gateway.limits import Limiter
+from .gateway.router import model_key
 from .gateway.union import FLEET_WIDE, V1_MODELS, merge
 from .hosts import HostCheck, host_check_for
 from .inbound import (
@@ -447,8 +448,10 @@ class Proxy:
         who = x.key or ANONYMOUS
         if self._dispatch is None:
             # The bounded model label: a client naming endless made-up models must not grow
-            # the slots' table (Ollama answers those with a 404 at once anyway).
-            name = x.model
+            # the slots' table (Ollama answers those with a 404 at once anyway); of the name
+            # as Ollama compares names, so that no other spelling of a model (library/NAME)
+            # has slots of its own.
+            name = self._labels.label(model_key(model))
             admitted = await admission.admit(who, name, lambda: name)
         else:
             dispatch, first = self._dispatch, x.target

@@ -21,6 +21,7 @@ fleet_settings.py; ``[limits]``: limit_settings.py; ``[ledger]``: ledger_setting
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -53,6 +54,8 @@ def parse_duration(value: object, where: str) -> float:
     elif isinstance(value, str) and value and _DURATION.sub("", value) == "":
         seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(value))
     else:
+        raise ConfigError(f'{where}: must be a duration such as "30m", got {value!r}'[:300])
+    if not math.isfinite(seconds):  # TOML's nan and inf: no duration (nan < 0 is false)
         raise ConfigError(f'{where}: must be a duration such as "30m", got {value!r}'[:300])
     if seconds < 0:
         raise ConfigError(f"{where}: must not be negative")

@@ -6,11 +6,14 @@ Rules (the limits issue, item 4):
    throttles).
 2. A request whose chosen upstream has a free slot takes it at once. Otherwise it waits, in
    the queue of its key. Each slot released re-runs the router (``choose``) for the waiting
-   requests, the head of each key's queue in turn, so a request takes whichever upstream
-   frees first, or another one the router now prefers (a cold load judged cheaper than the
-   wait). Keys are served round-robin: a key that starts waiting goes first, and a key just
-   served goes last, so a key that queued 100 requests delays one that queued 1 by at most
-   one slot turnover.
+   requests, each key in turn (its first request that can go now: one waiting for a full
+   model never holds back one of the same key whose model has a free slot), so a request
+   takes whichever upstream frees first, or another one the router now prefers (a cold load
+   judged cheaper than the wait). Keys are served round-robin: a key that starts waiting
+   goes first, and a key just served goes last (and stays there, queue empty or not, until
+   nobody waits), so a key that queued 100 requests delays one that queued 1 by at most one
+   slot turnover, and a key that sends each request as the last one gets its slot is served
+   in turn like any other.
 3. Bounded: ``max_queue`` waiting in all (0: none), ``max_queued_per_key`` of one key;
    past either, 503 at once. A wait past ``max_queue_wait`` is a 503 too. Both carry
    ``Retry-After`` estimated from the queue ahead, the mean time a slot is held and the
@@ -151,7 +154,7 @@ class Admission(Generic[T]):
         if queue is None:
             queue = self._queues[key] = deque()
             self._queues.move_to_end(key, last=False)  # a key that starts waiting goes first
-        queue.append(waiter)
+        queue.append(waiter)  # (a key served while others wait keeps its turn: rule 2)
         self.depth += 1
         future = waiter.future
         try:
@@ -186,9 +189,7 @@ class Admission(Generic[T]):
         if queue is None or waiter not in queue:
             return
         queue.remove(waiter)
-        self.depth -= 1
-        if not queue:
-            del self._queues[waiter.key]
+        self._left()
         if not waiter.future.done():
             waiter.future.cancel()
 
@@ -206,38 +207,51 @@ class Admission(Generic[T]):
             self.pump()
 
     def pump(self) -> None:
-        """Give free slots to waiting requests, keys in turn (rule 2)."""
+        """Give free slots to waiting requests, keys in turn (rule 2). In a key's turn its
+        first request that can go now goes: one waiting for a full model does not hold back
+        one behind it whose model has a free slot."""
         progress = True
         while progress and self._queues:
             progress = False
             for key in list(self._queues):
                 queue = self._queues.get(key)
-                if not queue:
-                    continue
-                waiter = queue[0]
-                try:
-                    target = waiter.choose()
-                except Refusal as refusal:
-                    self._refused(NO_UPSTREAM, key)
-                    self._pop(key, queue)
-                    waiter.future.set_exception(refusal)
+                if queue and self._serve(key, queue):
                     progress = True
-                    continue
-                free = self._free(target)
-                if free is False:
-                    continue
-                slot = None if free is None else self._take(free)
-                self._pop(key, queue)
-                waiter.future.set_result((target, slot))
-                if key in self._queues:
-                    self._queues.move_to_end(key)  # served: last in turn
-                progress = True
 
-    def _pop(self, key: str, queue: deque[_Waiter[T]]) -> None:
-        queue.popleft()
+    def _serve(self, key: str, queue: deque[_Waiter[T]]) -> bool:
+        """One of ``key``'s waiting requests given its slot (or its refusal), if any can be."""
+        for index, waiter in enumerate(queue):
+            try:
+                target = waiter.choose()
+            except Refusal as refusal:
+                if refusal.reason == NO_UPSTREAM:  # not the 404 of a model gone meanwhile
+                    self._refused(NO_UPSTREAM, key)
+                self._pop(key, queue, index)
+                waiter.future.set_exception(refusal)
+                return True
+            free = self._free(target)
+            if free is False:
+                continue
+            slot = None if free is None else self._take(free)
+            self._pop(key, queue, index)
+            waiter.future.set_result((target, slot))
+            if key in self._queues:
+                self._queues.move_to_end(key)  # served: last in turn, even with none left
+            return True
+        return False
+
+    def _pop(self, key: str, queue: deque[_Waiter[T]], index: int = 0) -> None:
+        del queue[index]
+        self._left()
+
+    def _left(self) -> None:
+        """One request fewer waiting. A key whose queue runs empty keeps its place in the
+        turn while others wait (were it forgotten, a key that sends its next request as soon
+        as the last one has a slot would be new, so first, at every turnover); the turn is
+        forgotten when nobody waits."""
         self.depth -= 1
-        if not queue:
-            del self._queues[key]
+        if not self.depth:
+            self._queues.clear()
 
     # -- refusals ---------------------------------------------------------------------------
 

@@ -207,6 +207,10 @@ class Limiter:
             self.in_flight.pop(held.key, None)
 
     async def debit(self, held: Held, tokens: int) -> None:
-        """The tokens Ollama reported for the request, into its key's window."""
-        if held.limits.tpm and tokens > 0:
-            await self.windows.debit(held.key, tokens)
+        """The tokens Ollama reported for the request, into its key's window: at most
+        ``tpm`` of them, which already fill the window for a minute (it only ever counts its
+        newest ``tpm`` entries). More would cost an entry each, from a count the proxy does not
+        bound (a count past what a list can index was no debit at all)."""
+        tpm = held.limits.tpm
+        if tpm and tokens > 0:
+            await self.windows.debit(held.key, min(tokens, tpm))
