@@ -277,13 +277,6 @@ async def test_a_padded_body_does_not_jump_past_the_slots(
 # --- a request that never left the queue is counted as ended at its upstream ------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the record step tells the fleet a request ended at the upstream the route step "
-    "named, sent or not. A fix (an Exchange flag set where fleet.sent is called, checked in "
-    "Dispatch.ended) works, but makes test_prometheus_stack's fleet test flaky: its routed "
-    "'hot' decision relied on gpu-1's count being off by one",
-)
 async def test_requests_the_queue_refused_or_lost_do_not_end_at_the_upstream(
     start_fleet: FleetFactory, start_meter: MeterFactory
 ) -> None:

@@ -67,6 +67,9 @@ class Exchange:
     #: In a fleet: where it went (a gateway.dispatch.Target), and whether its model was cold
     #: there when it was sent.
     target: Target | None = None
+    #: Whether it was sent to ``target`` (a request refused or left in the admit step, after
+    #: the route step named it, never was: it did not end there either).
+    dispatched: bool = False
     cold: bool = False
     loading: bool = False  # cold, and its response head has not come yet
     #: With [limits]: the key's place in the limits (a gateway.limits.Held), until recorded.

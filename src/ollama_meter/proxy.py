@@ -521,6 +521,7 @@ class Proxy:
             else:
                 headers = common
             x.cold = x.loading = fleet.sent(node, place.key)
+            x.dispatched = True
             fleet.count_decision(node, place.decision)
             busy: tuple[aiohttp.ClientResponse, bytes] | None = None
             failure: UpstreamError | None = None

@@ -170,8 +170,8 @@ class Dispatch:
         """The record step: the fleet learns how the request went (fleet.py rule 3), and a
         model-management call that changed something refreshes the tags."""
         target = x.target
-        if target is None:
-            return
+        if target is None or not x.dispatched:
+            return  # never sent (refused or left while queued): it did not end there either
         failed = x.first_byte is None and x.error in _TRANSPORT
         usage = x.usage
         self.fleet.ended(
