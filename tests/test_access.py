@@ -584,7 +584,11 @@ async def test_a_kubernetes_secret_swap_is_seen_and_a_broken_file_logged_once(
     assert (await status(old), await status(new)) == (401, 200)
     # Broken: one warning line naming the file, the entry and the field; checked again
     # without a change, nothing more.
-    (second / "keys.toml").write_text((second / "keys.toml").read_text() + "[[key]]\nid = 1\n")
+    # (Written whole, in one step: the app's own 2 s poll must not catch it half written,
+    # which would be a second broken version, and rightly a second line.)
+    broken = second / "keys.toml.new"
+    broken.write_text((second / "keys.toml").read_text() + "[[key]]\nid = 1\n")
+    os.replace(broken, second / "keys.toml")
     with caplog.at_level(logging.WARNING, logger="ollama_meter.gateway.reload"):
         await watcher.check()
         await watcher.check()

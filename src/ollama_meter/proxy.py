@@ -121,15 +121,16 @@ _UPSTREAM_READ_ERRORS: Final = (
 
 def _unroutable(request: web.Request, cap: int) -> Refusal:
     """A request whose model is in a body the proxy could not read: in a fleet it cannot be
-    placed (sending it anywhere could reach a server without the model)."""
+    placed (sending it anywhere could reach a server without the model), and behind slots it
+    cannot be given one (sent anyway, it would run on top of the slots others wait for)."""
     coding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").lower()
     if coding != "identity":
-        return Refusal(415, "ollama-meter: send the body unencoded: its model picks the server")
+        return Refusal(415, "ollama-meter: send the body unencoded: the proxy reads its model")
     length = request.content_length
     if length is None or length > cap:
         return Refusal(
-            413, f"ollama-meter: the body is over --max-inspect-bytes ({cap}): its model "
-            "picks the server",
+            413, f"ollama-meter: the body is over --max-inspect-bytes ({cap}): the proxy "
+            "reads its model",
         )  # fmt: skip
     return Refusal(503, "ollama-meter: too many large bodies at once", {"Retry-After": "1"})
 
@@ -409,12 +410,14 @@ class Proxy:
                     whole = asking
                     headers[hdrs.CONTENT_LENGTH] = str(len(asking))
             body = None
+            unread = whole is None and route.inspects_body and request.body_exists
+            if unread and (self._dispatch is not None or self._gated(route)):
+                # Its model decides the server, or the slot it waits for: never sent blind.
+                raise _unroutable(request, config.max_inspect_bytes)
             if self._limiter is not None and route.inference:
                 who = None if gate is None else gate.identity
                 x.held = await self._limiter.check(who, request.path.startswith("/v1/"))
             if self._dispatch is not None:
-                if whole is None and route.inspects_body and request.body_exists:
-                    raise _unroutable(request, config.max_inspect_bytes)
                 x.target = await self._dispatch.place(request.method, route, model, request.headers)
             if self._admission is not None and route.inference and model is not None:
                 await self._admit_slot(x, route, model)
@@ -440,6 +443,9 @@ class Proxy:
                 upstream.release()
             else:
                 upstream.close()
+
+    def _gated(self, route: Route) -> bool:
+        return self._admission is not None and route.inference
 
     async def _admit_slot(self, x: Exchange, route: Route, model: str) -> None:
         """The admit step: a slot at the chosen upstream, or a wait in the queue for one."""

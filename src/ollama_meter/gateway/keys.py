@@ -161,7 +161,7 @@ def _entry(table: object, where: str) -> KeyEntry:
     expires = table.get("expires")
     return KeyEntry(
         id=_text(table, "id", where, _ID),
-        name=_text(table, "name", where, NAME),
+        name=_name(table, where),
         digest=bytes.fromhex(_text(table, "sha256", where, _HEX_DIGEST)),
         role=cast(Role, role),
         team=None if team is None else _text(table, "team", where, NAME),
@@ -175,6 +175,21 @@ def _entry(table: object, where: str) -> KeyEntry:
 
 
 LIMIT_FIELDS: Final = ("rpm", "tpm", "concurrency")
+
+
+#: What the metrics, limits and ledger call requests without a key, and keys past
+#: max_key_labels: a key of that name would share their counts and limits.
+RESERVED_NAMES: Final = frozenset({"anonymous", "other"})
+
+
+def _name(table: dict[str, Any], where: str) -> str:
+    name = _text(table, "name", where, NAME)
+    if name in RESERVED_NAMES:
+        raise KeysFileError(
+            f"{where}.name: {name!r} is reserved (it names requests without a key, or keys "
+            "past max_key_labels)"
+        )
+    return name
 
 
 def _limit(table: dict[str, Any], field: str, where: str) -> int | None:
@@ -291,6 +306,8 @@ def append_key(
         tables = _tables(doc, path)
         if any(t.get("name") == name for t in tables):
             raise KeysFileError(f"{path}: a key named {name!r} exists already")
+        if name in RESERVED_NAMES:
+            raise KeysFileError(f"{path}: {name!r} is reserved: choose another name")
         ids = {t.get("id") for t in tables}
         key, ident = new_key(lambda i: i in ids)
         table = tomlkit.table()
