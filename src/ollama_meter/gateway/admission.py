@@ -181,8 +181,9 @@ class Admission(Generic[T]):
         free = self._free(target)
         if free is False:
             return False
-        self.release(slot)
-        return None if free is None else self._take(free)
+        taken = None if free is None else self._take(free)  # first: the release below
+        self.release(slot)  # may hand slots to waiters, and must not hand them this one
+        return taken
 
     def _drop(self, waiter: _Waiter[T]) -> None:
         queue = self._queues.get(waiter.key)
