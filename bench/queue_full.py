@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -78,7 +79,7 @@ async def measure(meter: str, upstream: str, pid: int, n: int, rounds: int) -> d
         )  # fmt: skip
         assert held.status == 200, held.status
         await held.content.readline()  # the first line: the slot is taken
-        batches = {
+        batches: dict[str, Callable[[int], Awaitable[list[float]]]] = {
             "refused": lambda k: timed(
                 proxy_session, "POST", meter + "/api/generate", k, 503, data=BODY
             ),
