@@ -70,6 +70,9 @@ BASELINE = "ollama-meter@base"  # run.py's --baseline-src target
 KEYED = "ollama-meter+keys"  # run.py's --keys target
 FLEET = "ollama-meter+fleet"  # run.py's --fleet target
 LEDGER = "ollama-meter+ledger"  # run.py's --ledger target
+LIMITED = "ollama-meter+limits"  # run.py's --limits targets: rpm, tpm, concurrency
+LIMITED_RPM = "ollama-meter+limits-rpm"  # the same with tpm off
+SLOTTED = "ollama-meter+slots"  # --slots alone
 
 
 def _targets(
@@ -140,6 +143,19 @@ def _targets(
         rows.append(
             (f"`{LEDGER}` (usage ledger on) >= 0.97x ollama-meter", measured, ratio >= 0.97)
         )
+    for name, what in ((LIMITED, "rpm, tpm, concurrency"), (LIMITED_RPM, "rpm, concurrency")):
+        if get(throughput, meter, "rps") and get(throughput, name, "rps"):
+            ratio = paired_ratio(raw, throughput, name, meter, "rps")
+            measured = f"{ratio:.3f}x"
+            if get(throughput, name, "cpu_us_per_request"):
+                added = paired_difference(raw, throughput, name, meter, "cpu_us_per_request")
+                measured += f" ({added:+.0f} µs of CPU per request)"
+            rows.append(
+                (f"`{name}` ({what}, --slots) >= 0.95x ollama-meter", measured, ratio >= 0.95)
+            )
+    if get(throughput, meter, "rps") and get(throughput, SLOTTED, "rps"):
+        ratio = paired_ratio(raw, throughput, SLOTTED, meter, "rps")
+        rows.append((f"`{SLOTTED}` (--slots alone) against ollama-meter", f"{ratio:.3f}x", None))
     p50 = get("1 latency c=1", meter, "p50_us")
     p50_direct = get("1 latency c=1", direct, "p50_us")
     if p50 is not None and p50_direct is not None:
@@ -201,6 +217,12 @@ def render(report: dict[str, Any], command: str) -> str:
             f"`{FLEET}` is ollama-meter in front of {report['fleet']} fake upstreams"
             " (`--upstream` given that many times), every request routed to one that has its"
             " model loaded (request/response scenarios only)."
+        )
+    if report.get("limits"):
+        out.append(
+            f"`{LIMITED}` is ollama-meter with `--slots 1000` and `[limits]` of 10^9 rpm and tpm"
+            f" and concurrency 1000, nothing refused; `{LIMITED_RPM}` the same with tpm off;"
+            f" `{SLOTTED}` `--slots 1000` alone (request/response scenarios only)."
         )
     out.append("")
     targets = _targets(medians, report.get("raw", {}), report.get("fleet", 0))

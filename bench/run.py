@@ -1,5 +1,5 @@
 """The benchmark suite: ``python bench/run.py [--quick] [--baseline-src DIR] [--keys N]
-[--fleet N] [--rounds N] [--json FILE] [--markdown FILE]``.
+[--fleet N] [--limits] [--rounds N] [--json FILE] [--markdown FILE]``.
 
 Every scenario runs each target in turn, round after round, every other round in reverse
 order (alternation evens out a noisy machine), and reports medians and the ratio to ``direct``:
@@ -20,6 +20,12 @@ order (alternation evens out a noisy machine), and reports medians and the ratio
 - ``ollama-meter+ledger`` (with ``--ledger``): ollama-meter with ``--ledger`` on a SQLite file
   in the run's temporary directory (the usage ledger, flushed every 10 s); request/response
   only. bench/ledger_flush.py times a flush of 10,000 rows on its own.
+- ``ollama-meter+limits`` and ``ollama-meter+limits-rpm`` (with ``--limits``): ollama-meter
+  with ``--config`` of a ``[limits]`` table so generous that nothing is refused (rpm and tpm
+  10^9, concurrency 1000; the second with tpm off) and ``--slots 1000``, so that every request
+  goes through the limit and admit steps and none waits; request/response only. At the end
+  their /metrics are read: ``rejected_total`` must be 0 and ``queue_wait_seconds_count`` not.
+  ``ollama-meter+slots`` beside them: ``--slots 1000`` alone (the admit step, no limits).
 
 Pinning (2 cores): the target under test runs alone on CPU 0; the upstream and the load
 generator share CPU 1, for every target, direct included. Load: wrk (C) for request/response
@@ -175,6 +181,14 @@ LEDGER = "ollama-meter+ledger"
 #: How long the fleet's upstreams say their models stay loaded (upstream.py --loaded-for):
 #: longer than any run, so that the router sees them hot throughout.
 FLEET_LOADED_FOR = 86400.0
+#: The names of the --limits targets: rpm, tpm and concurrency; the same with tpm off.
+LIMITED = "ollama-meter+limits"
+LIMITED_RPM = "ollama-meter+limits-rpm"
+SLOTTED = "ollama-meter+slots"
+#: Limits no run reaches: c=64 is at most some 6,000 requests/s of 37 tokens each (upstream.py's
+#: non-streamed generate), about 1.3 x 10^7 tokens a minute; a slot for every connection.
+GENEROUS = {"default_rpm": 10**9, "default_tpm": 10**9, "default_concurrency": 1000}
+GENEROUS_SLOTS = 1000
 
 
 @dataclass
@@ -209,6 +223,11 @@ class Results:
     #: --fleet: the fleet target's routing_decisions_total at the end, "upstream decision" ->
     #: count (where its requests went, and the model's state there)
     decisions: dict[str, float] = field(default_factory=dict)
+    #: --limits: whether the limits targets were on
+    limits: bool = False
+    #: --limits: each limits target's rejected_total samples and queue_wait_seconds_count at
+    #: the end (the check that nothing was refused and everything was admitted)
+    admission: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def record(self, scenario: str, target: str, values: dict[str, float]) -> None:
         measures = self.scenarios.setdefault(scenario, {}).setdefault(target, {})
@@ -234,9 +253,11 @@ class Bench:
         rounds: int | None = None,
         fleet: int = 0,
         ledger: bool = False,
+        limits: bool = False,
     ) -> None:
         self.ledger = ledger
         self.quick = quick
+        self.limits = limits
         self.baseline_env = baseline_env
         self.keys = keys
         self.fleet = fleet
@@ -245,7 +266,7 @@ class Bench:
         self.many = rounds or (3 if quick else 7)
         self.dir = Path(tempfile.mkdtemp(prefix="ollama-meter-bench-"))
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.results = Results(keys=keys, fleet=fleet)
+        self.results = Results(keys=keys, fleet=fleet, limits=limits)
         #: The fleet target's upstreams, started once (start_fleet).
         self.fleet_upstreams: list[str] = []
 
@@ -326,6 +347,18 @@ class Bench:
         target.streams = False
         return target
 
+    def start_limited(self, name: str, upstream: str, tpm: bool, limits: bool = True) -> Target:
+        """ollama-meter with generous ``[limits]`` (tpm off unless ``tpm``; none without
+        ``limits``) and --slots."""
+        config = self.dir / f"{name}.toml"
+        table = {**GENEROUS, **({} if tpm else {"default_tpm": 0})} if limits else {}
+        config.write_text("[limits]\n" + "".join(f"{k} = {v}\n" for k, v in table.items()))
+        target = self.start_meter(
+            name, upstream, None, "--config", str(config), "--slots", str(GENEROUS_SLOTS)
+        )
+        target.streams = False
+        return target
+
     def start_targets(self, upstream: str, extras: bool = True) -> list[Target]:
         """direct and every proxy; with ``extras``, the --keys and --fleet targets too."""
         upstream_port = int(upstream.rsplit(":", 1)[1])
@@ -341,6 +374,10 @@ class Bench:
             )
             ledger.streams = False
             targets.append(ledger)
+        if self.limits and extras:  # the same: ollama-meter is the figure without limits
+            targets.append(self.start_limited(LIMITED, upstream, tpm=True))
+            targets.append(self.start_limited(LIMITED_RPM, upstream, tpm=False))
+            targets.append(self.start_limited(SLOTTED, upstream, tpm=False, limits=False))
         if self.baseline_env is not None:  # beside ollama-meter: its neighbour in every round
             targets.append(self.start_meter(BASELINE, upstream, self.baseline_env))
         port = free_port()
@@ -401,6 +438,13 @@ class Bench:
                 assert match, out
                 value, unit = float(match.group(1)), match.group(2)
                 result[f"p{pct}_us"] = value * {"us": 1, "ms": 1000, "s": 1e6}[unit]
+        if target.name in (LIMITED, LIMITED_RPM, SLOTTED):
+            # Their stalls (the windows' upkeep) can pass wrk's 2 s timeout: counted, not fatal.
+            timeouts = re.search(r"Socket errors: connect 0, read 0, write 0, timeout (\d+)", out)
+            result["timeouts"] = 0.0
+            if timeouts is not None:
+                result["timeouts"] = float(timeouts.group(1))
+                out = out.replace(timeouts.group(0), "")
         errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
         assert errors is None, out
         return result
@@ -485,6 +529,10 @@ class Bench:
         if fleet is not None:
             self.results.decisions = routing_decisions(fleet.url)
             print(f"  {FLEET} routing decisions: {self.results.decisions}", flush=True)
+        for target in targets:
+            if target.name in (LIMITED, LIMITED_RPM, SLOTTED):
+                self.results.admission[target.name] = admission_check(target.url)
+                print(f"  {target.name}: {self.results.admission[target.name]}", flush=True)
         steal1 = steal_ticks()
         self.results.steal_percent = 100 * (steal1[0] - steal0[0]) / max(1, steal1[1] - steal0[1])
         if "scrape" in only:
@@ -620,6 +668,23 @@ def routing_decisions(url: str) -> dict[str, float]:
     return found
 
 
+def admission_check(url: str) -> dict[str, float]:
+    """A limits target's /metrics at the end: every ``rejected_total`` sample (by its labels;
+    none is the expected answer) and ``queue_wait_seconds_count`` summed over models."""
+    from urllib.request import urlopen
+
+    with urlopen(url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found: dict[str, float] = {"queue_wait_seconds_count": 0.0}
+    for line in text.splitlines():
+        if line.startswith("ollama_meter_rejected_total"):
+            labels, value = line.rsplit(" ", 1)
+            found[labels.removeprefix("ollama_meter_")] = float(value)
+        elif line.startswith("ollama_meter_queue_wait_seconds_count"):
+            found["queue_wait_seconds_count"] += float(line.rsplit(" ", 1)[1])
+    return found
+
+
 def machine() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as package_version
@@ -688,6 +753,12 @@ def main() -> None:
         help=f"add {LEDGER}: ollama-meter with the usage ledger on (SQLite)",
     )
     parser.add_argument(
+        "--limits",
+        action="store_true",
+        help=f"add {LIMITED}, {LIMITED_RPM}, {SLOTTED}: generous [limits] (tpm on, off, none) "
+        "and --slots",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         metavar="N",
@@ -709,7 +780,15 @@ def main() -> None:
             sys.exit(str(exc))
     if args.fleet == 1 or args.fleet < 0:
         sys.exit("--fleet N: N >= 2 (one --upstream is the single-server proxy, ollama-meter)")
-    bench = Bench(args.quick, baseline_env, args.keys, args.rounds, args.fleet, args.ledger)
+    bench = Bench(
+        args.quick,
+        baseline_env,
+        args.keys,
+        args.rounds,
+        args.fleet,
+        ledger=args.ledger,
+        limits=args.limits,
+    )
     bench.results.machine = machine()
     if args.baseline_src:
         bench.results.baseline = {
@@ -729,6 +808,8 @@ def main() -> None:
         "keys": results.keys,
         "fleet": results.fleet,
         "decisions": results.decisions,
+        "limits": results.limits,
+        "admission": results.admission,
         "medians": medians,
         "raw": results.scenarios,
     }

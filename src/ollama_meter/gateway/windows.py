@@ -13,7 +13,12 @@ Rules:
    newest ``limit`` entries of a window, and ``LimitsMemory`` (its memory storage) is made to
    do the same, so "when does this window drop below the limit" is the age of the
    ``limit``-th newest entry in both.
-4. Time is the storage's ``time.time()`` (the Redis storage sends its own clock's time with
+4. The memory storage's sweep (its own ``__expire_events``: a thread hop per key, then a copy
+   of each window without its expired entries) starts at most every ``EXPIRY_EVERY`` seconds.
+   The library starts it again from every call that finds the last one done, which under load
+   is every turn of the loop, and costs more the fuller the windows are. The sweep only frees
+   memory: every answer compares the entries' own times with the clock, swept or not.
+5. Time is the storage's ``time.time()`` (the Redis storage sends its own clock's time with
    each call): Retry-After compares the window's times with the ``clock`` given here, which
    must be that clock (tests shift both).
 """
@@ -35,6 +40,8 @@ _NAMESPACE: Final = "ollama-meter"
 #: Looked at to count a whole window (the Redis storage's search stops at its ``limit``).
 _ALL: Final = 1 << 31
 _DEBIT_TRIES: Final = 3
+#: Least seconds between two starts of the memory storage's sweep (rule 4).
+EXPIRY_EVERY: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +62,23 @@ def storage_time() -> float:
 
 
 class LimitsMemory(MemoryStorage):
-    """The library's memory storage, counting as its Redis storage does (rule 3)."""
+    """The library's memory storage, counting as its Redis storage does (rule 3), sweeping at
+    most every ``EXPIRY_EVERY`` seconds (rule 4)."""
+
+    def __init__(self, uri: str | None = None, wrap_exceptions: bool = False) -> None:
+        super().__init__(uri, wrap_exceptions=wrap_exceptions)
+        self._next_sweep = 0.0
+        #: How many times the library was asked to start its sweep (tests).
+        self.sweeps = 0
+
+    async def _MemoryStorage__schedule_expiry(self) -> None:
+        # The library's calls of its private ``__schedule_expiry`` land here (its mangled name).
+        now = storage_time()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + EXPIRY_EVERY
+        self.sweeps += 1
+        await super()._MemoryStorage__schedule_expiry()  # type: ignore[misc]
 
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         now = storage_time()
