@@ -25,8 +25,11 @@ from ollama_meter.gateway.router import (
     DEFAULT_SERVICE_SECONDS,
     TIE_FRACTION,
     TIE_SECONDS,
+    AllTried,
     Choice,
     Decision,
+    NotListed,
+    OnlyUnhealthy,
     Result,
     UpstreamView,
     choose,
@@ -50,11 +53,15 @@ def _mean(averages: Sequence[Mapping[str, float]], key: str, default: float) -> 
 
 
 def reference(
-    key: str, fleet: Sequence[UpstreamView], now: float, rng: random.Random
+    key: str,
+    fleet: Sequence[UpstreamView],
+    now: float,
+    rng: random.Random,
+    exclude: frozenset[str] = frozenset(),
 ) -> tuple[str, Decision, Decision, float] | None:
     """Rules 2-4 with every default worked out up front (None: no eligible upstream)."""
     listing = [view for view in fleet if key in view.models]
-    eligible = [view for view in listing if view.healthy]
+    eligible = [view for view in listing if view.healthy and view.name not in exclude]
     if not eligible:
         return None
     load_default = _mean([v.load_seconds for v in listing], key, DEFAULT_LOAD_SECONDS)
@@ -118,6 +125,38 @@ def test_choose_agrees_with_the_plain_reading(
     expected = reference(key, fleet, NOW, random.Random(seed))
     if expected is None:
         assert not isinstance(result, Choice)
+        return
+    assert isinstance(result, Choice)
+    name, decision, state, cost = expected
+    assert (result.upstream, result.decision, result.state) == (name, decision, state)
+    assert math.isclose(result.cost, cost, rel_tol=1e-12, abs_tol=1e-12)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    fleet=fleets(),
+    model=st.sampled_from(MODELS),
+    seed=st.integers(0, 2**32),
+    exclude=st.frozensets(st.sampled_from(NAMES)),
+)
+def test_a_retry_agrees_with_the_plain_reading(
+    fleet: list[UpstreamView], model: str, seed: int, exclude: frozenset[str]
+) -> None:
+    """Upstreams already tried are not candidates, yet the defaults still count them; with
+    none eligible, the refusal is judged on the whole fleet (rule 1's order)."""
+    key = model_key(model)
+    result: Result = choose(key, fleet, NOW, random.Random(seed), exclude)
+    expected = reference(key, fleet, NOW, random.Random(seed), exclude)
+    if expected is None:
+        listing = [view for view in fleet if key in view.models]
+        healthy = [view for view in listing if view.healthy]
+        if not listing:
+            assert result == NotListed(key)
+        elif not healthy:
+            assert isinstance(result, OnlyUnhealthy)
+            assert result.upstreams == tuple(view.name for view in listing)
+        else:
+            assert result == AllTried(key, tuple(view.name for view in healthy))
         return
     assert isinstance(result, Choice)
     name, decision, state, cost = expected

@@ -32,7 +32,7 @@ from ..inbound import Refusal
 from ..ollama import Route, canonical_model
 from .fleet import Fleet, Node
 from .policy import RouteClass, route_class
-from .router import AllTried, Choice, Decision, NotListed, OnlyUnhealthy, choose, model_key
+from .router import AllTried, Choice, NotListed, OnlyUnhealthy, choose, model_key
 
 PIN_HEADER: Final = "X-Ollama-Meter-Upstream"
 _BLOBS: Final = "/api/blobs/{digest}"
@@ -44,8 +44,6 @@ _TRANSPORT: Final = frozenset({ex.UPSTREAM_UNREACHABLE, ex.UPSTREAM_TIMEOUT, ex.
 _RETRY_AFTER: Final = {"Retry-After": "2"}
 #: The reason of a 503 for want of an upstream (rejected_total's, with limits on).
 NO_UPSTREAM: Final = "no_upstream"
-#: Each decision's label (an enum's ``.value`` is a descriptor call, on every request).
-_LABELS: Final = {decision: decision.value for decision in Decision}
 
 #: Ollama's 404 text for a model it does not have, by route.
 _PULL_FIRST: Final = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings"})
@@ -101,7 +99,7 @@ class Dispatch:
     ) -> Target:
         """Where to send this request (rules 1-5), or a Refusal."""
         key = model_key(model) if model else None
-        node = self.pinned(headers)
+        node = self.pinned(headers) if PIN_HEADER in headers else None
         cls = route_class(method, route.template)
         if node is None and (cls is RouteClass.MODEL_ADMIN or route.template == _BLOBS):
             # HEAD /api/blobs too: the CLI skips an upload the server it asks already has.
@@ -120,7 +118,9 @@ class Dispatch:
             now = self.fleet.now()
             found = choose(key, self.fleet.views(now), now, self._rng, exclude)
         if isinstance(found, Choice):
-            decision = "retry" if exclude else _LABELS[found.decision]
+            # (The member's own attribute: ``.value`` is a descriptor call, and a table by
+            # member hashes it in Python.)
+            decision = "retry" if exclude else found.decision._value_
             # Only inference loads a model: a show or a model lookup is not tracked as one.
             node = self.fleet.by_name[found.upstream]
             return Target(node, decision, key if route.inference else None, key)
@@ -155,7 +155,7 @@ class Dispatch:
         found = choose(key, self.fleet.views(now), now, self._rng)
         if isinstance(found, Choice):
             node = self.fleet.by_name[found.upstream]
-            return Target(node, _LABELS[found.decision], key if route.inference else None, key)
+            return Target(node, found.decision._value_, key if route.inference else None, key)
         if isinstance(found, NotListed):
             raise Refusal(404, not_found(route.template, model))
         retry = found.retry_after if isinstance(found, OnlyUnhealthy) else 2

@@ -82,14 +82,13 @@ class Node:
     load: dict[str, float] = field(default_factory=dict)
     #: Its address as text, without the trailing slash (a request path is appended to it).
     base: str = field(init=False)
+    #: Its name (the settings', kept here: read several times a request).
+    name: str = field(init=False)
     _view: UpstreamView | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.base = str(self.settings.url).rstrip("/")
-
-    @property
-    def name(self) -> str:
-        return self.settings.name
+        self.name = self.settings.name
 
     def healthy(self, now: float) -> bool:
         return self.answered and self.breaker.allows(now)
@@ -337,9 +336,14 @@ class Fleet:
         node.in_flight += 1
         if key is None:
             return False
-        node.in_flight_by[key] = node.in_flight_by.get(key, 0) + 1
-        if self._is_hot(node, key):
-            return False
+        in_flight = node.in_flight_by
+        in_flight[key] = in_flight.get(key, 0) + 1
+        now = self._clock()
+        loaded = node.loaded  # (_hot_at, inline: this runs on every request)
+        if key in loaded:
+            expires = loaded[key]
+            if expires is None or expires > now:
+                return False
         now = self._clock()
         # A full upstream unloads a model to load this one: count on that model no more
         # (until the next /api/ps says otherwise).
@@ -387,7 +391,12 @@ class Fleet:
             node.breaker.failure(now)
         if key is None:
             return
-        _decrement(node.in_flight_by, key)
+        in_flight = node.in_flight_by  # (_decrement, inline: this runs on every request)
+        left = in_flight.get(key, 0) - 1
+        if left > 0:
+            in_flight[key] = left
+        else:
+            in_flight.pop(key, None)
         if loading:
             self.answered(node, key, 0)
         if cold and 200 <= status < 300:
@@ -396,7 +405,9 @@ class Fleet:
                 self.cold_loads[load] = 0
                 self.created[load] = time.time()
             self.cold_loads[load] += 1
-        if 200 <= status < 300 and not _hot_at(node, key, now):
+        if 200 <= status < 300 and not (
+            key in node.loaded and ((expires := node.loaded[key]) is None or expires > now)
+        ):  # (not _hot_at, inline)
             # Loaded, for as long as Ollama keeps a model by default (the next poll of /api/ps
             # says exactly).
             node.loaded = {**node.loaded, key: now + DEFAULT_KEEP_ALIVE}

@@ -203,57 +203,86 @@ def choose(
 ) -> Result:
     """Where to send a request for ``model`` (any spelling), by the rules of this module."""
     key = model_key(model)
-    listing = [view for view in fleet if key in view.models]
+    # One pass over the fleet: eligibility (rule 1) and each eligible upstream's cost, as
+    # (cost, state, blocked, view). A hot one (the steady state) is scored inline, without
+    # the defaults that only a missing average or a load needs: those are worked out once,
+    # the first time a candidate needs them (the same values either way). Loops rather than
+    # comprehensions: each of those is a function call of its own, on every request.
+    scored: list[tuple[float, Decision, bool, UpstreamView]] = []
+    defaults: _Defaults | None = None
+    blocked = free = False
+    best = best_free = 0.0  # the least cost, of all and of those not blocked (rule 3)
+    for view in fleet:
+        if key not in view.models or not view.healthy or (exclude and view.name in exclude):
+            continue
+        slots = view.slots or 1
+        busy = view.in_flight.get(key, 0)
+        queued = busy - slots + 1
+        wait = 0.0
+        if queued > 0:
+            service = view.service_seconds.get(key)
+            if service is None:
+                defaults = defaults or _Defaults(fleet, _listing(fleet, key), key)
+                service = defaults.service
+            wait = queued * service / slots
+        expires = view.loaded.get(key, _NOT_LOADED)
+        if expires is None or expires > now:
+            entry = (wait, _HOT if busy < slots else _QUEUED_HOT, False, view)
+        else:
+            defaults = defaults or _Defaults(fleet, _listing(fleet, key), key)
+            entry = (*_not_hot(view, key, now, wait, defaults), view)
+        cost = entry[0]
+        if not scored or cost < best:
+            best = cost
+        if entry[2]:
+            blocked = True
+        elif not free or cost < best_free:
+            best_free, free = cost, True
+        scored.append(entry)
+    if not scored:
+        return _refusal(key, fleet, now)
+    if len(scored) == 1:  # one eligible upstream: no choice to make
+        cost, state, _, view = scored[0]
+        return Choice(view.name, Decision.ONLY, state, cost)
+    candidates = scored
+    if blocked and free:  # rule 3: those not blocked, when there are any
+        candidates = [entry for entry in scored if not entry[2]]
+        best = best_free
+
+    margin = TIE_FRACTION * best
+    if margin < TIE_SECONDS:
+        margin = TIE_SECONDS
+    limit = best + margin
+    # The near-tie, and among it those with the fewest requests in flight in total, in order.
+    near: list[tuple[float, Decision, bool, UpstreamView]] = []
+    fewest = 0
+    for entry in candidates:
+        if entry[0] <= limit:
+            total = sum(entry[3].in_flight.values())
+            if not near or total < fewest:
+                near = [entry]
+                fewest = total
+            elif total == fewest:
+                near.append(entry)
+    cost, state, _, view = near[0] if len(near) == 1 else rng.choice(near)
+    return Choice(view.name, state, state, cost)
+
+
+def _listing(fleet: Sequence[UpstreamView], key: str) -> list[UpstreamView]:
+    return [view for view in fleet if key in view.models]
+
+
+def _refusal(
+    key: str, fleet: Sequence[UpstreamView], now: float
+) -> NotListed | OnlyUnhealthy | AllTried:
+    """Why no upstream is eligible (rule 1, judged in this order on the whole fleet)."""
+    listing = _listing(fleet, key)
     if not listing:
         return NotListed(key)
     healthy = [view for view in listing if view.healthy]
     if not healthy:
         return OnlyUnhealthy(key, tuple(v.name for v in listing), _retry_after(listing, now))
-    eligible = [view for view in healthy if view.name not in exclude] if exclude else healthy
-    if not eligible:
-        return AllTried(key, tuple(view.name for view in healthy))
-
-    # Each candidate as (cost, state, blocked, view). A hot one (the steady state) is scored
-    # here, without the defaults that only a missing average or a load needs: those are
-    # worked out once, the first time a candidate needs them (the same values either way).
-    scored: list[tuple[float, Decision, bool, UpstreamView]] = []
-    defaults: _Defaults | None = None
-    blocked = False
-    for view in eligible:
-        slots = view.slots or 1
-        busy = view.in_flight.get(key, 0)
-        service = view.service_seconds.get(key)
-        if service is None:
-            defaults = defaults or _Defaults(fleet, listing, key)
-            service = defaults.service
-        queued = busy - slots + 1
-        wait = queued * service / slots if queued > 0 else 0.0
-        expires = view.loaded.get(key, _NOT_LOADED)
-        if expires is None or expires > now:
-            scored.append((wait, _HOT if busy < slots else _QUEUED_HOT, False, view))
-        else:
-            defaults = defaults or _Defaults(fleet, listing, key)
-            entry = (*_not_hot(view, key, now, wait, defaults), view)
-            blocked = blocked or entry[2]
-            scored.append(entry)
-    if len(scored) == 1:  # one eligible upstream: no choice to make
-        cost, state, _, view = scored[0]
-        return Choice(view.name, Decision.ONLY, state, cost)
-    candidates = scored
-    if blocked:  # rule 3
-        candidates = [entry for entry in scored if not entry[2]] or scored
-
-    best = min([entry[0] for entry in candidates])
-    margin = TIE_FRACTION * best
-    if margin < TIE_SECONDS:
-        margin = TIE_SECONDS
-    near = [entry for entry in candidates if entry[0] <= best + margin]
-    if len(near) > 1:
-        totals = [sum(entry[3].in_flight.values()) for entry in near]
-        fewest = min(totals)
-        near = [entry for entry, total in zip(near, totals, strict=True) if total == fewest]
-    cost, state, _, view = near[0] if len(near) == 1 else rng.choice(near)
-    return Choice(view.name, state, state, cost)
+    return AllTried(key, tuple(view.name for view in healthy))
 
 
 _HOT: Final = Decision.HOT
