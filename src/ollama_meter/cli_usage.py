@@ -17,6 +17,7 @@ from .gateway.ledger_report import (
     DEFAULT_BY,
     FORMATS,
     ReportError,
+    check_span,
     month_start,
     parse_by,
     parse_time,
@@ -65,6 +66,7 @@ def usage_command(
         groups = parse_by(by)
         start = month_start(now) if since is None else parse_time(since, "--since", now)
         end = int(now) // HOUR * HOUR + HOUR if until is None else parse_time(until, "--until", now)
+        check_span(start, end)
         store = _store(ctx, ledger, config)
         try:
             if isinstance(store, SqliteStore):

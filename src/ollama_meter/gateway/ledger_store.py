@@ -23,8 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from yarl import URL
-
+from ..ledger_settings import printable
 from .ledger import COUNTS, Row, RowKey
 
 #: The schema this version writes and reads (``schema_version`` holds the store's).
@@ -133,11 +132,18 @@ class SqliteStore:
     def _refuse_foreign(self, db: sqlite3.Connection) -> None:
         """Someone else's database: adding our tables (or WAL mode) to it would change it."""
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if tables and "schema_version" not in tables:
+        if not tables:
+            return
+        # A table named schema_version is common: ours comes with our usage table.
+        if not {"schema_version", "usage"} <= tables:
             raise LedgerError(
                 f"{self.path}: a SQLite database, but not an ollama-meter ledger (its tables: "
                 f"{', '.join(sorted(tables))[:100]}); it is left as it is"
             )
+        # Read before anything is written (WAL mode changes the file's header).
+        found = db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        if isinstance(found, int) and found > SCHEMA_VERSION:
+            raise _newer(self.where, found)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         with db:
@@ -200,7 +206,7 @@ class PostgresStore:
 
     def __init__(self, url: str, timeout: float = 5.0) -> None:
         self._url = url
-        self.where = str(URL(url).with_password(None))
+        self.where = printable(url)
         self._timeout = timeout
         self._db: Any = None
 
@@ -227,6 +233,7 @@ class PostgresStore:
         with db.transaction():
             # Two replicas starting at once must not both create the table.
             db.execute("SELECT pg_advisory_xact_lock(1329795153)")
+            self._refuse_foreign(db)
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             found = db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
             if found is None:
@@ -235,6 +242,24 @@ class PostgresStore:
                 db.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
             elif found > SCHEMA_VERSION:
                 raise _newer(self.where, found)
+
+    def _refuse_foreign(self, db: Any) -> None:
+        """A shared database holds other programs' tables: only ours are taken, both of
+        them (a ``schema_version`` alone is someone else's, and is left as it is)."""
+        ours = {"schema_version", "usage"}
+        found = {
+            row[0]
+            for row in db.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = current_schema() AND table_name = ANY(%s)",
+                (sorted(ours),),
+            )
+        }
+        if found and found != ours:
+            raise LedgerError(
+                f"{self.where}: its table {sorted(found)[0]} is not an ollama-meter ledger's "
+                f"(no {sorted(ours - found)[0]} table); it is left as it is"
+            )
 
     def _run(self, work: Any) -> Any:
         import psycopg

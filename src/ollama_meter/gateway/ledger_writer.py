@@ -19,12 +19,13 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from .ledger import HOUR, Rollup
 from .ledger_store import Store, StoreDown
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A failing store is tried every minute at least: the alert OllamaMeterLedgerFlushFailing
 # looks for failures in any 2 minutes.
@@ -50,6 +51,7 @@ class LedgerWriter:
         self._clock = clock
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="ollama-meter-ledger")
         self._stop = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self._failing = False
         self._next_prune = 0.0
         #: For the metrics (ledger_metrics.py).
@@ -80,7 +82,14 @@ class LedgerWriter:
             delay = self.interval if ok else min(max(delay, self.interval) * 2, _MAX_BACKOFF)
 
     async def flush(self) -> bool:
-        """Write the pending rows; False if the store did not take them (they stay)."""
+        """Write the pending rows; False if the store did not take them (they stay).
+
+        One flush at a time: the last one (``close``) waits for the timer's to end, so that
+        rows a failed flush gives back are in the last one, not left behind."""
+        async with self._flushing:
+            return await self._flush()
+
+    async def _flush(self) -> bool:
         rows = self.rollup.take()
         if rows:
             try:
@@ -127,10 +136,11 @@ class LedgerWriter:
                 self.rollup.max_rows,
             )
 
-    async def report_rows(self, since: int, until: int, key: str | None) -> list[tuple[Any, ...]]:
-        """The stored rows of a report, read on the writer's thread."""
-        rows: list[tuple[Any, ...]] = await self._in_thread(self.store.rows, since, until, key)
-        return rows
+    async def report(self, since: int, until: int, key: str | None, make: Callable[[Any], T]) -> T:
+        """A report of the stored rows, read and made (summed, written) on the writer's
+        thread: a year of hourly rows is seconds of work the event loop must not do."""
+        result: T = await self._in_thread(lambda: make(self.store.rows(since, until, key)))
+        return result
 
     async def close(self) -> None:
         """Stop the timer, write what is left, close the store."""
