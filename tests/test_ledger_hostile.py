@@ -325,3 +325,31 @@ def test_a_postgresql_database_with_another_programs_schema_version_is_refused(
             "SELECT count(*) FROM information_schema.tables WHERE table_name = 'usage'"
         ).fetchone()
     assert found == (0,)  # nothing was added to it
+
+
+async def test_a_postgresql_lock_held_elsewhere_fails_the_flush_instead_of_hanging_it(
+    postgres: Postgres,
+) -> None:
+    """A DBA's `VACUUM FULL usage` or `LOCK TABLE usage` (or a stuck migration) holds the
+    table: the upsert waited for it with no bound, the writer's one thread with it: no flush
+    failed, so no error was counted or logged, and at SIGTERM the last flush waited too (the
+    process hangs until it is killed, losing every row in memory). Now a flush that waits on
+    a lock longer than the store's timeout fails, keeps its rows and is retried."""
+    import psycopg
+
+    store = PostgresStore(postgres.url, timeout=1.0)
+    writer = LedgerWriter(Rollup(1000), store, "r1", interval=3600, keep=400 * 86400)
+    await writer.start()
+    holder = psycopg.connect(postgres.url)
+    try:
+        holder.execute("LOCK TABLE usage IN ACCESS EXCLUSIVE MODE")
+        writer.rollup.add(exchange(key="alice"))
+        assert not await asyncio.wait_for(writer.flush(), 10)  # was: waits as long as the lock
+        assert writer.write_errors == 1
+        assert len(writer.rollup) == 1  # kept
+    finally:
+        holder.rollback()
+        holder.close()
+    await writer.close()
+    with psycopg.connect(postgres.url) as db:
+        assert db.execute("SELECT sum(requests) FROM usage").fetchone() == (1,)

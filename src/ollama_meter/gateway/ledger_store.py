@@ -30,6 +30,8 @@ from .ledger import COUNTS, Row, RowKey
 SCHEMA_VERSION: Final = 1
 KEY_COLUMNS: Final = ("hour", "replica", *RowKey._fields[1:])
 _SECONDS: Final = frozenset({"prompt_eval_seconds", "eval_seconds", "load_seconds"})
+#: The longest a PostgreSQL statement may run (a year's report is well under it).
+_STATEMENT_TIMEOUT: Final = 60
 
 
 class LedgerError(Exception):
@@ -220,6 +222,15 @@ class PostgresStore:
         except psycopg.Error as exc:
             raise StoreDown(f"{self.where}: {_first_line(exc)}") from None
         try:
+            # A lock held elsewhere (VACUUM FULL, LOCK TABLE, a migration) fails a write after
+            # the timeout instead of holding the writer's one thread (and the last flush at
+            # shutdown) for as long as it lasts; any statement is bounded too.
+            db.execute(
+                "SELECT set_config('lock_timeout', %s, false), "
+                "set_config('statement_timeout', %s, false)",
+                (f"{round(self._timeout * 1000)}ms", f"{_STATEMENT_TIMEOUT}s"),
+            )
+            db.commit()
             self._migrate(db)
         except psycopg.Error as exc:
             db.close()
