@@ -353,3 +353,30 @@ async def test_a_postgresql_lock_held_elsewhere_fails_the_flush_instead_of_hangi
     await writer.close()
     with psycopg.connect(postgres.url) as db:
         assert db.execute("SELECT sum(requests) FROM usage").fetchone() == (1,)
+
+
+async def test_a_store_that_becomes_unusable_while_running_keeps_the_rows_and_counts_it(
+    postgres: Postgres,
+) -> None:
+    """A rolling upgrade of a fleet: a newer replica migrates the shared schema, then this
+    one reconnects (after any blip) and finds a schema it cannot write. Was: the flush raised
+    LedgerError: its rows were lost, the writer's task died (no more flushes, ever), and no
+    failure was counted, so the flush-failing alert never fired."""
+    import psycopg
+
+    store = PostgresStore(postgres.url, timeout=1.0)
+    writer = LedgerWriter(Rollup(1000), store, "r1", interval=3600, keep=400 * 86400)
+    await writer.start()
+    with psycopg.connect(postgres.url, autocommit=True) as db:
+        db.execute("UPDATE schema_version SET version = 99")
+        db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE pid <> pg_backend_pid() AND datname = current_database()"
+        )
+    writer.rollup.add(exchange(key="alice"))
+    assert not await writer.flush()  # the connection is gone: down
+    assert not await writer.flush()  # connected again: a schema it cannot write
+    assert len(writer.rollup) == 1  # kept, for when it is upgraded
+    assert writer.flushes["error"] == 2
+    assert writer.write_errors == 2
+    await writer.close()

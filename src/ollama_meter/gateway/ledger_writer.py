@@ -5,7 +5,9 @@ Rules:
    written by the store on the writer's one thread: the loop never waits on a disk or a
    network, and a request never waits on the writer.
 2. A write that fails gives its rows back to the rollup (bounded there), is counted, logged
-   once until a write succeeds again, and retried with a doubling delay (up to a minute).
+   once until a write succeeds again, and retried with a doubling delay (up to a minute):
+   whether the store is down or became unusable while running (a newer replica migrated a
+   shared schema), a flush never raises, so the timer never dies.
 3. ``close`` (at shutdown, after the requests in flight were recorded) writes what is left:
    SIGTERM loses nothing that the store takes.
 4. Rows older than ``keep`` are deleted at the first write and then once a day.
@@ -22,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 
 from .ledger import HOUR, Rollup
-from .ledger_store import Store, StoreDown
+from .ledger_store import LedgerError, Store, StoreDown
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,7 +96,7 @@ class LedgerWriter:
         if rows:
             try:
                 await self._in_thread(self.store.add, rows, self.replica)
-            except StoreDown as exc:
+            except LedgerError as exc:  # down, or unusable since (a newer replica migrated it)
                 self.rollup.give_back(rows)
                 self.flushes["error"] += 1
                 self._failed(exc)
@@ -118,14 +120,14 @@ class LedgerWriter:
         before = int(now - self._keep) // HOUR * HOUR
         try:
             pruned = await self._in_thread(self.store.prune, before)
-        except StoreDown as exc:
+        except LedgerError as exc:
             self._next_prune = now  # again at the next flush
             self._failed(exc)
             return
         if pruned:
             log.info("ledger: %d rows older than the retention deleted", pruned)
 
-    def _failed(self, exc: StoreDown) -> None:
+    def _failed(self, exc: LedgerError) -> None:
         self.write_errors += 1
         if not self._failing:
             self._failing = True
