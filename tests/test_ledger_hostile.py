@@ -380,3 +380,22 @@ async def test_a_store_that_becomes_unusable_while_running_keeps_the_rows_and_co
     assert writer.flushes["error"] == 2
     assert writer.write_errors == 2
     await writer.close()
+
+
+def test_a_report_never_creates_a_ledger_in_postgresql(postgres: Postgres) -> None:
+    """`ollama-meter usage --ledger postgresql://...` on a database with no ledger (a typo
+    in the database name's twin, the wrong server): it made the ledger's tables there and
+    printed an empty report, exit 0, as SQLite does not (no such ledger file)."""
+    import psycopg
+
+    code, out = _cli("usage", "--ledger", postgres.url)
+    assert (code, out) == (
+        1,
+        f"Error: {postgres.url}: no ollama-meter ledger in this database\n",
+    )
+    with psycopg.connect(postgres.url) as db:
+        found = db.execute(
+            "SELECT count(*) FROM information_schema.tables "
+            "WHERE table_name IN ('usage', 'schema_version')"
+        ).fetchone()
+    assert found == (0,)

@@ -24,7 +24,7 @@ from .gateway.ledger_report import (
     render,
     summarise,
 )
-from .gateway.ledger_store import LedgerError, SqliteStore, Store, open_store
+from .gateway.ledger_store import LedgerError, Store, open_store
 from .ledger_settings import store_of
 from .settings import load_settings
 
@@ -69,10 +69,7 @@ def usage_command(
         check_span(start, end)
         store = _store(ctx, ledger, config)
         try:
-            if isinstance(store, SqliteStore):
-                store.open(create=False)  # a report never creates a ledger
-            else:
-                store.open()
+            store.open(create=False)  # a report never creates a ledger
             rows = store.rows(start, end, key)
         finally:
             store.close()

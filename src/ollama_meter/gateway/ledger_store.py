@@ -45,7 +45,7 @@ class StoreDown(LedgerError):
 class Store(Protocol):
     where: str
 
-    def open(self) -> None: ...
+    def open(self, create: bool = True) -> None: ...
     def add(self, rows: Sequence[Row], replica: str) -> None: ...
     def prune(self, before: int) -> int: ...
     def rows(self, since: int, until: int, key: str | None) -> list[tuple[Any, ...]]: ...
@@ -212,7 +212,7 @@ class PostgresStore:
         self._timeout = timeout
         self._db: Any = None
 
-    def open(self) -> None:
+    def open(self, create: bool = True) -> None:
         import psycopg  # only a PostgreSQL ledger needs it
 
         if self._db is not None:
@@ -231,7 +231,7 @@ class PostgresStore:
                 (f"{round(self._timeout * 1000)}ms", f"{_STATEMENT_TIMEOUT}s"),
             )
             db.commit()
-            self._migrate(db)
+            self._migrate(db, create)
         except psycopg.Error as exc:
             db.close()
             raise StoreDown(f"{self.where}: {_first_line(exc)}") from None
@@ -240,11 +240,12 @@ class PostgresStore:
             raise
         self._db = db
 
-    def _migrate(self, db: Any) -> None:
+    def _migrate(self, db: Any, create: bool) -> None:
         with db.transaction():
             # Two replicas starting at once must not both create the table.
             db.execute("SELECT pg_advisory_xact_lock(1329795153)")
-            self._refuse_foreign(db)
+            if not self._refuse_foreign(db) and not create:
+                raise LedgerError(f"{self.where}: no ollama-meter ledger in this database")
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             found = db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
             if found is None:
@@ -254,9 +255,10 @@ class PostgresStore:
             elif found > SCHEMA_VERSION:
                 raise _newer(self.where, found)
 
-    def _refuse_foreign(self, db: Any) -> None:
+    def _refuse_foreign(self, db: Any) -> bool:
         """A shared database holds other programs' tables: only ours are taken, both of
-        them (a ``schema_version`` alone is someone else's, and is left as it is)."""
+        them (a ``schema_version`` alone is someone else's, and is left as it is). True if
+        the ledger is there."""
         ours = {"schema_version", "usage"}
         found = {
             row[0]
@@ -271,6 +273,7 @@ class PostgresStore:
                 f"{self.where}: its table {sorted(found)[0]} is not an ollama-meter ledger's "
                 f"(no {sorted(ours - found)[0]} table); it is left as it is"
             )
+        return bool(found)
 
     def _run(self, work: Any) -> Any:
         import psycopg
