@@ -274,7 +274,13 @@ def create_app(
 
     if ledger is not None:
         # Who used what: an admin's (with keys on); else only on a loopback listener.
-        report = usage_handler(ledger, access is not None or is_loopback_listener(config.listen))
+        # Without keys, a loopback client only: behind a trusted reverse proxy on this
+        # machine, the client it forwards for (X-Forwarded-For), not the proxy itself.
+        report = usage_handler(
+            ledger,
+            access is not None or is_loopback_listener(config.listen),
+            None if access is not None else proxy.client_of,
+        )
         report = report if access is None else _keyed(access, report, "admin")
         own_route(app, "/-/usage", _host_checked(proxy.host_check, report))
 

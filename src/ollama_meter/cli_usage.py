@@ -17,13 +17,14 @@ from .gateway.ledger_report import (
     DEFAULT_BY,
     FORMATS,
     ReportError,
+    check_span,
     month_start,
     parse_by,
     parse_time,
     render,
     summarise,
 )
-from .gateway.ledger_store import LedgerError, SqliteStore, Store, open_store
+from .gateway.ledger_store import LedgerError, Store, open_store
 from .ledger_settings import store_of
 from .settings import load_settings
 
@@ -65,12 +66,10 @@ def usage_command(
         groups = parse_by(by)
         start = month_start(now) if since is None else parse_time(since, "--since", now)
         end = int(now) // HOUR * HOUR + HOUR if until is None else parse_time(until, "--until", now)
+        check_span(start, end)
         store = _store(ctx, ledger, config)
         try:
-            if isinstance(store, SqliteStore):
-                store.open(create=False)  # a report never creates a ledger
-            else:
-                store.open()
+            store.open(create=False)  # a report never creates a ledger
             rows = store.rows(start, end, key)
         finally:
             store.close()

@@ -7,10 +7,11 @@ Without a ``[ledger]`` table none of this is built: no file, no thread, no metri
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import time
-from collections.abc import AsyncIterator
-from typing import Final
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
@@ -25,6 +26,7 @@ from .gateway.ledger_report import (
     ReportError,
     as_csv,
     as_json,
+    check_span,
     month_start,
     parse_by,
     parse_time,
@@ -38,6 +40,7 @@ from .responses import OwnResponse
 LEDGER: Final = web.AppKey("ledger", LedgerWriter)
 _JSON: Final = "application/json; charset=utf-8"
 _CSV: Final = "text/csv; charset=utf-8"
+_PARAMETERS: Final = ("since", "until", "by", "key", "format")
 
 
 def start_ledger(
@@ -81,13 +84,26 @@ def _refused(request: web.Request, status: int, message: str) -> web.StreamRespo
     )
 
 
-def usage_handler(writer: LedgerWriter, allowed: bool) -> Handler:
+def _is_loopback(address: str | None) -> bool:
+    try:
+        return address is not None and ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def usage_handler(
+    writer: LedgerWriter,
+    allowed: bool,
+    client_of: Callable[[web.BaseRequest], str | None] | None = None,
+) -> Handler:
     """``GET /-/usage?since=&until=&by=&key=&format=json|csv``: the report of the stored rows
     (rows still in memory appear after the next flush). ``allowed`` False: a listener that is
-    not loopback without access control, which gets a 403."""
+    not loopback without access control, which gets a 403. ``client_of`` (without access
+    control): the client's address, which must be a loopback one (a reverse proxy on this
+    machine forwards others' requests)."""
 
     async def usage(request: web.Request) -> web.StreamResponse:
-        if not allowed:
+        if not allowed or (client_of is not None and not _is_loopback(client_of(request))):
             return _refused(
                 request,
                 403,
@@ -97,25 +113,35 @@ def usage_handler(writer: LedgerWriter, allowed: bool) -> Handler:
         query = request.query
         now = time.time()
         try:
+            for name in query:
+                if name not in _PARAMETERS:
+                    raise ReportError(
+                        f"{name[:40]!r} is not a parameter (one of {', '.join(_PARAMETERS)})"
+                    )
+                if len(query.getall(name)) > 1:
+                    raise ReportError(f"{name}: given more than once")
             since = parse_time(query["since"], "since", now) if "since" in query else None
             until = parse_time(query["until"], "until", now) if "until" in query else None
             by = parse_by(query["by"]) if "by" in query else DEFAULT_BY
             fmt = query.get("format", "json")
             if fmt not in ("json", "csv"):
                 raise ReportError(f"format: must be json or csv, got {fmt[:20]!r}")
+            since = month_start(now) if since is None else since
+            until = int(now) // HOUR * HOUR + HOUR if until is None else until
+            check_span(since, until, ("since", "until"))
         except ReportError as exc:
             return _refused(request, 400, f"ollama-meter: {exc}")
-        since = month_start(now) if since is None else since
-        until = int(now) // HOUR * HOUR + HOUR if until is None else until
+
+        def make(rows: list[tuple[Any, ...]]) -> bytes:
+            report = summarise(rows, since, until, by)
+            return as_csv(report).encode() if fmt == "csv" else as_json(report)
+
         try:
-            rows = await writer.report_rows(since, until, query.get("key"))
+            body = await writer.report(since, until, query.get("key"), make)
         except StoreDown as exc:
             return _refused(request, 503, f"ollama-meter: the ledger's store: {exc}")
-        report = summarise(rows, since, until, by)
-        if fmt == "csv":
-            return OwnResponse(
-                body=as_csv(report).encode(), headers={aiohttp.hdrs.CONTENT_TYPE: _CSV}
-            )
-        return OwnResponse(body=as_json(report), headers={aiohttp.hdrs.CONTENT_TYPE: _JSON})
+        return OwnResponse(
+            body=body, headers={aiohttp.hdrs.CONTENT_TYPE: _CSV if fmt == "csv" else _JSON}
+        )
 
     return usage

@@ -48,8 +48,21 @@ class LedgerSettings:
     def where(self) -> str:
         """The store, fit to print (no password)."""
         if self.url is not None:
-            return str(URL(self.url).with_password(None))
+            return printable(self.url)
         return str(self.path)
+
+
+def printable(url: str) -> str:
+    """A PostgreSQL URL without its password: neither the one before the host nor libpq's
+    ``?password=`` parameter."""
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return "(a URL that does not parse)"
+    query = parsed.query
+    if "password" in query:
+        parsed = parsed.with_query([(k, v) for k, v in query.items() if k != "password"])
+    return str(parsed.with_password(None))
 
 
 def store_of(value: str, where: str) -> tuple[Path | None, str | None]:
@@ -63,7 +76,7 @@ def store_of(value: str, where: str) -> tuple[Path | None, str | None]:
             parsed = URL()
         if parsed.scheme not in _SCHEMES or not (parsed.host or parsed.query.get("host")):
             raise ConfigError(
-                f"{where}: must be postgresql://USER@HOST[:PORT]/DB, got {value!r}"[:300]
+                f"{where}: must be postgresql://USER@HOST[:PORT]/DB, got {printable(value)!r}"[:300]
             )
         return None, value.strip()
     return Path(value), None

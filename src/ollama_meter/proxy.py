@@ -212,6 +212,10 @@ class Proxy:
         self.shutting_down = False
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def client_of(self, request: web.BaseRequest) -> str | None:
+        """The client's address (behind trusted proxies, from X-Forwarded-For)."""
+        return self._head.client_of(request)
+
     @property
     def in_flight(self) -> int:
         return len(self._tasks)

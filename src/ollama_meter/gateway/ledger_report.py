@@ -12,7 +12,10 @@ Rules:
    summed over every replica.
 3. Field names are stable (the JSON and CSV headers): the ``by`` names, then ``requests``,
    ``prompt_tokens``, ``completion_tokens``, ``gpu_seconds``, ``errors``. CSV follows
-   RFC 4180 (a header row, CRLF, quotes where needed).
+   RFC 4180 (a header row, CRLF, quotes where needed); a name a spreadsheet would read as a
+   formula (starting with = + - @, a tab or a CR) is written with a leading ``'``.
+4. A bad option is a ReportError (a 400, a one-line error), never a traceback: an age or a
+   date outside 1970..9999, an ``until`` not after ``since``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,13 @@ GROUPS: Final = (
 DEFAULT_BY: Final = ("key", "model")
 NUMBERS: Final = ("requests", "prompt_tokens", "completion_tokens", "gpu_seconds", "errors")
 FORMATS: Final = ("table", "csv", "json")
-_AGE: Final = re.compile(r"(\d+)([dh])")
+_AGE: Final = re.compile(r"([0-9]{1,7})([dh])")
+#: Ages and dates a report may name: from 1970 (the ledger's hours are Unix seconds) to
+#: 9999 (the last year a date prints): anything else is a 400, never a 500 or a traceback.
+_EARLIEST: Final = 0
+_LATEST: Final = int(datetime(9999, 12, 31, 23, tzinfo=UTC).timestamp())
+#: Characters that make a spreadsheet read a CSV cell as a formula (OWASP "CSV injection").
+_FORMULA: Final = ("=", "+", "-", "@", "\t", "\r")
 _COLUMN: Final = {name: n for n, name in enumerate((*KEY_COLUMNS, *COUNTS))}
 
 
@@ -50,17 +59,29 @@ def parse_time(value: str, option: str, now: float) -> int:
     age = _AGE.fullmatch(text)
     if age:
         seconds = int(age[1]) * (86400 if age[2] == "d" else 3600)
-        return int(now - seconds) // HOUR * HOUR
+        return _in_range(int(now) - seconds, value, option)
     for shape in ("%Y-%m-%d", "%Y-%m-%dT%H", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M"):
         try:
             moment = datetime.strptime(text, shape).replace(tzinfo=UTC)
         except ValueError:
             continue
-        return int(moment.timestamp()) // HOUR * HOUR
+        return _in_range(int(moment.timestamp()), value, option)
     raise ReportError(
         f"{option}: {value[:60]!r} is not a date (2026-11-01, 2026-11-01T13, UTC) "
         "or an age (7d, 12h)"
     )
+
+
+def _in_range(moment: int, value: str, option: str) -> int:
+    if not _EARLIEST <= moment <= _LATEST:
+        raise ReportError(f"{option}: {value[:60]!r} is before 1970 or after 9999 (UTC)")
+    return moment // HOUR * HOUR
+
+
+def check_span(since: int, until: int, options: tuple[str, str] = ("--since", "--until")) -> None:
+    """A report's [since, until) must not be empty by mistake."""
+    if until <= since:
+        raise ReportError(f"{options[1]}: {_iso(until)} is not after {options[0]} {_iso(since)}")
 
 
 def month_start(now: float) -> int:
@@ -143,8 +164,16 @@ def as_csv(report: Report) -> str:
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow((*report.by, *NUMBERS))
     for row in report.rows:
-        writer.writerow(_cells(row, report.by))
+        cells = _cells(row, report.by)
+        names = len(report.by)
+        writer.writerow([*map(_inert, cells[:names]), *cells[names:]])
     return out.getvalue()
+
+
+def _inert(cell: str) -> str:
+    """A name (a key, a model: ``-2-3`` is a valid model name) that a spreadsheet would
+    evaluate as a formula gets a leading ``'``, which it shows as text."""
+    return "'" + cell if cell.startswith(_FORMULA) else cell
 
 
 def _cells(row: dict[str, Any], by: tuple[str, ...]) -> list[str]:

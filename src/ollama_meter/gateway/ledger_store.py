@@ -23,14 +23,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from yarl import URL
-
+from ..ledger_settings import printable
 from .ledger import COUNTS, Row, RowKey
 
 #: The schema this version writes and reads (``schema_version`` holds the store's).
 SCHEMA_VERSION: Final = 1
 KEY_COLUMNS: Final = ("hour", "replica", *RowKey._fields[1:])
 _SECONDS: Final = frozenset({"prompt_eval_seconds", "eval_seconds", "load_seconds"})
+#: The longest a PostgreSQL statement may run (a year's report is well under it).
+_STATEMENT_TIMEOUT: Final = 60
 
 
 class LedgerError(Exception):
@@ -44,7 +45,7 @@ class StoreDown(LedgerError):
 class Store(Protocol):
     where: str
 
-    def open(self) -> None: ...
+    def open(self, create: bool = True) -> None: ...
     def add(self, rows: Sequence[Row], replica: str) -> None: ...
     def prune(self, before: int) -> int: ...
     def rows(self, since: int, until: int, key: str | None) -> list[tuple[Any, ...]]: ...
@@ -133,11 +134,18 @@ class SqliteStore:
     def _refuse_foreign(self, db: sqlite3.Connection) -> None:
         """Someone else's database: adding our tables (or WAL mode) to it would change it."""
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if tables and "schema_version" not in tables:
+        if not tables:
+            return
+        # A table named schema_version is common: ours comes with our usage table.
+        if not {"schema_version", "usage"} <= tables:
             raise LedgerError(
                 f"{self.path}: a SQLite database, but not an ollama-meter ledger (its tables: "
                 f"{', '.join(sorted(tables))[:100]}); it is left as it is"
             )
+        # Read before anything is written (WAL mode changes the file's header).
+        found = db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        if isinstance(found, int) and found > SCHEMA_VERSION:
+            raise _newer(self.where, found)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         with db:
@@ -200,11 +208,11 @@ class PostgresStore:
 
     def __init__(self, url: str, timeout: float = 5.0) -> None:
         self._url = url
-        self.where = str(URL(url).with_password(None))
+        self.where = printable(url)
         self._timeout = timeout
         self._db: Any = None
 
-    def open(self) -> None:
+    def open(self, create: bool = True) -> None:
         import psycopg  # only a PostgreSQL ledger needs it
 
         if self._db is not None:
@@ -214,7 +222,16 @@ class PostgresStore:
         except psycopg.Error as exc:
             raise StoreDown(f"{self.where}: {_first_line(exc)}") from None
         try:
-            self._migrate(db)
+            # A lock held elsewhere (VACUUM FULL, LOCK TABLE, a migration) fails a write after
+            # the timeout instead of holding the writer's one thread (and the last flush at
+            # shutdown) for as long as it lasts; any statement is bounded too.
+            db.execute(
+                "SELECT set_config('lock_timeout', %s, false), "
+                "set_config('statement_timeout', %s, false)",
+                (f"{round(self._timeout * 1000)}ms", f"{_STATEMENT_TIMEOUT}s"),
+            )
+            db.commit()
+            self._migrate(db, create)
         except psycopg.Error as exc:
             db.close()
             raise StoreDown(f"{self.where}: {_first_line(exc)}") from None
@@ -223,10 +240,12 @@ class PostgresStore:
             raise
         self._db = db
 
-    def _migrate(self, db: Any) -> None:
+    def _migrate(self, db: Any, create: bool) -> None:
         with db.transaction():
             # Two replicas starting at once must not both create the table.
             db.execute("SELECT pg_advisory_xact_lock(1329795153)")
+            if not self._refuse_foreign(db) and not create:
+                raise LedgerError(f"{self.where}: no ollama-meter ledger in this database")
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             found = db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
             if found is None:
@@ -235,6 +254,26 @@ class PostgresStore:
                 db.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
             elif found > SCHEMA_VERSION:
                 raise _newer(self.where, found)
+
+    def _refuse_foreign(self, db: Any) -> bool:
+        """A shared database holds other programs' tables: only ours are taken, both of
+        them (a ``schema_version`` alone is someone else's, and is left as it is). True if
+        the ledger is there."""
+        ours = {"schema_version", "usage"}
+        found = {
+            row[0]
+            for row in db.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = current_schema() AND table_name = ANY(%s)",
+                (sorted(ours),),
+            )
+        }
+        if found and found != ours:
+            raise LedgerError(
+                f"{self.where}: its table {sorted(found)[0]} is not an ollama-meter ledger's "
+                f"(no {sorted(ours - found)[0]} table); it is left as it is"
+            )
+        return bool(found)
 
     def _run(self, work: Any) -> Any:
         import psycopg

@@ -5,7 +5,9 @@ Rules:
    written by the store on the writer's one thread: the loop never waits on a disk or a
    network, and a request never waits on the writer.
 2. A write that fails gives its rows back to the rollup (bounded there), is counted, logged
-   once until a write succeeds again, and retried with a doubling delay (up to a minute).
+   once until a write succeeds again, and retried with a doubling delay (up to a minute):
+   whether the store is down or became unusable while running (a newer replica migrated a
+   shared schema), a flush never raises, so the timer never dies.
 3. ``close`` (at shutdown, after the requests in flight were recorded) writes what is left:
    SIGTERM loses nothing that the store takes.
 4. Rows older than ``keep`` are deleted at the first write and then once a day.
@@ -19,12 +21,13 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from .ledger import HOUR, Rollup
-from .ledger_store import Store, StoreDown
+from .ledger_store import LedgerError, Store, StoreDown
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A failing store is tried every minute at least: the alert OllamaMeterLedgerFlushFailing
 # looks for failures in any 2 minutes.
@@ -50,6 +53,7 @@ class LedgerWriter:
         self._clock = clock
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="ollama-meter-ledger")
         self._stop = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self._failing = False
         self._next_prune = 0.0
         #: For the metrics (ledger_metrics.py).
@@ -80,12 +84,19 @@ class LedgerWriter:
             delay = self.interval if ok else min(max(delay, self.interval) * 2, _MAX_BACKOFF)
 
     async def flush(self) -> bool:
-        """Write the pending rows; False if the store did not take them (they stay)."""
+        """Write the pending rows; False if the store did not take them (they stay).
+
+        One flush at a time: the last one (``close``) waits for the timer's to end, so that
+        rows a failed flush gives back are in the last one, not left behind."""
+        async with self._flushing:
+            return await self._flush()
+
+    async def _flush(self) -> bool:
         rows = self.rollup.take()
         if rows:
             try:
                 await self._in_thread(self.store.add, rows, self.replica)
-            except StoreDown as exc:
+            except LedgerError as exc:  # down, or unusable since (a newer replica migrated it)
                 self.rollup.give_back(rows)
                 self.flushes["error"] += 1
                 self._failed(exc)
@@ -109,14 +120,14 @@ class LedgerWriter:
         before = int(now - self._keep) // HOUR * HOUR
         try:
             pruned = await self._in_thread(self.store.prune, before)
-        except StoreDown as exc:
+        except LedgerError as exc:
             self._next_prune = now  # again at the next flush
             self._failed(exc)
             return
         if pruned:
             log.info("ledger: %d rows older than the retention deleted", pruned)
 
-    def _failed(self, exc: StoreDown) -> None:
+    def _failed(self, exc: LedgerError) -> None:
         self.write_errors += 1
         if not self._failing:
             self._failing = True
@@ -127,10 +138,11 @@ class LedgerWriter:
                 self.rollup.max_rows,
             )
 
-    async def report_rows(self, since: int, until: int, key: str | None) -> list[tuple[Any, ...]]:
-        """The stored rows of a report, read on the writer's thread."""
-        rows: list[tuple[Any, ...]] = await self._in_thread(self.store.rows, since, until, key)
-        return rows
+    async def report(self, since: int, until: int, key: str | None, make: Callable[[Any], T]) -> T:
+        """A report of the stored rows, read and made (summed, written) on the writer's
+        thread: a year of hourly rows is seconds of work the event loop must not do."""
+        result: T = await self._in_thread(lambda: make(self.store.rows(since, until, key)))
+        return result
 
     async def close(self) -> None:
         """Stop the timer, write what is left, close the store."""
