@@ -259,7 +259,8 @@ async def test_the_official_clients_see_the_429(
     assert meter.value("rejected_total", reason="rate", key="bob") == 2
 
 
-def _answer(prompt: int, completion: int) -> Reply:
+def answer(prompt: int, completion: int) -> Reply:
+    """A whole generate answer reporting these token counts."""
     doc = {
         "model": "llama3.2",
         "created_at": "2026-12-02T10:00:00Z",
@@ -281,7 +282,7 @@ async def test_tpm_counts_what_ollama_reported_and_waits_for_it_to_age_out(
 ) -> None:
     settings, key = _limited(tmp_path, tpm=50)
     meter = await start_meter(settings)
-    fake.script("POST", "/api/generate", *[_answer(40, 7) for _ in range(4)])
+    fake.script("POST", "/api/generate", *[answer(40, 7) for _ in range(4)])
     auth = {"Authorization": f"Bearer {key}"}
 
     async def generate() -> aiohttp.ClientResponse:
@@ -385,7 +386,7 @@ class Unthrottled(MemoryStorage):
     get_moving_window = LimitsMemory.get_moving_window
 
 
-async def test_the_sweep_at_most_every_second_changes_no_answer(
+async def test_the_sweep_at_most_every_second_changes_noanswer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     now = [1e9]  # a clock that moves only when told: both storages see the same times

@@ -25,6 +25,7 @@ from ollama_meter.settings import AccessSettings, Settings, load_settings, parse
 from .conftest import Meter, MeterFactory
 from .fake_fleet import FleetFactory
 from .fake_ollama import FakeOllama, Reply
+from .test_limits import answer
 
 _A = "llama3.2"
 _B = "qwen3:8b"
@@ -93,23 +94,6 @@ async def test_a_waiter_for_a_free_model_is_not_stuck_behind_its_keys_head_for_a
 # --- a tpm debit of a huge token count ---------------------------------------------------------
 
 
-def _answer(prompt: int, completion: int) -> Reply:
-    doc = {
-        "model": _A,
-        "created_at": "2026-12-02T10:00:00Z",
-        "response": "ok",
-        "done": True,
-        "done_reason": "stop",
-        "total_duration": 1000,
-        "load_duration": 10,
-        "prompt_eval_count": prompt,
-        "prompt_eval_duration": 100,
-        "eval_count": completion,
-        "eval_duration": 100,
-    }
-    return Reply.body(orjson.dumps(doc))
-
-
 def _tpm_key(tmp_path: Path, tpm: int) -> tuple[Settings, str]:
     keys = tmp_path / "keys.toml"
     key, _ = append_key(keys, name="bob", role="inference")
@@ -125,7 +109,7 @@ async def test_a_huge_reported_token_count_still_closes_the_tpm_window(
     key keeps its whole budget."""
     settings, key = _tpm_key(tmp_path, tpm=50)
     meter = await start_meter(settings)
-    fake.script("POST", "/api/generate", _answer(2**62, 2**62), _answer(1, 1))
+    fake.script("POST", "/api/generate", answer(2**62, 2**62), answer(1, 1))
     async with aiohttp.ClientSession() as http:
         assert (await _post(http, meter, _body(_A), key))[0] == 200
         await meter.app[LIMITER].settle()
@@ -141,7 +125,7 @@ async def test_a_tpm_debit_keeps_no_more_entries_than_the_window_can_count(
     for a minute (the window only ever counts the newest ``tpm``)."""
     settings, key = _tpm_key(tmp_path, tpm=50)
     meter = await start_meter(settings)
-    fake.script("POST", "/api/generate", _answer(1, 2_000_000))
+    fake.script("POST", "/api/generate", answer(1, 2_000_000))
     async with aiohttp.ClientSession() as http:
         assert (await _post(http, meter, _body(_A), key))[0] == 200
         await meter.app[LIMITER].settle()
