@@ -414,8 +414,12 @@ class Proxy:
                     whole = asking
                     headers[hdrs.CONTENT_LENGTH] = str(len(asking))
             body = None
-            unread = whole is None and route.inspects_body and request.body_exists
-            if unread and (self._dispatch is not None or self._gated(route)):
+            if (
+                (self._dispatch is not None or self._gated(route))
+                and whole is None
+                and route.inspects_body
+                and request.body_exists
+            ):
                 # Its model decides the server, or the slot it waits for: never sent blind.
                 raise _unroutable(request, config.max_inspect_bytes)
             if self._limiter is not None and route.inference:
@@ -449,6 +453,7 @@ class Proxy:
                 upstream.close()
 
     def _gated(self, route: Route) -> bool:
+        """Whether this request waits for a slot (the admit step is on, and it runs a model)."""
         return self._admission is not None and route.inference
 
     async def _admit_slot(self, x: Exchange, route: Route, model: str) -> None:
