@@ -23,6 +23,7 @@ from .app import ACCESS, UPSTREAM_ANSWERED, create_app
 from .cli_config import Invocation, config_command, gateway_settings
 from .cli_fleet import fleet_command
 from .cli_keys import keys_command
+from .cli_top import top_command
 from .cli_usage import usage_command
 from .config import Config, ConfigError, HostCheckMode, LogFormat
 from .gateway.keys import KeysFileError
@@ -273,6 +274,7 @@ main.add_command(keys_command)
 main.add_command(config_command)
 main.add_command(fleet_command)
 main.add_command(usage_command)
+main.add_command(top_command)
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

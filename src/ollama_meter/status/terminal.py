@@ -1,7 +1,8 @@
 """A status.json document (docs/status.md, version 1) drawn as ``rich`` renderables.
 
 Pure: it gets the decoded document and the instant to measure relative times from ("unloads
-in 4m00s", "12s ago"), and returns renderables; it neither fetches, nor reads the clock, nor
+in 4m00s", "12s ago"; the caller's choice: cli_top.py gives the proxy's clock), and returns
+renderables; it neither fetches, nor reads the clock, nor
 knows about terminals or key presses (cli_top.py owns those).
 
 Everything in the document came over the network, and model and key names come from clients,
@@ -28,7 +29,7 @@ from rich.text import Text
 KNOWN_VERSION: Final = 1
 
 _SPARK: Final = "▁▂▃▄▅▆▇█"
-_SPARK_ASCII: Final = ".:-=+*#%"
+_SPARK_ASCII: Final = ".:-=+*#@"
 _SPARK_WIDTH: Final = 20  # 180 points of 5 s: 9 a character, 45 s each
 _BAR_WIDTH: Final = 5
 _YEAR: Final = 365 * 86400.0
@@ -55,7 +56,11 @@ def _num(value: object) -> float | None:
 
 
 def _str(value: object) -> str | None:
-    return value if isinstance(value, str) else None
+    """A string field, with anything a terminal would act on (an escape sequence, a
+    carriage return; rich strips only some) replaced by ``?``: names come from clients."""
+    if not isinstance(value, str):
+        return None
+    return value if value.isprintable() else "".join(c if c.isprintable() else "?" for c in value)
 
 
 def version_problem(doc: Doc) -> str | None:
@@ -437,13 +442,14 @@ def render(
     parts: list[RenderableType] = []
     if error is not None:
         parts.append(Text(f"STALE: {error} (retrying)", style="bold white on red"))
-    parts += [
-        header(doc, now),
+    parts.append(header(doc, now))
+    for part in (
         fleet(doc, now, ascii=ascii),
         models(doc, ascii=ascii),
         keys(doc, ascii=ascii),
         problems(doc, now, ascii=ascii),
-    ]
+    ):
+        parts += [Text(""), part]
     return Group(*parts)
 
 
