@@ -163,6 +163,25 @@ async def test_live_view_marks_stale_data_and_recovers(stub: Stub, spawn: Spawn)
     assert await quit_with(child) == 0
 
 
+async def test_terminal_is_restored_after_quitting(stub: Stub) -> None:
+    """The view's shell reads the terminal's mode after it ends: canonical and echoing
+    again, as before the view put it in cbreak mode."""
+    command = f"{sys.executable} -m ollama_meter top --url {stub.url}; echo rc=$?; stty -a"
+    child = pexpect.spawn(
+        "/bin/sh", ["-c", command], env=_env(), encoding="utf-8", timeout=EXPECT_TIMEOUT
+    )
+    try:
+        await expect(child, "gpu-a")
+        child.send("q")
+        await expect(child, "rc=0")
+        await asyncio.to_thread(child.expect, pexpect.EOF)
+        modes = (child.before or "").split()
+        assert "icanon" in modes
+        assert "echo" in modes
+    finally:
+        child.close(force=True)
+
+
 async def test_live_view_quits_on_ctrl_c(stub: Stub, spawn: Spawn) -> None:
     child = spawn(stub.url)
     await expect(child, "gpu-a")
