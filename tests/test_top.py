@@ -27,8 +27,9 @@ from pytest_aiohttp import AiohttpServer
 from rich.console import Console
 from rich.screen import Screen
 
-from ollama_meter.status import terminal
-from ollama_meter.status.terminal import render, render_plain, sparkline, version_problem
+from ollama_meter.status import cells
+from ollama_meter.status.cells import sparkline
+from ollama_meter.status.terminal import render, render_plain, version_problem
 
 from .conftest import unused_port
 
@@ -362,7 +363,7 @@ def test_sparkline() -> None:
 
 
 def test_numbers() -> None:
-    assert [terminal.duration(s) for s in (0, 59.9, 60, 3599, 7325.5, 90000)] == [
+    assert [cells.duration(s) for s in (0, 59.9, 60, 3599, 7325.5, 90000)] == [
         "0s",
         "59s",
         "1m00s",
@@ -370,12 +371,12 @@ def test_numbers() -> None:
         "2h02m",
         "1d01h",
     ]
-    assert [terminal.count(n) for n in (5120, 12_345, 1_210_000, None, "7")] == [
+    assert [cells.count(n) for n in (5120, 12_345, 1_210_000, None, "7")] == [
         "5120",
         "12.3k",
         "1.21M",
         "-",
         "-",
     ]
-    assert [terminal.seconds(s) for s in (0.31, 2.79, None)] == ["310ms", "2.79s", "-"]
-    assert terminal.size(2019393189) == "2.0 GB"
+    assert [cells.seconds(s) for s in (0.31, 2.79, None)] == ["310ms", "2.79s", "-"]
+    assert cells.size(2019393189) == "2.0 GB"

@@ -1,9 +1,9 @@
 """A status.json document (docs/status.md, version 1) drawn as ``rich`` renderables.
 
 Pure: it gets the decoded document and the instant to measure relative times from ("unloads
-in 4m00s", "12s ago"; the caller's choice: cli_top.py gives the proxy's clock), and returns
-renderables; it neither fetches, nor reads the clock, nor
-knows about terminals or key presses (cli_top.py owns those).
+in 4m00s", "12s ago"; cli_top.py gives the proxy's clock), and returns renderables; it
+neither fetches, nor reads the clock, nor knows about terminals or key presses (cli_top.py
+owns those). How one value reads and is written is status/cells.py's.
 
 Everything in the document came over the network, and model and key names come from clients,
 so every value is drawn as ``rich.text.Text``, never parsed as markup, and a field that is
@@ -14,9 +14,8 @@ fields, an older one may lack some, and a status view that crashes tells nobody 
 from __future__ import annotations
 
 import io
-import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -26,41 +25,26 @@ from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderR
 from rich.table import Table
 from rich.text import Text
 
+from .cells import (
+    Doc,
+    ago,
+    bar,
+    count,
+    duration,
+    items,
+    num,
+    obj,
+    rate,
+    seconds,
+    size,
+    sparkline,
+    text,
+)
+
 KNOWN_VERSION: Final = 1
 
-_SPARK: Final = "▁▂▃▄▅▆▇█"
-_SPARK_ASCII: Final = ".:-=+*#@"
-_SPARK_WIDTH: Final = 20  # 180 points of 5 s: 9 a character, 45 s each
-_BAR_WIDTH: Final = 5
 _YEAR: Final = 365 * 86400.0
 _UNBOUNDED: Final = 1 << 20
-
-Doc = Mapping[str, object]
-
-
-# --- reading the document without trusting it ------------------------------------------------
-
-
-def _obj(value: object) -> Doc:
-    return value if isinstance(value, dict) else {}
-
-
-def _items(value: object) -> list[Doc]:
-    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
-
-
-def _num(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _str(value: object) -> str | None:
-    """A string field, with anything a terminal would act on (an escape sequence, a
-    carriage return; rich strips only some) replaced by ``?``: names come from clients."""
-    if not isinstance(value, str):
-        return None
-    return value if value.isprintable() else "".join(c if c.isprintable() else "?" for c in value)
 
 
 def version_problem(doc: Doc) -> str | None:
@@ -74,95 +58,6 @@ def version_problem(doc: Doc) -> str | None:
             f"this ollama-meter knows {KNOWN_VERSION}: upgrade it"
         )
     return None
-
-
-# --- formatting numbers ----------------------------------------------------------------------
-
-
-def duration(seconds: float) -> str:
-    """``35s``, ``4m00s``, ``2h02m``, ``3d04h``: two units at most, rounded down."""
-    s = int(max(seconds, 0.0))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def ago(then: float | None, now: float) -> str:
-    if then is None:
-        return "-"
-    return "now" if now - then < 1 else f"{duration(now - then)} ago"
-
-
-def count(value: object) -> str:
-    """A count in at most about five characters: ``5120``, ``12.3k``, ``1.21M``."""
-    n = _num(value)
-    if n is None:
-        return "-"
-    if abs(n) < 10_000:
-        return f"{n:.0f}"
-    if abs(n) < 1_000_000:
-        return f"{n / 1000:.1f}k"
-    if abs(n) < 1_000_000_000:
-        return f"{n / 1_000_000:.2f}M"
-    return f"{n / 1_000_000_000:.2f}G"
-
-
-def rate(value: object) -> str:
-    n = _num(value)
-    if n is None:
-        return "-"
-    return f"{n:.2f}" if abs(n) < 10 else f"{n:.1f}"
-
-
-def seconds(value: object) -> str:
-    n = _num(value)
-    if n is None:
-        return "-"
-    return f"{n * 1000:.0f}ms" if n < 1 else f"{n:.2f}s"
-
-
-def size(value: object) -> str:
-    n = _num(value)
-    if n is None:
-        return "-"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def sparkline(values: object, width: int = _SPARK_WIDTH, *, ascii: bool = False) -> str:
-    """``values`` (oldest first, None for a step with none) squeezed into ``width``
-    characters, each the mean of its points; a blank where a character's points are all
-    None. Scaled from 0 to the largest value, so a flat line at a low rate looks low."""
-    points = values if isinstance(values, list) else []
-    if not points or width < 1:
-        return ""
-    per = max(1, math.ceil(len(points) / width))
-    cells: list[float | None] = []
-    for start in range(0, len(points), per):
-        known = [v for v in map(_num, points[start : start + per]) if v is not None]
-        cells.append(sum(known) / len(known) if known else None)
-    top = max((c for c in cells if c is not None), default=0.0)
-    levels = _SPARK_ASCII if ascii else _SPARK
-    out = []
-    for cell in cells:
-        if cell is None:
-            out.append(" ")
-        else:
-            share = cell / top if top > 0 else 0.0
-            out.append(levels[min(len(levels) - 1, int(max(share, 0.0) * len(levels)))])
-    return "".join(out)
-
-
-def _bar(share: float, *, ascii: bool) -> str:
-    full = round(min(max(share, 0.0), 1.0) * _BAR_WIDTH)
-    on, off = ("#", ".") if ascii else ("█", "░")
-    return on * full + off * (_BAR_WIDTH - full)
 
 
 # --- tables that fit ---------------------------------------------------------------------------
@@ -238,19 +133,19 @@ def _window(seconds: float) -> str:
 
 
 def header(doc: Doc, now: float) -> Text:
-    meter = _obj(doc.get("meter"))
-    parts = [f"ollama-meter {_str(meter.get('version')) or '?'}"]
-    uptime = _num(meter.get("uptime_seconds"))
+    meter = obj(doc.get("meter"))
+    parts = [f"ollama-meter {text(meter.get('version')) or '?'}"]
+    uptime = num(meter.get("uptime_seconds"))
     if uptime is not None:
         parts.append(f"up {duration(uptime)}")
-    parts.append(_str(meter.get("mode")) or "?")
+    parts.append(text(meter.get("mode")) or "?")
     on = [
         name
         for field, name in (("access_control", "keys"), ("limits", "limits"), ("ledger", "ledger"))
         if meter.get(field) is True
     ]
     parts.append(", ".join(on) if on else "no keys, limits or ledger")
-    generated = _num(doc.get("generated_at"))
+    generated = num(doc.get("generated_at"))
     if generated is not None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(generated))
         parts.append(f"{stamp} ({ago(generated, now)})")
@@ -266,13 +161,13 @@ def _unload(expires: float | None, now: float) -> str:
 
 
 def _model_cells(model: Doc, now: float, *, ascii: bool) -> list[Text]:
-    total, vram = _num(model.get("size_bytes")), _num(model.get("vram_bytes"))
+    total, vram = num(model.get("size_bytes")), num(model.get("vram_bytes"))
     share = vram / total if vram is not None and total else None
     return [
-        Text(_str(model.get("name")) or "?"),
+        Text(text(model.get("name")) or "?"),
         Text(size(total)),
-        Text("-" if share is None else f"{_bar(share, ascii=ascii)} {share:.0%}"),
-        Text(_unload(_num(model.get("expires_at")), now)),
+        Text("-" if share is None else f"{bar(share, ascii=ascii)} {share:.0%}"),
+        Text(_unload(num(model.get("expires_at")), now)),
     ]
 
 
@@ -293,31 +188,31 @@ _FLEET: Final = (
 def fleet(doc: Doc, now: float, *, ascii: bool = False) -> RenderableType:
     """One row per model loaded (an upstream with none still has its row); the upstream's
     own cells only on its first row. Then each poll error, and the queue."""
-    part = _obj(doc.get("fleet"))
+    part = obj(doc.get("fleet"))
     table = Fitted("Fleet", _FLEET, ascii=ascii)
     errors: list[Text] = []
-    for upstream in _items(part.get("upstreams")):
-        name = _str(upstream.get("name")) or "?"
-        error = _str(upstream.get("last_error"))
+    for upstream in items(part.get("upstreams")):
+        name = text(upstream.get("name")) or "?"
+        error = text(upstream.get("last_error"))
         if error is not None:
-            polled = ago(_num(upstream.get("last_poll")), now)
+            polled = ago(num(upstream.get("last_poll")), now)
             errors.append(Text(f"{name}, last poll {polled}: {error}", style="red"))
-        breaker = _str(upstream.get("breaker"))
-        slots = _num(upstream.get("slots"))
+        breaker = text(upstream.get("breaker"))
+        slots = num(upstream.get("slots"))
         own = [
             Text(name),
             Text("up", "green") if upstream.get("up") is True else Text("DOWN", "bold red"),
             Text(breaker or "-", style="red" if breaker == "open" else ""),
-            Text(_str(upstream.get("version")) or "-"),
+            Text(text(upstream.get("version")) or "-"),
             Text(count(upstream.get("in_flight"))),
             Text(f"{count(upstream.get('slots_in_use'))}/{'-' if slots is None else count(slots)}"),
         ]
-        loaded = [_model_cells(m, now, ascii=ascii) for m in _items(upstream.get("models"))]
+        loaded = [_model_cells(m, now, ascii=ascii) for m in items(upstream.get("models"))]
         for i, cells in enumerate(loaded or [[Text("-")]]):
             table.add_row(*(own if i == 0 else [Text("")] * len(own)), *cells)
-    queue = _obj(part.get("queue"))
-    depth, most = count(queue.get("depth")), _num(queue.get("max"))
-    wait = _num(queue.get("max_wait_seconds"))
+    queue = obj(part.get("queue"))
+    depth, most = count(queue.get("depth")), num(queue.get("max"))
+    wait = num(queue.get("max_wait_seconds"))
     line = f"queue: {depth} waiting"
     if most is not None:
         line += f" (at most {count(most)}"
@@ -339,16 +234,16 @@ _MODELS: Final = (
 
 def models(doc: Doc, *, ascii: bool = False) -> RenderableType:
     """Busiest first, as the document orders them, then the total over all models."""
-    part = _obj(doc.get("models"))
-    window = _window(_num(part.get("window_seconds")) or 60)
+    part = obj(doc.get("models"))
+    window = _window(num(part.get("window_seconds")) or 60)
     table = Fitted(f"Models (rates over the last {window})", _MODELS, ascii=ascii)
-    items = _items(part.get("items"))
-    total = _obj(part.get("total"))
-    for i, item in enumerate([*items, total] if total else items):
-        is_total = i == len(items)
-        history = _obj(item.get("history"))
+    rows = items(part.get("items"))
+    total = obj(part.get("total"))
+    for i, item in enumerate([*rows, total] if total else rows):
+        is_total = i == len(rows)
+        history = obj(item.get("history"))
         table.add_row(
-            Text("all models" if is_total else (_str(item.get("name")) or "?")),
+            Text("all models" if is_total else (text(item.get("name")) or "?")),
             Text(rate(item.get("requests_per_second"))),
             Text(rate(item.get("completion_tokens_per_second"))),
             Text(seconds(item.get("ttft_p50_seconds"))),
@@ -357,7 +252,7 @@ def models(doc: Doc, *, ascii: bool = False) -> RenderableType:
             Text(count(item.get("requests"))),
             Text(sparkline(history.get("completion_tokens_per_second"), ascii=ascii), "cyan"),
             style="bold" if is_total else None,
-            end_section=i == len(items) - 1,
+            end_section=i == len(rows) - 1,
         )
     return table
 
@@ -378,18 +273,18 @@ _TODAY: Final = (
 def keys(doc: Doc, *, ascii: bool = False) -> RenderableType:
     """The busiest keys of the last hour; with the ledger on, today's requests and tokens
     beside them, and below them the keys seen today but not in the last hour."""
-    part = _obj(doc.get("keys"))
-    today = _obj(part.get("today"))
-    window = _window(_num(part.get("window_seconds")) or 3600)
+    part = obj(doc.get("keys"))
+    today = obj(part.get("today"))
+    window = _window(num(part.get("window_seconds")) or 3600)
     title = f"Keys (the last {window}" + ("; today from the ledger)" if today else ")")
     table = Fitted(title, _KEYS + _TODAY if today else _KEYS, ascii=ascii)
-    daily = {_str(d.get("key")): d for d in _items(today.get("items"))}
-    hour = _items(part.get("items"))
-    seen = {_str(k.get("key")) for k in hour}
+    daily = {text(d.get("key")): d for d in items(today.get("items"))}
+    hour = items(part.get("items"))
+    seen = {text(k.get("key")) for k in hour}
     for item in [*hour, *(d for k, d in daily.items() if k not in seen)]:
-        key = _str(item.get("key"))
+        key = text(item.get("key"))
         in_hour = key in seen
-        refusals = _num(item.get("refusals"))
+        refusals = num(item.get("refusals"))
         cells = [
             Text(key or "?"),
             *(
@@ -399,7 +294,7 @@ def keys(doc: Doc, *, ascii: bool = False) -> RenderableType:
             Text(count(refusals) if in_hour else "-", style="red" if refusals else ""),
         ]
         day = daily.get(key, {})
-        p, c = _num(day.get("prompt_tokens")), _num(day.get("completion_tokens"))
+        p, c = num(day.get("prompt_tokens")), num(day.get("completion_tokens"))
         tokens = None if p is None and c is None else (p or 0.0) + (c or 0.0)
         table.add_row(*cells, Text(count(day.get("requests"))), Text(count(tokens)))
     return table
@@ -418,13 +313,13 @@ _PROBLEMS: Final = (
 
 def problems(doc: Doc, now: float, *, ascii: bool = False, limit: int = 20) -> RenderableType:
     table = Fitted("Problems (newest first)", _PROBLEMS, ascii=ascii)
-    for problem in _items(doc.get("problems"))[:limit]:
-        status = _num(problem.get("status"))
+    for problem in items(doc.get("problems"))[:limit]:
+        status = num(problem.get("status"))
         table.add_row(
-            Text(ago(_num(problem.get("time")), now)),
+            Text(ago(num(problem.get("time")), now)),
             Text(count(status), style="red" if status is not None and status >= 500 else ""),
-            *(Text(_str(problem.get(f)) or "-") for f in ("reason", "route", "model", "key")),
-            Text(_str(problem.get("upstream")) or "-"),
+            *(Text(text(problem.get(f)) or "-") for f in ("reason", "route", "model", "key")),
+            Text(text(problem.get("upstream")) or "-"),
         )
     if not table.rows:
         return Group(Text("Problems: none", style="bold"))
