@@ -234,6 +234,14 @@ async def test_key_sent_as_bearer_from_option_and_env(stub: Stub) -> None:
     assert stub.auth == ["Bearer from-option", "Bearer from-env"]
 
 
+async def test_environment_proxy_is_not_used(stub: Stub) -> None:
+    """The admin key goes to --url itself, never to a proxy named in the environment."""
+    nowhere = f"http://127.0.0.1:{unused_port()}"
+    code, out, _ = await top("--url", stub.url, http_proxy=nowhere, HTTP_PROXY=nowhere)
+    assert code == 0
+    assert "gpu-a" in out
+
+
 async def test_unreachable_proxy() -> None:
     url = f"http://127.0.0.1:{unused_port()}"
     assert await top("--url", url) == (

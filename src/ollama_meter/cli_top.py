@@ -36,6 +36,9 @@ _REFRESH: Final = 1.0  # seconds between polls
 _TIMEOUT: Final = 3.0
 _PLAIN_WIDTH: Final = 100
 _PATH: Final = "/-/status.json"
+# No proxy from the environment (http_proxy, ...): the admin key goes to --url and nowhere
+# else, as with the other commands' aiohttp clients, which do not read those variables.
+_OPENER: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 Doc = dict[str, object]
 
@@ -92,7 +95,7 @@ def fetch(url: str, key: str | None, timeout: float = _TIMEOUT) -> Doc:
         headers["Authorization"] = f"Bearer {key}"
     request = urllib.request.Request(url + _PATH, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _OPENER.open(request, timeout=timeout) as response:
             body: bytes = response.read()
     except urllib.error.HTTPError as exc:
         with exc:
