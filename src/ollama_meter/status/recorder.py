@@ -36,6 +36,9 @@ WINDOW_STEPS: Final = 12  # the "now" values: the last 60 s
 KEY_STEP: Final = 60
 KEY_POINTS: Final = 60  # an hour
 PROBLEMS: Final = 20
+#: Rates and times are rounded to this many decimals (0.1 ms; a histogram's quantile is an
+#: estimate to begin with): a third of the size of the page's every answer is digits.
+DECIMALS: Final = 4
 
 # Slot layout of a model ring: counters, then the TTFT histogram (its last bucket is +Inf).
 _REQUESTS, _PROMPT, _COMPLETION, _EVAL_SECONDS, _EVAL_TOKENS = range(5)
@@ -74,7 +77,7 @@ class Ring:
     ``window`` of them. Reading a total or a window is then one addition of the step under
     way, whatever the ring's length (the page reads every model's ring on every poll)."""
 
-    __slots__ = ("_history", "closed", "closed_window", "newest", "slots", "window")
+    __slots__ = ("_history", "_points", "closed", "closed_window", "newest", "slots", "window")
 
     def __init__(self, points: int = POINTS, size: int = _SLOT_SIZE, window: int = WINDOW_STEPS):
         self.newest = -1
@@ -83,6 +86,7 @@ class Ring:
         self.closed = [0] * size
         self.closed_window = [0] * size
         self._history: tuple[int, list[Point]] | None = None
+        self._points: list[tuple[int, Point] | None] = [None] * points
 
     def at(self, step: int) -> list[int]:
         """The slot of ``step``, the ring moved on to it first. A step before the newest (the
@@ -124,15 +128,20 @@ class Ring:
         return list(map(add, self.closed_window, self.at(step)))
 
     def history(self, step: int, step_seconds: float) -> list[Point]:
-        """One Point per step, oldest first, up to ``step``. The closed steps' points are
-        kept until the step changes: only the last one is worked out again."""
+        """One Point per step, oldest first, up to ``step``. A closed step's point is worked
+        out once (it never changes again); the list of them is kept until the step changes,
+        so a read in the same step works out only the last point."""
         current = self.at(step)
         cached = self._history
         if cached is None or cached[0] != step:
-            slots, points = self.slots, len(self.slots)
-            closed = [
-                derive(slots[m % points], step_seconds) for m in range(step - points + 1, step)
-            ]
+            slots, kept, points = self.slots, self._points, len(self.slots)
+            closed = []
+            for moment in range(step - points + 1, step):
+                index = moment % points
+                point = kept[index]
+                if point is None or point[0] != moment:
+                    point = kept[index] = (moment, derive(slots[index], step_seconds))
+                closed.append(point[1])
             cached = self._history = (step, closed)
         return [*cached[1], derive(current, step_seconds)]
 
@@ -152,12 +161,13 @@ def derive(slot: list[int], seconds: float) -> Point:
         return _EMPTY
     histogram = slot[_TTFT:]
     eval_seconds = slot[_EVAL_SECONDS]  # microseconds
+    p50, p95 = quantile(0.5, histogram), quantile(0.95, histogram)
     return Point(
-        requests / seconds,
-        slot[_COMPLETION] / seconds,
-        quantile(0.5, histogram),
-        quantile(0.95, histogram),
-        slot[_EVAL_TOKENS] * 1e6 / eval_seconds if eval_seconds > 0 else None,
+        round(requests / seconds, DECIMALS),
+        round(slot[_COMPLETION] / seconds, DECIMALS),
+        None if p50 is None else round(p50, DECIMALS),
+        None if p95 is None else round(p95, DECIMALS),
+        round(slot[_EVAL_TOKENS] * 1e6 / eval_seconds, DECIMALS) if eval_seconds > 0 else None,
     )
 
 
@@ -203,8 +213,12 @@ class Recorder:
         ring = self.models.get(x.model)
         if ring is None:
             ring = self.models[x.model] = Ring()
-        slot = ring.at(step)
-        total = self.total.at(step)
+        # (Ring.at, its common case inline: this runs once a request.)
+        slot = ring.slots[step % POINTS] if ring.newest == step else ring.at(step)
+        total_ring = self.total
+        total = (
+            total_ring.slots[step % POINTS] if total_ring.newest == step else total_ring.at(step)
+        )
         slot[_REQUESTS] += 1
         total[_REQUESTS] += 1
         prompt = completion = 0
@@ -216,25 +230,29 @@ class Recorder:
                 slot[_COMPLETION] += completion
                 total[_PROMPT] += prompt
                 total[_COMPLETION] += completion
-            if usage.eval_seconds > 0 and usage.completion_tokens:
+            eval_seconds = usage.eval_seconds
+            if eval_seconds > 0 and completion:
                 # (In microseconds, so that a slot holds only ints.)
-                micros = round(usage.eval_seconds * 1e6)
+                micros = int(eval_seconds * 1e6)
                 slot[_EVAL_SECONDS] += micros
-                slot[_EVAL_TOKENS] += usage.completion_tokens
+                slot[_EVAL_TOKENS] += completion
                 total[_EVAL_SECONDS] += micros
-                total[_EVAL_TOKENS] += usage.completion_tokens
-        if x.streamed and x.inference and x.first_byte is not None:
-            bucket = _TTFT + bisect_left(TTFT_BUCKETS, x.first_byte - x.started)
+                total[_EVAL_TOKENS] += completion
+        first_byte = x.first_byte
+        if first_byte is not None and x.streamed and x.inference:
+            bucket = _TTFT + bisect_left(TTFT_BUCKETS, first_byte - x.started)
             slot[bucket] += 1
             total[bucket] += 1
         key = self._key_label(x.key)
         keys = self.keys.get(key)
         if keys is None:
             keys = self.keys[key] = Ring(KEY_POINTS, 4, KEY_POINTS)
-        counts = keys.at(int(now // KEY_STEP))
+        minute = int(now // KEY_STEP)
+        counts = keys.slots[minute % KEY_POINTS] if keys.newest == minute else keys.at(minute)
         counts[_K_REQUESTS] += 1
-        counts[_K_PROMPT] += prompt
-        counts[_K_COMPLETION] += completion
+        if completion or prompt:
+            counts[_K_PROMPT] += prompt
+            counts[_K_COMPLETION] += completion
         if x.status >= 400 or x.error is not None:
             refused = x.refused
             if refused is not None:
