@@ -1,1 +1,2 @@
-"""The status page and ``ollama-meter top``: the proxy's state at a glance."""
+"""The built-in status page (``/-/status``), its JSON (``/-/status.json``) and the memory of
+recent traffic they are made from."""
