@@ -3,7 +3,8 @@ file, and every way a fetch fails.
 
 The command always runs as a real process (``python -m ollama_meter top``) against a server
 on loopback: a stub of the proxy's ``/-/status.json`` that serves the example document of
-docs/status.md and that a test changes between polls. pexpect's calls block, so they run in
+docs/status.md and that a test changes between polls, or the real proxy in front of a fake
+fleet. pexpect's calls block, so they run in
 a thread while this test's loop serves the stub; readiness is read from the screen
 (``expect``), never waited for with sleeps. UPDATE_GOLDEN=1 rewrites tests/golden/top-plain.txt.
 """
@@ -16,10 +17,12 @@ import io
 import json
 import os
 import sys
+import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
+import aiohttp
 import pexpect
 import pytest
 from aiohttp import web
@@ -27,11 +30,16 @@ from pytest_aiohttp import AiohttpServer
 from rich.console import Console
 from rich.screen import Screen
 
+from ollama_meter.app import FLEET
+from ollama_meter.settings import AccessSettings, Settings, parse_settings
 from ollama_meter.status import cells
 from ollama_meter.status.cells import sparkline
 from ollama_meter.status.terminal import render, render_plain, version_problem
 
-from .conftest import unused_port
+from .access_keys import Keys, make_keys
+from .conftest import Meter, MeterFactory, unused_port
+from .fake_fleet import Fleet as FakeFleet
+from .fake_fleet import FleetFactory
 
 GOLDEN: Final = Path(__file__).parent / "golden"
 EXAMPLE: Final = json.loads((GOLDEN / "status-example.json").read_text())
@@ -98,14 +106,14 @@ Spawn = Callable[..., "pexpect.spawn[str]"]  # a string: pexpect.spawn is generi
 
 @pytest.fixture
 def spawn() -> Iterator[Spawn]:
-    """``ollama-meter top --url URL`` in a pseudo-terminal of ``rows`` x ``cols``; any
+    """``ollama-meter top --url URL ARGS`` in a pseudo-terminal of ``rows`` x ``cols``; any
     still running at the end of the test (one that failed) is killed."""
     children: list[pexpect.spawn[str]] = []
 
-    def start(url: str, rows: int = 40, cols: int = 120) -> pexpect.spawn[str]:
+    def start(url: str, *args: str, rows: int = 40, cols: int = 120) -> pexpect.spawn[str]:
         child = pexpect.spawn(
             sys.executable,
-            ["-m", "ollama_meter", "top", "--url", url],
+            ["-m", "ollama_meter", "top", "--url", url, *args],
             dimensions=(rows, cols),
             env=_env(),
             encoding="utf-8",
@@ -297,6 +305,72 @@ async def test_json_that_is_not_a_status_document(stub: Stub) -> None:
     assert "not a status.json document" in err
 
 
+# --- against the real proxy ------------------------------------------------------------------
+
+
+async def _fleet_meter(
+    start_fleet: FleetFactory, start_meter: MeterFactory, tmp_path: Path
+) -> tuple[Meter, FakeFleet, Keys]:
+    """The proxy in front of a fake fleet of three, keys on; one request served (alice's)
+    and one refused (no key)."""
+    fleet = await start_fleet(3, models=("llama3.2",), loaded=("llama3.2",), time_scale=0)
+    keys = make_keys(tmp_path)
+    upstreams = parse_settings(tomllib.loads(fleet.toml()), "fleet.toml", Path(".")).upstreams
+    meter = await start_meter(Settings(access=AccessSettings(keys.path), upstreams=upstreams))
+    body = {"model": "llama3.2", "prompt": "hi", "stream": False}
+    async with aiohttp.ClientSession() as http:
+        bearer = {"Authorization": f"Bearer {keys.inference}"}
+        async with http.post(f"{meter.url}/api/generate", json=body, headers=bearer) as response:
+            assert response.status == 200
+        async with http.post(f"{meter.url}/api/generate", json=body) as response:
+            assert response.status == 401
+    return meter, fleet, keys
+
+
+async def test_plain_print_of_the_real_proxy(
+    start_fleet: FleetFactory, start_meter: MeterFactory, tmp_path: Path
+) -> None:
+    meter, _, keys = await _fleet_meter(start_fleet, start_meter, tmp_path)
+    code, out, err = await top("--url", meter.url, "--key", keys.admin)
+    assert (code, err) == (0, "")
+    fleet_rows = [line.split() for line in out.splitlines() if line[:4] in (" u1 ", " u2 ", " u3 ")]
+    assert [row[:2] for row in fleet_rows] == [["u1", "up"], ["u2", "up"], ["u3", "up"]]
+    assert all("llama3.2:latest" in row for row in fleet_rows)
+    assert any(line.split()[:2] == ["alice", "1"] for line in out.splitlines())
+    (problem,) = [line.split() for line in out.splitlines() if " missing " in line]
+    assert problem[-6:] == ["401", "missing", "/api/generate", "unknown", "anonymous", "-"]
+
+
+async def test_the_real_proxy_refuses_without_an_admin_key(
+    start_fleet: FleetFactory, start_meter: MeterFactory, tmp_path: Path
+) -> None:
+    meter, _, keys = await _fleet_meter(start_fleet, start_meter, tmp_path)
+    code, _, err = await top("--url", meter.url)
+    assert code == 1
+    assert err.startswith(f"ollama-meter top: {meter.url} needs an admin key: give --key")
+    code, _, err = await top("--url", meter.url, "--key", keys.bad_secret())
+    assert code == 1
+    assert err.startswith(f"ollama-meter top: {meter.url} refused the key given (401: ")
+    code, _, err = await top("--url", meter.url, "--key", keys.inference)
+    assert code == 1
+    assert err.startswith(f"ollama-meter top: {meter.url} refused the key: ")
+    assert "(403: " in err
+    assert keys.inference not in err
+
+
+async def test_live_view_of_the_real_proxy_shows_an_upstream_going_down(
+    start_fleet: FleetFactory, start_meter: MeterFactory, tmp_path: Path, spawn: Spawn
+) -> None:
+    meter, fleet, keys = await _fleet_meter(start_fleet, start_meter, tmp_path)
+    child = spawn(meter.url, "--key", keys.admin)
+    await expect(child, "u3")
+    assert "DOWN" not in (child.before or "")
+    await fleet[1].refuse()
+    await meter.app[FLEET].poll_all(tags=False)  # what the poller does next
+    await expect(child, "DOWN")
+    assert await quit_with(child) == 0
+
+
 # --- the pure view ----------------------------------------------------------------------------
 
 
@@ -387,4 +461,5 @@ def test_numbers() -> None:
         "-",
     ]
     assert [cells.seconds(s) for s in (0.31, 2.79, None)] == ["310ms", "2.79s", "-"]
+    assert [cells.rate(r) for r in (2.4, 96.3, 93750.0, None)] == ["2.40", "96.3", "93.8k", "-"]
     assert cells.size(2019393189) == "2.0 GB"

@@ -84,7 +84,9 @@ def rate(value: object) -> str:
     n = num(value)
     if n is None:
         return "-"
-    return f"{n:.2f}" if abs(n) < 10 else f"{n:.1f}"
+    if abs(n) < 10:
+        return f"{n:.2f}"
+    return f"{n:.1f}" if abs(n) < 1000 else count(n)
 
 
 def seconds(value: object) -> str:
