@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from rich import box
 from rich.box import Box
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.table import Table
@@ -62,8 +61,9 @@ def version_problem(doc: Doc) -> str | None:
 
 # --- tables that fit ---------------------------------------------------------------------------
 
-# box.SIMPLE_HEAD drawn with "-": a rule under the header and above a footer, nothing else.
-_ASCII_SIMPLE: Final = Box("    \n    \n -- \n    \n -- \n -- \n    \n    \n", ascii=True)
+# Rules under the header and between sections (before the total row), nothing else.
+_RULES: Final = Box("    \n    \n ── \n    \n ── \n ── \n    \n    \n")
+_ASCII_RULES: Final = Box("    \n    \n -- \n    \n -- \n -- \n    \n    \n", ascii=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +89,7 @@ class Fitted:
         table = Table(
             title=Text(self.title, style="bold"),
             title_justify="left",
-            box=_ASCII_SIMPLE if self.ascii else box.SIMPLE_HEAD,
+            box=_ASCII_RULES if self.ascii else _RULES,
             header_style="bold",
             show_edge=False,
             collapse_padding=True,
