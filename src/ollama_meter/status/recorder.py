@@ -71,17 +71,21 @@ class Point(NamedTuple):
 class Ring:
     """The last ``points`` steps of one model (or of all, or of a key), up to ``newest``.
 
-    Slot ``step % points`` holds step ``step``. Moving to a later step clears the slots it
-    passes, so every slot is one of the last ``points`` steps (zeros where nothing came), and
-    keeps two running sums of the closed steps: of the whole ring, and of the last
-    ``window`` of them. Reading a total or a window is then one addition of the step under
-    way, whatever the ring's length (the page reads every model's ring on every poll)."""
+    Slot ``step % points`` holds step ``step``, or None while nothing came in it (a quiet
+    model costs no memory for its quiet steps). Moving to a later step empties the slots it
+    passes, so every slot is one of the last ``points`` steps, and keeps two running sums of
+    the closed steps: of the whole ring, and of the last ``window`` of them. Reading a total
+    or a window is then one addition of the step under way, whatever the ring's length (the
+    page reads every model's ring on every poll)."""
 
-    __slots__ = ("_history", "_points", "closed", "closed_window", "newest", "slots", "window")
+    __slots__ = (
+        "_history", "_points", "closed", "closed_window", "newest", "size", "slots", "window"
+    )  # fmt: skip
 
     def __init__(self, points: int = POINTS, size: int = _SLOT_SIZE, window: int = WINDOW_STEPS):
         self.newest = -1
-        self.slots = [[0] * size for _ in range(points)]
+        self.size = size
+        self.slots: list[list[int] | None] = [None] * points
         self.window = window
         self.closed = [0] * size
         self.closed_window = [0] * size
@@ -89,65 +93,79 @@ class Ring:
         self._points: list[tuple[int, Point] | None] = [None] * points
 
     def at(self, step: int) -> list[int]:
-        """The slot of ``step``, the ring moved on to it first. A step before the newest (the
-        wall clock stepped back) counts in the newest."""
+        """The slot of ``step`` to add to, the ring moved on to it first. A step before the
+        newest (the wall clock stepped back) counts in the newest."""
+        index = self._now(step)
+        slot = self.slots[index]
+        if slot is None:
+            slot = self.slots[index] = [0] * self.size
+        return slot
+
+    def _now(self, step: int) -> int:
         newest = self.newest
         if step > newest:
             self._move(newest, step)
             newest = step
-        return self.slots[newest % len(self.slots)]
+        return newest % len(self.slots)
 
     def _move(self, newest: int, step: int) -> None:
         slots, points = self.slots, len(self.slots)
         self.newest = step
         if newest < 0 or step - newest >= points:
-            for slot in slots:
-                slot[:] = _zeros(slot)
-            self.closed = _zeros(self.closed)
-            self.closed_window = _zeros(self.closed_window)
+            slots[:] = [None] * points
+            self.closed = [0] * self.size
+            self.closed_window = [0] * self.size
             return
         closed, closed_window, window = self.closed, self.closed_window, self.window
         for moment in range(newest + 1, step + 1):
             ending = slots[(moment - 1) % points]  # the step before closes
-            closed[:] = map(add, closed, ending)
-            closed_window[:] = map(add, closed_window, ending)
-            leaving = slots[moment % points]  # the step ``points`` before leaves the ring
-            closed[:] = map(sub, closed, leaving)
-            leaving[:] = _zeros(leaving)
-            if window < points:  # and the step ``window`` before leaves the window
-                closed_window[:] = map(sub, closed_window, slots[(moment - window) % points])
-            else:
+            if ending is not None:
+                closed[:] = map(add, closed, ending)
+                closed_window[:] = map(add, closed_window, ending)
+            index = moment % points
+            leaving = slots[index]  # the step ``points`` before leaves the ring
+            if leaving is not None:
+                closed[:] = map(sub, closed, leaving)
+                slots[index] = None
+            if window >= points:
                 closed_window[:] = closed
+                continue
+            gone = slots[(moment - window) % points]  # and the step ``window`` before, the window
+            if gone is not None:
+                closed_window[:] = map(sub, closed_window, gone)
 
     def total(self, step: int) -> list[int]:
         """Sums over the whole ring, as of ``step``."""
-        return list(map(add, self.closed, self.at(step)))
+        current = self.slots[self._now(step)]
+        return list(self.closed if current is None else map(add, self.closed, current))
 
     def last(self, step: int) -> list[int]:
         """Sums over the last ``window`` steps, as of ``step``."""
-        return list(map(add, self.closed_window, self.at(step)))
+        current = self.slots[self._now(step)]
+        window = self.closed_window
+        return list(window if current is None else map(add, window, current))
 
     def history(self, step: int, step_seconds: float) -> list[Point]:
         """One Point per step, oldest first, up to ``step``. A closed step's point is worked
         out once (it never changes again); the list of them is kept until the step changes,
         so a read in the same step works out only the last point."""
-        current = self.at(step)
+        current = self.slots[self._now(step)]
         cached = self._history
         if cached is None or cached[0] != step:
             slots, kept, points = self.slots, self._points, len(self.slots)
             closed = []
             for moment in range(step - points + 1, step):
                 index = moment % points
+                slot = slots[index]
+                if slot is None:
+                    closed.append(_EMPTY)
+                    continue
                 point = kept[index]
                 if point is None or point[0] != moment:
-                    point = kept[index] = (moment, derive(slots[index], step_seconds))
+                    point = kept[index] = (moment, derive(slot, step_seconds))
                 closed.append(point[1])
             cached = self._history = (step, closed)
-        return [*cached[1], derive(current, step_seconds)]
-
-
-def _zeros(slot: list[int]) -> list[int]:
-    return [0] * len(slot)
+        return [*cached[1], _EMPTY if current is None else derive(current, step_seconds)]
 
 
 #: A step without requests: none a second, and nothing to measure a time or a speed of.
@@ -214,11 +232,12 @@ class Recorder:
         if ring is None:
             ring = self.models[x.model] = Ring()
         # (Ring.at, its common case inline: this runs once a request.)
-        slot = ring.slots[step % POINTS] if ring.newest == step else ring.at(step)
-        total_ring = self.total
-        total = (
-            total_ring.slots[step % POINTS] if total_ring.newest == step else total_ring.at(step)
-        )
+        slot = ring.slots[step % POINTS] if ring.newest == step else None
+        if slot is None:
+            slot = ring.at(step)
+        total = self.total.slots[step % POINTS] if self.total.newest == step else None
+        if total is None:
+            total = self.total.at(step)
         slot[_REQUESTS] += 1
         total[_REQUESTS] += 1
         prompt = completion = 0
@@ -248,7 +267,9 @@ class Recorder:
         if keys is None:
             keys = self.keys[key] = Ring(KEY_POINTS, 4, KEY_POINTS)
         minute = int(now // KEY_STEP)
-        counts = keys.slots[minute % KEY_POINTS] if keys.newest == minute else keys.at(minute)
+        counts = keys.slots[minute % KEY_POINTS] if keys.newest == minute else None
+        if counts is None:
+            counts = keys.at(minute)
         counts[_K_REQUESTS] += 1
         if completion or prompt:
             counts[_K_PROMPT] += prompt

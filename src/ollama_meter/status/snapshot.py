@@ -35,7 +35,7 @@ VERSION: Final = 1
 #: Models whose history the object carries (the busiest); the rest have their numbers only.
 HISTORY_MODELS: Final = 10
 TOP_KEYS: Final = 20
-DASHBOARD: Final = "grafana/ollama-meter.json"
+DASHBOARD: Final = "grafana/dashboards/ollama-meter.json"
 
 
 @dataclass(frozen=True, slots=True)
