@@ -1,0 +1,498 @@
+"""The status page (/-/status) in a real browser: headless Chromium driven by Playwright.
+
+Most tests serve the page's static files and a status.json the test controls from a stub of
+the backend's three routes (docs/status.md), so that each behaviour of the page (hostile text,
+a newer version, a lost proxy, the key prompt, a large fleet) is shown on exact data. The last
+test runs the real ollama-meter process in front of a fake fleet of three upstreams with
+traffic flowing. Waits are Playwright's (expect, wait_for_function), never sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from playwright.async_api import Browser, BrowserContext, Locator, Page, expect
+from pytest_aiohttp import AiohttpServer
+
+import ollama_meter
+
+from .real_browser import SCREENSHOT_README, BrowserThread, Console, artifacts_dir
+
+STATIC = Path(ollama_meter.__file__).parent / "status" / "static"
+EXAMPLE = Path(__file__).parent / "golden" / "status-example.json"
+README_PNG = Path(__file__).parent.parent / "docs" / "status.png"
+
+POLL_MS = 2000  # status.js's
+WAIT_MS = 15_000  # a generous ceiling for each wait on a loaded 2-core machine, never a pace
+expect.set_options(timeout=WAIT_MS)
+
+HOSTILE = '<img src=x onerror="window.__pwned=1"><b>bold</b>'
+
+Json = dict[str, Any]
+
+
+def example(now: float | None = None) -> Json:
+    """The documented example, its times moved so that it was generated ``now``."""
+    data: Json = orjson.loads(EXAMPLE.read_bytes())
+    now = time.time() if now is None else now
+    shift = now - data["generated_at"]
+
+    def moved(value: float | None) -> float | None:
+        return None if value is None else value + shift
+
+    data["generated_at"] = now
+    data["meter"]["started_at"] = moved(data["meter"]["started_at"])
+    for upstream in data["fleet"]["upstreams"]:
+        upstream["last_poll"] = moved(upstream["last_poll"])
+        for model in upstream["models"]:
+            model["expires_at"] = moved(model["expires_at"])
+    data["models"]["history_end"] = now
+    today = data["keys"]["today"]
+    today["since"] = now - now % 86400
+    today["as_of"] = moved(today["as_of"])
+    for problem in data["problems"]:
+        problem["time"] = moved(problem["time"])
+    return data
+
+
+class StubProxy:
+    """GET /-/status, /-/status/{name} and /-/status.json as docs/status.md gives them."""
+
+    def __init__(self, data: Json) -> None:
+        self.data = data
+        self.key: str | None = None  # set: access control on, with this admin key
+        self.failing: int | None = None  # set: status.json answers this status
+        self.hold: asyncio.Event | None = None  # set: status.json waits for it
+        self.authorizations: list[str | None] = []
+        self.paths: list[str] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.url = ""
+        self.app = web.Application()
+        self.app.router.add_get("/-/status", self._file)
+        self.app.router.add_get("/-/status.json", self._json)
+        self.app.router.add_get("/-/status/{name}", self._file)
+        self.app.router.add_route("*", "/{tail:.*}", self._other)
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        self.paths.append(request.path_qs)
+        name = request.match_info.get("name", "index.html")
+        path = STATIC / name
+        if name.startswith(".") or not path.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
+    async def _other(self, request: web.Request) -> web.StreamResponse:
+        # What a real proxy would pass to Ollama: the page must never ask for it.
+        self.paths.append(request.path_qs)
+        raise web.HTTPNotFound()
+
+    async def _json(self, request: web.Request) -> web.StreamResponse:
+        self.paths.append(request.path_qs)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if self.hold is not None:
+                await self.hold.wait()
+            authorization = request.headers.get("Authorization")
+            self.authorizations.append(authorization)
+            if self.key is not None:
+                if authorization is None:
+                    return web.json_response(
+                        {"error": "ollama-meter: this needs an admin key"},
+                        status=401,
+                        headers={"WWW-Authenticate": 'Bearer realm="ollama-meter"'},
+                    )
+                if authorization != f"Bearer {self.key}":
+                    return web.json_response(
+                        {"error": "ollama-meter: not an admin key"}, status=403
+                    )
+            if self.failing is not None:
+                return web.json_response({"error": "broken"}, status=self.failing)
+            return web.Response(body=orjson.dumps(self.data), content_type="application/json")
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.fixture
+async def stub(aiohttp_server: AiohttpServer) -> StubProxy:
+    proxy = StubProxy(example())
+    server = await aiohttp_server(proxy.app)
+    proxy.url = str(server.make_url("/-/status"))
+    return proxy
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[BrowserThread]:
+    thread = BrowserThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return artifacts_dir(tmp_path_factory)
+
+
+async def open_page(
+    browser: Browser, url: str, *, width: int = 1280, dark: bool = False, clock: bool = True
+) -> tuple[BrowserContext, Page, Console]:
+    """A page in a fresh context (its own session storage). With ``clock``, the page's timers
+    run only when the test moves its clock (``next_poll``): no test waits for 2 s to pass."""
+    context = await browser.new_context(
+        viewport={"width": width, "height": 900}, color_scheme="dark" if dark else "light"
+    )
+    page = await context.new_page()
+    console = Console(page)
+    if clock:
+        await page.clock.install()
+    await page.goto(url)
+    return context, page, console
+
+
+async def idle(page: Page) -> int:
+    """Wait until no fetch is under way; the number of fetches done."""
+    root = page.locator("html")
+    await expect(root).to_have_attribute("data-fetching", "no")
+    return int(await root.get_attribute("data-polls") or "0")
+
+
+async def next_poll(page: Page) -> None:
+    """Move the page's clock to its next poll, and wait for that poll to end."""
+    done = await idle(page)
+    await page.clock.run_for(POLL_MS)
+    await expect(page.locator("html")).to_have_attribute("data-polls", str(done + 1))
+    await idle(page)
+
+
+async def live(page: Page) -> None:
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+
+
+def upstream_state(page: Page, name: str) -> Locator:
+    return page.locator(f'#upstreams [data-upstream="{name}"] [data-role="state"]')
+
+
+async def no_page_scroll(page: Page) -> None:
+    """The page itself never scrolls sideways (tables scroll in their own box)."""
+    overflow = await page.evaluate(
+        "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow <= 0, f"the page scrolls sideways by {overflow} px"
+
+
+async def check_example(page: Page, stub: StubProxy) -> None:
+    """What the documented example must show."""
+    fleet = page.locator("#upstreams")
+    await expect(fleet.locator("[data-upstream]")).to_have_count(3)
+    await expect(upstream_state(page, "gpu-a")).to_have_text("up")
+    await expect(upstream_state(page, "gpu-b")).to_have_text("up")
+    await expect(upstream_state(page, "gpu-c")).to_have_text("down")
+    gpu_a = fleet.locator('[data-upstream="gpu-a"]')
+    await expect(gpu_a).to_contain_text("breaker closed")
+    await expect(gpu_a).to_contain_text("slots 4 in use (4 per model)")
+    await expect(gpu_a.locator("[data-model]")).to_have_count(2)
+    qwen = gpu_a.locator('[data-model="qwen2.5:7b"]')
+    await expect(qwen).to_contain_text("5.3 GiB · 1/4 slots · unloads in 35 s")
+    await expect(qwen.locator(".vram")).to_have_attribute("aria-label", "53% in VRAM")
+    await expect(gpu_a.locator('[data-model="llama3.2:1b"]')).to_contain_text("unloads in 4 min")
+    await expect(fleet.locator('[data-upstream="gpu-c"]')).to_contain_text("connection refused")
+    await expect(fleet.locator('[data-upstream="gpu-c"]')).to_contain_text("breaker open")
+    await expect(page.locator("#queue")).to_have_text(
+        "2 of 3 upstreams up · queue 3 of 64, waits up to 30.0 s"
+    )
+
+    models = page.locator("#models-body tr")
+    await expect(models).to_have_count(3)
+    await expect(models.first).to_contain_text("llama3.2:1b")
+    await expect(page.locator("#models-total")).to_contain_text("all models")
+    await expect(page.locator("#models-total")).to_contain_text("310 ms")
+    # The total and the two models with history get charts; nomic-embed-text has none.
+    charts = page.locator("#charts .chart-card")
+    await expect(charts).to_have_count(3)
+    titles = [await chart.get_attribute("data-chart") for chart in await charts.all()]
+    assert titles == ["all models", "llama3.2:1b", "qwen2.5:7b"]
+    # 180 steps, the first 20 empty: 160 values a series.
+    await expect(page.locator('#charts .chart[data-kind="load"]').first).to_have_attribute(
+        "data-points", "320"
+    )
+    await expect(page.locator("#charts canvas")).to_have_count(6)
+
+    await expect(page.locator("#keys-body tr")).to_have_count(3)
+    await expect(page.locator("#keys-body tr").first).to_contain_text("alice")
+    await expect(page.locator("#today")).to_be_visible()
+    await expect(page.locator("#today-body tr")).to_have_count(2)
+    await expect(page.locator("#problems-body tr")).to_have_count(3)
+    await expect(page.locator("#problems-body tr").first).to_contain_text("429")
+    await expect(page.locator("#config-body tr")).to_have_count(len(stub.data["config"]))
+    await expect(page.locator("#summary")).to_contain_text("v0.1.0 · up 2 h 2 min · fleet")
+    # /metrics is the proxy's own path: reached relative to the page (a sub path works).
+    await expect(page.locator("#metrics-link")).to_have_attribute("href", "../metrics")
+    href = await page.eval_on_selector("#metrics-link", "a => a.href")
+    assert href == stub.url.removesuffix("/-/status") + "/metrics"
+
+
+async def test_page_shows_the_example(
+    browser: BrowserThread, stub: StubProxy, artifacts: Path
+) -> None:
+    async def scenario(browser: Browser) -> None:
+        context, page, console = await open_page(browser, stub.url)
+        await live(page)
+        await check_example(page, stub)
+        await page.screenshot(path=artifacts / "status-light.png", full_page=True)
+        if SCREENSHOT_README:
+            await page.screenshot(path=README_PNG)
+
+        # Sorting the models table, by name then the other way.
+        models = page.locator("#models-body tr")
+        await page.locator('button[data-sort="name"]').click()
+        await expect(models.first).to_contain_text("llama3.2:1b")
+        await expect(models.last).to_contain_text("qwen2.5:7b")
+        await page.locator('button[data-sort="name"]').click()
+        await expect(models.first).to_contain_text("qwen2.5:7b")
+        await page.locator('button[data-sort="ttft_p95_seconds"]').click()
+        await expect(models.first).to_contain_text("qwen2.5:7b")
+        await expect(models.last).to_contain_text("nomic-embed-text")  # null: last
+
+        # It polls: a change of the data shows at the next poll.
+        stub.data = example()
+        stub.data["fleet"]["upstreams"][2]["up"] = True
+        await next_poll(page)
+        await expect(upstream_state(page, "gpu-c")).to_have_text("up")
+        # Relative URLs only, and nothing but the page's own files and its data.
+        assert all(path.startswith("/-/status") for path in stub.paths), stub.paths
+        assert set(stub.authorizations) == {None}
+        assert console.take() == []
+        await context.close()
+
+        context, page, console = await open_page(browser, stub.url, dark=True)
+        await live(page)
+        stub.data = example()
+        await check_example(page, stub)
+        background = await page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert background == "rgb(21, 23, 28)"
+        await page.screenshot(path=artifacts / "status-dark.png", full_page=True)
+        assert console.take() == []
+        await context.close()
+
+        context, page, console = await open_page(browser, stub.url, width=390)
+        await live(page)
+        await check_example(page, stub)
+        await no_page_scroll(page)
+        await page.screenshot(path=artifacts / "status-phone.png", full_page=True)
+        assert console.take() == []
+        await context.close()
+
+    await browser.run(scenario)
+
+
+async def test_text_from_the_data_is_never_markup(browser: BrowserThread, stub: StubProxy) -> None:
+    data = stub.data
+    data["fleet"]["upstreams"][0]["models"][0]["name"] = HOSTILE
+    data["fleet"]["upstreams"][2]["last_error"] = f"<script>window.__pwned=2</script>{HOSTILE}"
+    data["models"]["items"][0]["name"] = HOSTILE
+    data["keys"]["items"][0]["key"] = HOSTILE
+    data["problems"][0]["model"] = HOSTILE
+    data["config"]["listen"] = HOSTILE
+    data["meter"]["links"]["metrics"] = "javascript:window.__pwned=3"
+
+    async def scenario(browser: Browser) -> None:
+        context, page, console = await open_page(browser, stub.url)
+        await live(page)
+        await expect(page.locator("#models-body tr").first).to_contain_text(HOSTILE)
+        await expect(page.locator("#charts .chart-card").nth(1)).to_have_attribute(
+            "data-chart", HOSTILE
+        )
+        await expect(page.locator("#keys-body")).to_contain_text(HOSTILE)
+        await expect(page.locator("#upstreams")).to_contain_text("<script>window.__pwned=2")
+        await expect(page.locator("#config-body")).to_contain_text(HOSTILE)
+        await expect(page.locator("#links")).to_contain_text("Prometheus metrics: not served")
+        for tag in ("img", "b", "script", "a"):
+            assert await page.locator(f"#content {tag}").count() == 0, tag
+        assert await page.evaluate("window.__pwned") is None
+        assert console.take() == []
+        await context.close()
+
+    await browser.run(scenario)
+
+
+async def test_a_newer_version_is_not_shown(browser: BrowserThread, stub: StubProxy) -> None:
+    stub.data["version"] = 2
+
+    async def scenario(browser: Browser) -> None:
+        context, page, console = await open_page(browser, stub.url)
+        banner = page.locator("#banner")
+        await expect(banner).to_have_text(
+            "This page knows version 1 of status.json; the proxy sent version 2. Reload the "
+            "page (an old copy may be cached), or use the page of the same ollama-meter release."
+        )
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "version")
+        await expect(page.locator("#content")).to_be_hidden()
+        assert await page.locator("#upstreams > *").count() == 0
+        # Back to version 1 (the proxy was downgraded): it shows again.
+        stub.data["version"] = 1
+        await next_poll(page)
+        await live(page)
+        await expect(banner).to_be_hidden()
+        await expect(page.locator("#upstreams > *")).to_have_count(3)
+        # Not a version at all: nothing shown either.
+        stub.data["version"] = "1"
+        await next_poll(page)
+        await expect(banner).to_contain_text("a version this page does not know")
+        await expect(page.locator("#content")).to_be_hidden()
+        assert console.take() == []
+        await context.close()
+
+    await browser.run(scenario)
+
+
+async def test_a_lost_proxy_keeps_the_last_data(browser: BrowserThread, stub: StubProxy) -> None:
+    loop = asyncio.get_running_loop()
+    hold = asyncio.Event()
+
+    async def scenario(browser: Browser) -> None:
+        context, page, console = await open_page(browser, stub.url)
+        await live(page)
+        connection = page.locator("#connection")
+        content = page.locator("#content")
+
+        stub.failing = 500
+        await next_poll(page)
+        await expect(connection).to_have_attribute("data-state", "unreachable")
+        await expect(connection).to_contain_text("the proxy answered HTTP 500: broken")
+        await expect(page.locator("#upstreams > *")).to_have_count(3)
+        await expect(content).to_have_class("stale")
+        stub.failing = None
+        await next_poll(page)
+        await live(page)
+        await expect(content).not_to_have_class("stale")
+        # The failed fetch is the one console error (Chromium logs every failed load).
+        assert [error for error in console.take() if "500" not in error] == []
+
+        # A fetch that hangs: "stale" once the data is 7 s old, and no second fetch meanwhile.
+        stub.hold = hold
+        await idle(page)
+        await page.clock.run_for(POLL_MS)
+        await expect(page.locator("html")).to_have_attribute("data-fetching", "yes")
+        await page.clock.run_for(5500)
+        await expect(connection).to_have_attribute("data-state", "stale")
+        await expect(connection).to_contain_text("stale: no new data for")
+        assert stub.in_flight == 1
+        loop.call_soon_threadsafe(hold.set)
+        await idle(page)
+        await live(page)
+        assert stub.most_in_flight == 1
+
+        # The proxy gone altogether: "cannot reach the proxy", the data kept.
+        await page.route("**/status.json", lambda route: route.abort("connectionrefused"))
+        await next_poll(page)
+        await expect(connection).to_have_text("cannot reach the proxy; showing data from 2 s ago")
+        await expect(page.locator("#upstreams > *")).to_have_count(3)
+        await context.close()
+
+    await browser.run(scenario)
+
+
+async def test_the_admin_key_prompt(browser: BrowserThread, stub: StubProxy) -> None:
+    stub.key = "om_right_key"
+
+    async def scenario(browser: Browser) -> None:
+        context, page, console = await open_page(browser, stub.url)
+        form = page.locator("#key-form")
+        message = page.locator("#key-message")
+        await expect(form).to_be_visible()
+        await expect(message).to_have_text("Access control is on: the status needs an admin key.")
+        await expect(page.locator("#content")).to_be_hidden()
+
+        await page.locator("#key-input").fill("om_wrong_key")
+        await page.locator("#key-form button").click()
+        await expect(message).to_have_text(
+            "Key refused: ollama-meter: not an admin key. Enter an admin key."
+        )
+        await expect(message).to_have_class("key-message refused")
+        await expect(form).to_be_visible()
+        assert await page.evaluate("sessionStorage.length") == 0
+
+        await page.locator("#key-input").fill("om_right_key")
+        await page.locator("#key-input").press("Enter")
+        await live(page)
+        await expect(form).to_be_hidden()
+        await expect(page.locator("#upstreams > *")).to_have_count(3)
+        stored = await page.evaluate("sessionStorage.getItem('ollama-meter.status.key')")
+        assert stored == "om_right_key"
+        # A reload keeps the key (the same tab); it is sent as a header, never in a URL.
+        await page.reload()
+        await live(page)
+        assert stub.authorizations == [
+            None,
+            "Bearer om_wrong_key",
+            "Bearer om_right_key",
+            "Bearer om_right_key",
+        ]
+        assert not any("om_" in path for path in stub.paths)
+        assert page.url == stub.url
+
+        await page.locator("#forget-key").click()
+        await expect(form).to_be_visible()
+        await expect(message).to_have_text("Access control is on: the status needs an admin key.")
+        await expect(page.locator("#content")).to_be_hidden()
+        assert await page.evaluate("sessionStorage.length") == 0
+        # Chromium logs each 401 and 403 it got as a failed load; nothing else.
+        assert [e for e in console.take() if "401" not in e and "403" not in e] == []
+        await context.close()
+
+    await browser.run(scenario)
+
+
+def large(data: Json) -> Json:
+    """20 upstreams of 5 loaded models, 100 models (10 with history), 20 keys, 20 problems."""
+    upstream = data["fleet"]["upstreams"][0]
+    loaded = upstream["models"][0]
+    data["fleet"]["upstreams"] = [
+        dict(
+            upstream,
+            name=f"gpu-{i:02d}",
+            url=f"http://10.0.1.{i}:11434",
+            up=i % 7 != 3,
+            models=[dict(loaded, name=f"model-{i * 5 + j:03d}:latest") for j in range(5)],
+        )
+        for i in range(20)
+    ]
+    item = data["models"]["items"][0]
+    data["models"]["items"] = [
+        dict(item, name=f"model-{i:03d}:latest", history=item["history"] if i < 10 else None)
+        for i in range(100)
+    ]
+    key = data["keys"]["items"][0]
+    data["keys"]["items"] = [dict(key, key=f"key-{i:02d}") for i in range(20)]
+    data["problems"] = [copy.deepcopy(data["problems"][0]) for _ in range(20)]
+    return data
+
+
+async def test_a_large_fleet_stays_readable(
+    browser: BrowserThread, stub: StubProxy, artifacts: Path
+) -> None:
+    stub.data = large(stub.data)
+
+    async def scenario(browser: Browser) -> None:
+        context, page, console = await open_page(browser, stub.url, width=390)
+        await live(page)
+        await expect(page.locator("#upstreams > *")).to_have_count(20)
+        await expect(page.locator("#upstreams [data-model]")).to_have_count(100)
+        await expect(page.locator("#models-body tr")).to_have_count(100)
+        await expect(page.locator("#charts .chart-card")).to_have_count(11)
+        await expect(page.locator("#problems-body tr")).to_have_count(20)
+        await no_page_scroll(page)
+        await page.screenshot(path=artifacts / "status-large-phone.png")
+        assert console.take() == []
+        await context.close()
+
+    await browser.run(scenario)
