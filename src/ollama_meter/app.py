@@ -49,6 +49,10 @@ from .metrics import Metrics, exposition_handler
 from .proxy import JSON_ERROR, SESSION, Proxy
 from .responses import OwnResponse, own_route
 from .settings import AccessSettings, Listener, Settings
+from .status.config_view import config_view
+from .status.page import StatusPage
+from .status.recorder import Recorder
+from .status.snapshot import Meter as StatusMeter
 from .upstreams import Upstream
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,8 @@ FLEET: Final = web.AppKey("fleet", Fleet)
 LIMITER: Final = web.AppKey("limiter", Limiter)
 ADMISSION: Final = web.AppKey("admission", Admission[Any])
 LISTENER_RUNNERS: Final = web.AppKey("listener_runners", list[web.AppRunner])
+#: The status page (unless --no-status-page).
+STATUS_PAGE: Final = web.AppKey("status_page", StatusPage)
 
 # The session adds none of its default headers: what the client sent is what Ollama gets.
 NO_AUTO_HEADERS: Final = (
@@ -135,6 +141,7 @@ def create_app(
     ledger = None
     if settings.ledger is not None:
         ledger = start_ledger(app, settings.ledger, registry, fleet is not None)
+    recorder = Recorder(_key_label(access), time.time, access is not None)
     proxy = Proxy(
         config,
         metrics,
@@ -146,6 +153,7 @@ def create_app(
         admission,
         limit_metrics,
         ledger=None if ledger is None else ledger.rollup.add,
+        status=recorder.record if config.status_page else None,
     )
     app[METRICS] = metrics
     app[PROXY] = proxy
@@ -245,11 +253,37 @@ def create_app(
         return response
 
     expose = exposition_handler(metrics, registry)
+    page = None
+    if config.status_page:
+        metrics_at = config.metrics_listen
+        page = StatusPage(
+            StatusMeter(
+                __version__,
+                time.time(),
+                "fleet" if fleet is not None else "core",
+                access is not None,
+                limiter is not None,
+                ledger is not None,
+                "/metrics"
+                if metrics_at is None
+                else f"http://{metrics_at.host}:{metrics_at.port}/metrics",
+                config_view(config, settings),
+            ),
+            recorder,
+            metrics,
+            fleet,
+            admission,
+            ledger,
+            lambda: app[UPSTREAM],
+            str(config.upstream.with_user(None)),
+        )
+        app[STATUS_PAGE] = page
+        _status_routes(app, page, access, proxy.host_check)
     if config.metrics_listen is None:
         scrape = serve_metrics if access is None else _keyed(access, serve_metrics)
         own_route(app, "/metrics", _host_checked(proxy.host_check, scrape))
     else:
-        app.cleanup_ctx.append(_metrics_listener(config, serve_metrics))
+        app.cleanup_ctx.append(_metrics_listener(config, serve_metrics, page, access))
 
     async def healthy(request: web.Request) -> web.StreamResponse:
         return OwnResponse(text="ollama-meter is healthy.\n")
@@ -438,10 +472,25 @@ def _host_checked(check: HostCheck | None, handler: Handler) -> Handler:
     return checked
 
 
+def _status_routes(
+    app: web.Application, page: StatusPage, access: Access | None, check: HostCheck | None
+) -> None:
+    """/-/status, its files, and /-/status.json (an admin's, with keys on)."""
+    data = page.status_json if access is None else _keyed(access, page.status_json, "admin")
+    own_route(app, "/-/status.json", _host_checked(check, data))
+    own_route(app, "/-/status", _host_checked(check, page.page))
+    own_route(app, "/-/status/{name}", _host_checked(check, page.asset))
+
+    async def closing(app: web.Application) -> None:
+        await page.close()
+
+    app.on_cleanup.append(closing)
+
+
 def _metrics_listener(
-    config: Config, handler: Handler
+    config: Config, handler: Handler, page: StatusPage | None, access: Access | None
 ) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A second listener, serving only /metrics, for --metrics-listen."""
+    """A second listener for --metrics-listen: /metrics, and the status page when it is on."""
     where = config.metrics_listen
     assert where is not None
 
@@ -449,6 +498,8 @@ def _metrics_listener(
         metrics_app = web.Application(handler_args=HANDLER_ARGS)
         check = host_check_for(config, where)
         own_route(metrics_app, "/metrics", _host_checked(check, handler))
+        if page is not None:
+            _status_routes(metrics_app, page, access, check)
         runner = web.AppRunner(metrics_app, access_log=None, handler_cancellation=True)
         await runner.setup()
         app[METRICS_RUNNER] = runner

@@ -200,6 +200,11 @@ def _option(name: str, **kwargs: Any) -> Callable[[_F], _F]:
     default=True,
     help="Write one log line per request (never prompt or completion text).",
 )
+@_option(
+    "--status-page/--no-status-page",
+    default=True,
+    help="Serve the status page at /-/status and its data at /-/status.json.",
+)
 @click.version_option(__version__, prog_name="ollama-meter")
 @click.pass_context
 def main(
@@ -228,6 +233,7 @@ def main(
     log_format: LogFormat,
     log_level: str,
     access_log: bool,
+    status_page: bool,
 ) -> None:
     """A transparent proxy for Ollama that turns every request into Prometheus metrics.
 
@@ -260,6 +266,7 @@ def main(
             log_format=log_format,
             # Access lines are info lines: a higher log level turns them off too.
             access_log=access_log and log_level.lower() in ("debug", "info"),
+            status_page=status_page,
         )
         given = ctx.get_parameter_source("upstream") not in (None, ParameterSource.DEFAULT)
         settings = gateway_settings(config, keys_file, core, upstream, given, slots, ledger)

@@ -190,6 +190,8 @@ class Config:
     keepalive_timeout: float = 10.0
     log_format: LogFormat = "text"
     access_log: bool = True
+    #: Serve /-/status and /-/status.json (the built-in status page).
+    status_page: bool = True
 
     @classmethod
     def build(
@@ -214,6 +216,7 @@ class Config:
         keepalive_timeout: float = 10.0,
         log_format: LogFormat = "text",
         access_log: bool = True,
+        status_page: bool = True,
     ) -> Config:
         """Parse and check every setting. ``read_timeout=0`` means no read timeout."""
         for name, value in (
@@ -258,6 +261,7 @@ class Config:
             keepalive_timeout=keepalive_timeout,
             log_format=log_format,
             access_log=access_log,
+            status_page=status_page,
         )
         config._check_loops()
         return config

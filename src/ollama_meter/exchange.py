@@ -57,6 +57,8 @@ class Exchange:
     usage_oversized: bool = False  # the final record was too long to read its usage
     records: int = 0  # NDJSON lines or SSE data lines of a streamed body
     error: str | None = None  # one of ERROR_REASONS
+    #: Answered by the proxy itself (inbound.Refusal): its reason word, or "refused".
+    refused: str | None = None
     in_flight: bool = False  # counted in requests_in_flight (the model label was known)
     recorded: bool = False  # metrics taken (exactly once)
     #: With access control on: the key's name (None: anonymous), its team, and what access

@@ -237,6 +237,14 @@ class Metrics(Collector):
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         x.in_flight = True
 
+    def in_flight_by_model(self) -> dict[str, int]:
+        """Requests in flight per model label, all endpoints together (the status page)."""
+        out: dict[str, int] = {}
+        for (_, model), count in self._in_flight.items():
+            if count:
+                out[model] = out.get(model, 0) + count
+        return out
+
     def request_finished(self, x: Exchange) -> None:
         """Record a finished exchange. Called exactly once per request."""
         if x.recorded:

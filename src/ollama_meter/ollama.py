@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final, NamedTuple
@@ -686,27 +687,39 @@ class LoadedModel:
     context_length: int | None
 
 
+def parse_version(body: bytes | None) -> str | None:
+    """The ``version`` of an ``/api/version`` body (at most 64 characters), or None."""
+    if not body:
+        return None
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    version = _str(value.get("version")) if isinstance(value, dict) else None
+    return None if version is None else version[:64]
+
+
 def parse_ps(body: bytes) -> list[LoadedModel] | None:
     """The loaded models of a ``/api/ps`` body; None if it is not the expected shape."""
     models = _model_list(body)
     if models is None:
         return None
-    loaded = []
-    for entry in models:
-        name = _str(entry.get("name")) or _str(entry.get("model"))
-        if name is None:
-            continue
-        context = entry.get("context_length")
-        loaded.append(
-            LoadedModel(
-                name=name,
-                size_bytes=_count(entry.get("size")),
-                vram_bytes=_count(entry.get("size_vram")),
-                expires_at=_timestamp(entry.get("expires_at")),
-                context_length=_count(context) if context is not None else None,
-            )
-        )
-    return loaded
+    return [model for model in map(loaded_model, models) if model is not None]
+
+
+def loaded_model(entry: Mapping[str, object]) -> LoadedModel | None:
+    """One entry of ``/api/ps``'s ``models``; None without a name."""
+    name = _str(entry.get("name")) or _str(entry.get("model"))
+    if name is None:
+        return None
+    context = entry.get("context_length")
+    return LoadedModel(
+        name=name,
+        size_bytes=_count(entry.get("size")),
+        vram_bytes=_count(entry.get("size_vram")),
+        expires_at=_timestamp(entry.get("expires_at")),
+        context_length=_count(context) if context is not None else None,
+    )
 
 
 def parse_tags(body: bytes) -> list[str] | None:

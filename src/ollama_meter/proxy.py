@@ -182,8 +182,10 @@ class Proxy:
         admission: Admission[Any] | None = None,
         limit_metrics: LimitMetrics | None = None,
         ledger: Callable[[Exchange], None] | None = None,
+        status: Callable[[Exchange], None] | None = None,
     ) -> None:
         self._ledger = ledger
+        self._status = status
         self._base = str(config.upstream).rstrip("/")
         self._has_base_path = bool(config.upstream.path.strip("/"))
         self._config = config
@@ -355,6 +357,8 @@ class Proxy:
             self._access.finished(x, x.gate, lambda: self._head.client_of(request), request.path)
         if self._ledger is not None:
             self._ledger(x)
+        if self._status is not None:
+            self._status(x)
         if self._access_log is not None:
             self._access_log(x)
 
@@ -750,6 +754,7 @@ class Proxy:
 
     def _refuse(self, request: web.Request, x: Exchange, refusal: Refusal) -> OwnResponse:
         x.status = refusal.status
+        x.refused = refusal.reason or "refused"
         if refusal.reason == NO_UPSTREAM and self._limit_metrics is not None and x.target is None:
             self._limit_metrics.refused(NO_UPSTREAM, x.key)
         if refusal.message is None:

@@ -22,7 +22,7 @@ from typing import Final
 import aiohttp
 from yarl import URL
 
-from .ollama import LoadedModel, parse_ps, parse_tags
+from .ollama import LoadedModel, parse_ps, parse_tags, parse_version
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class UpstreamState:
     loaded: list[LoadedModel]
     #: Model names from /api/tags; None when that call failed (keep the previous list).
     tags: list[str] | None
+    #: What /api/version said (None: no answer, or none in it).
+    version: str | None = None
 
 
 class Upstream:
@@ -88,6 +90,17 @@ class Upstream:
         # A scrape that gives up must not cancel the probe the others wait for.
         return await asyncio.shield(self._probe)
 
+    async def latest(self) -> tuple[UpstreamState, float]:
+        """The last state and its age in seconds, without waiting on Ollama once there is
+        one (the status page): an older one starts a probe for the next reader."""
+        if self._last is None:
+            return await self.state(), 0.0
+        age = self._clock() - self._last_at
+        if age >= MAX_AGE and self._probe is None:
+            self._probe = asyncio.ensure_future(self._ask())
+            self._probe.add_done_callback(self._remember)
+        return self._last, age
+
     def _remember(self, probe: asyncio.Future[UpstreamState]) -> None:
         self._probe = None
         if not probe.cancelled() and probe.exception() is None:
@@ -102,4 +115,5 @@ class Upstream:
             up=version is not None,
             loaded=loaded or [],
             tags=None if tags is None else parse_tags(tags),
+            version=parse_version(version),
         )
