@@ -10,12 +10,16 @@ traffic flowing. Waits are Playwright's (expect, wait_for_function), never sleep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import re
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -24,7 +28,10 @@ from pytest_aiohttp import AiohttpServer
 
 import ollama_meter
 
-from .real_browser import SCREENSHOT_README, BrowserThread, Console, artifacts_dir
+from .access_keys import Keys, make_keys
+from .conftest import unused_port
+from .fake_fleet import Fleet, FleetFactory
+from .real_browser import SCREENSHOT_README, BrowserThread, Console, artifacts_dir, in_loop
 
 STATIC = Path(ollama_meter.__file__).parent / "status" / "static"
 EXAMPLE = Path(__file__).parent / "golden" / "status-example.json"
@@ -232,7 +239,7 @@ async def check_example(page: Page, stub: StubProxy) -> None:
     await expect(page.locator("#today-body tr")).to_have_count(2)
     await expect(page.locator("#problems-body tr")).to_have_count(3)
     await expect(page.locator("#problems-body tr").first).to_contain_text("429")
-    await expect(page.locator("#config-body tr")).to_have_count(len(stub.data["config"]))
+    await expect(page.locator("#config-list .setting")).to_have_count(len(stub.data["config"]))
     await expect(page.locator("#summary")).to_contain_text("v0.1.0 · up 2 h 2 min · fleet")
     # /metrics is the proxy's own path: reached relative to the page (a sub path works).
     await expect(page.locator("#metrics-link")).to_have_attribute("href", "../metrics")
@@ -313,7 +320,7 @@ async def test_text_from_the_data_is_never_markup(browser: BrowserThread, stub: 
         )
         await expect(page.locator("#keys-body")).to_contain_text(HOSTILE)
         await expect(page.locator("#upstreams")).to_contain_text("<script>window.__pwned=2")
-        await expect(page.locator("#config-body")).to_contain_text(HOSTILE)
+        await expect(page.locator("#config-list")).to_contain_text(HOSTILE)
         await expect(page.locator("#links")).to_contain_text("Prometheus metrics: not served")
         for tag in ("img", "b", "script", "a"):
             assert await page.locator(f"#content {tag}").count() == 0, tag
@@ -496,3 +503,144 @@ async def test_a_large_fleet_stays_readable(
         await context.close()
 
     await browser.run(scenario)
+
+
+# ---- The real proxy ------------------------------------------------------------------------
+
+
+class RealProxy:
+    """``python -m ollama_meter`` in front of the fake fleet, with access control on."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, url: str) -> None:
+        self.proc = proc
+        self.url = url
+        self.log: list[str] = []
+
+    async def started(self) -> None:
+        assert self.proc.stderr is not None
+        async with asyncio.timeout(30):
+            while True:
+                line = (await self.proc.stderr.readline()).decode()
+                if not line:
+                    raise AssertionError(f"ollama-meter ended: {''.join(self.log)}")
+                self.log.append(line)
+                if "listening on" in line:
+                    return
+
+    async def drain(self) -> None:
+        """Keep reading its log, so that a full pipe never stops it."""
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.log.append(line.decode())
+
+
+@pytest.fixture
+async def real_proxy(
+    start_fleet: FleetFactory, tmp_path: Path
+) -> AsyncIterator[tuple[RealProxy, Fleet, Keys]]:
+    models = [("llama3.2", "qwen3:8b"), ("llama3.2",), ("qwen3:8b",)]
+    fleet = await start_fleet(3, models=models, loaded=models, slots=2, tokens=4, token_delay=0.02)
+    keys = make_keys(tmp_path)
+    config = tmp_path / "fleet.toml"
+    config.write_text(fleet.toml())
+    port = unused_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ollama_meter",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--config",
+        str(config),
+        "--keys-file",
+        str(keys.path),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    proxy = RealProxy(proc, f"http://127.0.0.1:{port}")
+    drain: asyncio.Task[None] | None = None
+    try:
+        await proxy.started()
+        drain = asyncio.create_task(proxy.drain())
+        yield proxy, fleet, keys
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        if drain is not None:
+            await drain
+
+
+async def traffic(url: str, key: str, stop: asyncio.Event) -> int:
+    """Streamed generations, two at a time, until ``stop`` (at most 2000: it always ends)."""
+    sent = 0
+
+    async def worker(http: aiohttp.ClientSession, model: str) -> None:
+        nonlocal sent
+        while not stop.is_set() and sent < 2000:
+            sent += 1
+            body = {"model": model, "prompt": "hello"}
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.post(f"{url}/api/generate", json=body) as response:
+                    await response.read()
+
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        await asyncio.gather(worker(http, "llama3.2"), worker(http, "qwen3:8b"))
+    return sent
+
+
+async def test_the_page_against_the_real_proxy(
+    browser: BrowserThread, real_proxy: tuple[RealProxy, Fleet, Keys], artifacts: Path
+) -> None:
+    proxy, fleet, keys = real_proxy
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    running = asyncio.create_task(traffic(proxy.url, keys.inference, stop))
+
+    async def scenario(browser: Browser) -> None:
+        context, page, console = await open_page(browser, f"{proxy.url}/-/status", clock=False)
+        form = page.locator("#key-form")
+        await expect(form).to_be_visible()
+        await expect(page.locator("#content")).to_be_hidden()
+        # An inference key is not an admin's: refused.
+        await page.locator("#key-input").fill(keys.inference)
+        await page.locator("#key-input").press("Enter")
+        await expect(page.locator("#key-message")).to_contain_text("Key refused")
+        await expect(form).to_be_visible()
+        # An unknown key: refused too.
+        await page.locator("#key-input").fill(keys.bad_secret())
+        await page.locator("#key-input").press("Enter")
+        await expect(page.locator("#key-message")).to_contain_text("Key refused")
+
+        await page.locator("#key-input").fill(keys.admin)
+        await page.locator("#key-input").press("Enter")
+        await live(page)
+        # Chromium logs each 401 and 403 as a failed load: the only errors allowed.
+        refusals = console.take()
+        assert refusals
+        assert all("401" in e or "403" in e for e in refusals), refusals
+        for upstream in fleet:
+            await expect(upstream_state(page, upstream.name)).to_have_text("up")
+            card = page.locator(f'#upstreams [data-upstream="{upstream.name}"]')
+            for model in upstream.loaded():
+                await expect(card.locator(f'[data-model="{model}"]')).to_have_count(1)
+        # Traffic flows: the models' rows and the charts fill.
+        await expect(page.locator("#models-body tr[data-model]")).not_to_have_count(0)
+        total = page.locator('#charts [data-chart="all models"] .chart[data-kind="load"]')
+        await expect(total).to_have_attribute("data-points", re.compile(r"^[1-9]"))
+        await expect(page.locator("#keys-body")).to_contain_text("alice")
+        await page.screenshot(path=artifacts / "status-real.png", full_page=True)
+
+        # An upstream dies: down within a few polls (the proxy's 2 s, the page's 2 s).
+        await in_loop(loop, fleet[2].refuse())
+        await expect(upstream_state(page, "u3")).to_have_text("down")
+        await expect(upstream_state(page, "u1")).to_have_text("up")
+        await page.screenshot(path=artifacts / "status-real-down.png", full_page=True)
+        assert console.take() == []
+        await context.close()
+
+    try:
+        await browser.run(scenario)
+    finally:
+        stop.set()
+        assert await running > 0

@@ -410,7 +410,7 @@
       { class: `upstream ${isUp ? "up" : "down"}`, "data-upstream": str(u.name) ?? "" },
       head,
       h("div", { class: "upstream-facts" }, facts.join(" · ")),
-      str(u.last_error) ? h("div", { class: "upstream-error" }, `last error: ${u.last_error}`) : null,
+      str(u.last_error) ? h("div", { class: "upstream-error", title: str(u.last_error) }, `last error: ${u.last_error}`) : null,
       h("ul", { class: "loaded" }, ...(models.length ? models : [h("li", {}, h("span", { class: "none" }, "no model loaded"))])),
     );
   }
@@ -445,7 +445,7 @@
   function modelRow(item, name) {
     return h(
       "tr",
-      {},
+      { "data-model": str(item.name) },
       h("td", { class: "name" }, name),
       ...MODEL_COLUMNS.map(([field, format]) => h("td", { class: "num" }, format(item[field]))),
     );
@@ -587,8 +587,10 @@
       dashboard && !dashboardLink ? " (in the ollama-meter repository; import it into Grafana)" : "",
     );
     const config = obj(data.config) || {};
-    $("config-body").replaceChildren(
-      ...Object.entries(config).map(([name, value]) => h("tr", {}, h("td", {}, name), h("td", {}, fmtValue(value)))),
+    $("config-list").replaceChildren(
+      ...Object.entries(config).map(([name, value]) =>
+        h("div", { class: "setting" }, h("dt", {}, name), h("dd", {}, fmtValue(value))),
+      ),
     );
   }
 
@@ -609,6 +611,19 @@
     const css = getComputedStyle(document.documentElement);
     const v = (name) => css.getPropertyValue(name).trim();
     return { muted: v("--muted"), line: v("--line"), s1: v("--series-1"), s2: v("--series-2"), s3: v("--series-3"), s4: v("--series-4") };
+  }
+
+  // A value with no neighbour draws no line: such values (the first step with traffic, a
+  // lone request) get a dot instead; the others none.
+  function isolated(u, seriesIdx) {
+    const values = u.data[seriesIdx];
+    const found = [];
+    for (let i = 0; i < values.length; i++) {
+      const before = i > 0 ? values[i - 1] : null;
+      const after = i + 1 < values.length ? values[i + 1] : null;
+      if (values[i] !== null && before === null && after === null) found.push(i);
+    }
+    return found;
   }
 
   const fromZero = (_u, _min, max) => [0, max === null || !(max > 0) ? 1 : max * 1.1];
@@ -637,7 +652,11 @@
       grid: { stroke: colors.line, width: 1 },
       ticks: { stroke: colors.line, width: 1, size: 3 },
     };
-    const line = (label, scale, stroke, extra) => Object.assign({ label, scale, stroke, width: 1.5, spanGaps: false, points: { show: false } }, extra);
+    const line = (label, scale, stroke, extra) =>
+      Object.assign(
+        { label, scale, stroke, width: 1.5, spanGaps: false, points: { show: true, size: 4, width: 1, fill: stroke, filter: isolated } },
+        extra,
+      );
     const common = {
       width,
       height: CHART_HEIGHT,
