@@ -538,7 +538,7 @@ class RealProxy:
 async def real_proxy(
     start_fleet: FleetFactory, tmp_path: Path
 ) -> AsyncIterator[tuple[RealProxy, Fleet, Keys]]:
-    models = [("llama3.2", "qwen3:8b"), ("llama3.2",), ("qwen3:8b",)]
+    models: list[str | tuple[str, ...]] = [("llama3.2", "qwen3:8b"), ("llama3.2",), ("qwen3:8b",)]
     fleet = await start_fleet(3, models=models, loaded=models, slots=2, tokens=4, token_delay=0.02)
     keys = make_keys(tmp_path)
     config = tmp_path / "fleet.toml"
