@@ -484,7 +484,7 @@
       if (field === state.sortKey) th.setAttribute("aria-sort", state.sortDir === "asc" ? "ascending" : "descending");
       else th.removeAttribute("aria-sort");
     }
-    renderCharts(models, items);
+    renderCharts(models, items, num(obj(state.data?.meter)?.started_at));
   }
 
   function onSort(event) {
@@ -597,6 +597,7 @@
   // ---- Charts (uPlot): one card per model with history, the total first ----------------
 
   const charts = new Map(); // id -> { card, plots }
+  const dark = window.matchMedia("(prefers-color-scheme: dark)");
   const CHART_HEIGHT = 110;
 
   function destroyCharts() {
@@ -634,7 +635,7 @@
       side,
       stroke: colors.muted,
       font: "10px system-ui, sans-serif",
-      size: 40,
+      size: side === 3 ? 50 : 38,
       gap: 2,
       grid: { show: side === 3, stroke: colors.line, width: 1 },
       ticks: { stroke: colors.line, width: 1, size: 3 },
@@ -683,9 +684,11 @@
     });
   }
 
-  function series(values, points) {
+  // A step that ended before the proxy started has no value, whatever the data says.
+  function series(values, points, xs, startedAt) {
     const out = list(values).slice(-points).map(num);
     while (out.length < points) out.unshift(null);
+    if (startedAt !== null) for (let i = 0; i < points && xs[i] <= startedAt; i++) out[i] = null;
     return out;
   }
 
@@ -712,7 +715,7 @@
     plot.root.parentElement.dataset.points = String(drawn);
   }
 
-  function renderCharts(models, items) {
+  function renderCharts(models, items, startedAt) {
     if (typeof window.uPlot !== "function") return;
     const points = num(models.points) ?? 0;
     const step = num(models.step_seconds) ?? 0;
@@ -726,6 +729,7 @@
       if (obj(item.history) && str(item.name) !== null) entries.push({ id: `model:${item.name}`, title: str(item.name), history: item.history });
     }
     const box = $("charts");
+    box.dataset.theme = dark.matches ? "dark" : "light"; // the colours the charts were drawn in
     const seen = new Set();
     entries.forEach((entry, index) => {
       seen.add(entry.id);
@@ -736,12 +740,13 @@
       }
       if (box.children[index] !== chart.card) box.insertBefore(chart.card, box.children[index] || null);
       const hist = entry.history;
-      draw(chart.plots[0], [xs, series(hist.requests_per_second, points), series(hist.completion_tokens_per_second, points)]);
+      const line = (values) => series(values, points, xs, startedAt);
+      draw(chart.plots[0], [xs, line(hist.requests_per_second), line(hist.completion_tokens_per_second)]);
       draw(chart.plots[1], [
         xs,
-        series(hist.ttft_p50_seconds, points),
-        series(hist.ttft_p95_seconds, points),
-        series(hist.generation_tokens_per_second, points),
+        line(hist.ttft_p50_seconds),
+        line(hist.ttft_p95_seconds),
+        line(hist.generation_tokens_per_second),
       ]);
     });
     for (const [id, chart] of charts) {
@@ -766,7 +771,7 @@
   $("models-table").querySelector("thead").addEventListener("click", onSort);
   if (typeof ResizeObserver === "function") new ResizeObserver(resizeCharts).observe($("charts"));
   // The charts' colours come from the theme: a theme change redraws them.
-  window.matchMedia("(prefers-color-scheme: dark)").addEventListener("change", () => {
+  dark.addEventListener("change", () => {
     destroyCharts();
     if (state.data) renderModels(obj(state.data.models) || {});
   });
