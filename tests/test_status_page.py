@@ -73,7 +73,7 @@ def example(now: float | None = None) -> Json:
 class StubProxy:
     """GET /-/status, /-/status/{name} and /-/status.json as docs/status.md gives them."""
 
-    def __init__(self, data: Json) -> None:
+    def __init__(self, data: Json, prefix: str = "") -> None:
         self.data = data
         self.key: str | None = None  # set: access control on, with this admin key
         self.failing: int | None = None  # set: status.json answers this status
@@ -84,9 +84,10 @@ class StubProxy:
         self.most_in_flight = 0
         self.url = ""
         self.app = web.Application()
-        self.app.router.add_get("/-/status", self._file)
-        self.app.router.add_get("/-/status.json", self._json)
-        self.app.router.add_get("/-/status/{name}", self._file)
+        # prefix: as a reverse proxy in front would mount it, at a sub path.
+        self.app.router.add_get(f"{prefix}/-/status", self._file)
+        self.app.router.add_get(f"{prefix}/-/status.json", self._json)
+        self.app.router.add_get(f"{prefix}/-/status/{{name}}", self._file)
         self.app.router.add_route("*", "/{tail:.*}", self._other)
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
@@ -326,6 +327,24 @@ async def test_text_from_the_data_is_never_markup(browser: BrowserThread, stub: 
         for tag in ("img", "b", "script", "a"):
             assert await page.locator(f"#content {tag}").count() == 0, tag
         assert await page.evaluate("window.__pwned") is None
+        assert console.take() == []
+        await context.close()
+
+    await browser.run(scenario)
+
+
+async def test_behind_a_sub_path(browser: BrowserThread, aiohttp_server: AiohttpServer) -> None:
+    stub = StubProxy(example(), prefix="/ollama")
+    server = await aiohttp_server(stub.app)
+    url = str(server.make_url("/ollama/-/status"))
+
+    async def scenario(browser: Browser) -> None:
+        context, page, console = await open_page(browser, url)
+        await live(page)
+        await expect(page.locator("#charts canvas")).to_have_count(6)
+        href = await page.eval_on_selector("#metrics-link", "a => a.href")
+        assert href == str(server.make_url("/ollama/metrics"))
+        assert all(path.startswith("/ollama/-/status") for path in stub.paths), stub.paths
         assert console.take() == []
         await context.close()
 
@@ -630,6 +649,7 @@ async def test_the_page_against_the_real_proxy(
         total = page.locator('#charts [data-chart="all models"] .chart[data-kind="load"]')
         await expect(total).to_have_attribute("data-points", re.compile(r"^[1-9]"))
         await expect(page.locator("#keys-body")).to_contain_text("alice")
+        await expect(page.locator("#today")).to_be_hidden()  # no ledger
         await page.screenshot(path=artifacts / "status-real.png", full_page=True)
 
         # An upstream dies: down within a few polls (the proxy's 2 s, the page's 2 s).
