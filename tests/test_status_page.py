@@ -234,6 +234,7 @@ async def check_example(page: Page, stub: StubProxy) -> None:
     )
     await expect(page.locator("#charts canvas")).to_have_count(6)
 
+    await expect(page.locator("#keys-note")).to_have_text("the 3 busiest keys of the last hour")
     await expect(page.locator("#keys-body tr")).to_have_count(3)
     await expect(page.locator("#keys-body tr").first).to_contain_text("alice")
     await expect(page.locator("#today")).to_be_visible()

@@ -85,8 +85,9 @@
     if (s === null) return DASH;
     if (s < 60) return `${Math.floor(s)} s`;
     if (s < 3600) return `${Math.floor(s / 60)} min`;
-    if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
-    return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
+    const pair = (big, bigUnit, small, smallUnit) => (small ? `${big} ${bigUnit} ${small} ${smallUnit}` : `${big} ${bigUnit}`);
+    if (s < 86400) return pair(Math.floor(s / 3600), "h", Math.floor((s % 3600) / 60), "min");
+    return pair(Math.floor(s / 86400), "d", Math.floor((s % 86400) / 3600), "h");
   }
 
   // When a model unloads, from the proxy's clock (generated_at), not the browser's.
@@ -501,7 +502,8 @@
 
   function renderKeys(keys) {
     const items = list(keys.items).map((i) => obj(i) || {});
-    text("keys-note", `the ${items.length} busiest keys of the last ${fmtDuration(keys.window_seconds)}`);
+    const span = num(keys.window_seconds) === 3600 ? "hour" : fmtDuration(keys.window_seconds);
+    text("keys-note", `the ${items.length} busiest key${items.length === 1 ? "" : "s"} of the last ${span}`);
     const rows = items.map((k) =>
       h(
         "tr",
