@@ -36,6 +36,9 @@ WINDOW_STEPS: Final = 12  # the "now" values: the last 60 s
 KEY_STEP: Final = 60
 KEY_POINTS: Final = 60  # an hour
 PROBLEMS: Final = 20
+#: Rates and times are rounded to this many decimals (0.1 ms; a histogram's quantile is an
+#: estimate to begin with): a third of the size of the page's every answer is digits.
+DECIMALS: Final = 4
 
 # Slot layout of a model ring: counters, then the TTFT histogram (its last bucket is +Inf).
 _REQUESTS, _PROMPT, _COMPLETION, _EVAL_SECONDS, _EVAL_TOKENS = range(5)
@@ -68,77 +71,101 @@ class Point(NamedTuple):
 class Ring:
     """The last ``points`` steps of one model (or of all, or of a key), up to ``newest``.
 
-    Slot ``step % points`` holds step ``step``. Moving to a later step clears the slots it
-    passes, so every slot is one of the last ``points`` steps (zeros where nothing came), and
-    keeps two running sums of the closed steps: of the whole ring, and of the last
-    ``window`` of them. Reading a total or a window is then one addition of the step under
-    way, whatever the ring's length (the page reads every model's ring on every poll)."""
+    Slot ``step % points`` holds step ``step``, or None while nothing came in it (a quiet
+    model costs no memory for its quiet steps). Moving to a later step empties the slots it
+    passes, so every slot is one of the last ``points`` steps, and keeps two running sums of
+    the closed steps: of the whole ring, and of the last ``window`` of them. Reading a total
+    or a window is then one addition of the step under way, whatever the ring's length (the
+    page reads every model's ring on every poll)."""
 
-    __slots__ = ("_history", "closed", "closed_window", "newest", "slots", "window")
+    __slots__ = (
+        "_history", "_points", "closed", "closed_window", "newest", "size", "slots", "window"
+    )  # fmt: skip
 
     def __init__(self, points: int = POINTS, size: int = _SLOT_SIZE, window: int = WINDOW_STEPS):
         self.newest = -1
-        self.slots = [[0] * size for _ in range(points)]
+        self.size = size
+        self.slots: list[list[int] | None] = [None] * points
         self.window = window
         self.closed = [0] * size
         self.closed_window = [0] * size
         self._history: tuple[int, list[Point]] | None = None
+        self._points: list[tuple[int, Point] | None] = [None] * points
 
     def at(self, step: int) -> list[int]:
-        """The slot of ``step``, the ring moved on to it first. A step before the newest (the
-        wall clock stepped back) counts in the newest."""
+        """The slot of ``step`` to add to, the ring moved on to it first. A step before the
+        newest (the wall clock stepped back) counts in the newest."""
+        index = self._now(step)
+        slot = self.slots[index]
+        if slot is None:
+            slot = self.slots[index] = [0] * self.size
+        return slot
+
+    def _now(self, step: int) -> int:
         newest = self.newest
         if step > newest:
             self._move(newest, step)
             newest = step
-        return self.slots[newest % len(self.slots)]
+        return newest % len(self.slots)
 
     def _move(self, newest: int, step: int) -> None:
         slots, points = self.slots, len(self.slots)
         self.newest = step
         if newest < 0 or step - newest >= points:
-            for slot in slots:
-                slot[:] = _zeros(slot)
-            self.closed = _zeros(self.closed)
-            self.closed_window = _zeros(self.closed_window)
+            slots[:] = [None] * points
+            self.closed = [0] * self.size
+            self.closed_window = [0] * self.size
             return
         closed, closed_window, window = self.closed, self.closed_window, self.window
         for moment in range(newest + 1, step + 1):
             ending = slots[(moment - 1) % points]  # the step before closes
-            closed[:] = map(add, closed, ending)
-            closed_window[:] = map(add, closed_window, ending)
-            leaving = slots[moment % points]  # the step ``points`` before leaves the ring
-            closed[:] = map(sub, closed, leaving)
-            leaving[:] = _zeros(leaving)
-            if window < points:  # and the step ``window`` before leaves the window
-                closed_window[:] = map(sub, closed_window, slots[(moment - window) % points])
-            else:
+            if ending is not None:
+                closed[:] = map(add, closed, ending)
+                closed_window[:] = map(add, closed_window, ending)
+            index = moment % points
+            leaving = slots[index]  # the step ``points`` before leaves the ring
+            if leaving is not None:
+                closed[:] = map(sub, closed, leaving)
+                slots[index] = None
+            if window >= points:
                 closed_window[:] = closed
+                continue
+            gone = slots[(moment - window) % points]  # and the step ``window`` before, the window
+            if gone is not None:
+                closed_window[:] = map(sub, closed_window, gone)
 
     def total(self, step: int) -> list[int]:
         """Sums over the whole ring, as of ``step``."""
-        return list(map(add, self.closed, self.at(step)))
+        current = self.slots[self._now(step)]
+        return list(self.closed if current is None else map(add, self.closed, current))
 
     def last(self, step: int) -> list[int]:
         """Sums over the last ``window`` steps, as of ``step``."""
-        return list(map(add, self.closed_window, self.at(step)))
+        current = self.slots[self._now(step)]
+        window = self.closed_window
+        return list(window if current is None else map(add, window, current))
 
     def history(self, step: int, step_seconds: float) -> list[Point]:
-        """One Point per step, oldest first, up to ``step``. The closed steps' points are
-        kept until the step changes: only the last one is worked out again."""
-        current = self.at(step)
+        """One Point per step, oldest first, up to ``step``. A closed step's point is worked
+        out once (it never changes again); the list of them is kept until the step changes,
+        so a read in the same step works out only the last point."""
+        current = self.slots[self._now(step)]
         cached = self._history
         if cached is None or cached[0] != step:
-            slots, points = self.slots, len(self.slots)
-            closed = [
-                derive(slots[m % points], step_seconds) for m in range(step - points + 1, step)
-            ]
+            slots, kept, points = self.slots, self._points, len(self.slots)
+            closed = []
+            for moment in range(step - points + 1, step):
+                index = moment % points
+                slot = slots[index]
+                if slot is None:
+                    closed.append(_EMPTY)
+                    continue
+                point = kept[index]
+                if point is None or point[0] != moment:
+                    point = kept[index] = (moment, derive(slot, step_seconds))
+                closed.append(point[1])
             cached = self._history = (step, closed)
-        return [*cached[1], derive(current, step_seconds)]
-
-
-def _zeros(slot: list[int]) -> list[int]:
-    return [0] * len(slot)
+        return [*cached[1], _EMPTY if current is None else derive(current, step_seconds)]
 
 
 #: A step without requests: none a second, and nothing to measure a time or a speed of.
@@ -152,12 +179,13 @@ def derive(slot: list[int], seconds: float) -> Point:
         return _EMPTY
     histogram = slot[_TTFT:]
     eval_seconds = slot[_EVAL_SECONDS]  # microseconds
+    p50, p95 = quantile(0.5, histogram), quantile(0.95, histogram)
     return Point(
-        requests / seconds,
-        slot[_COMPLETION] / seconds,
-        quantile(0.5, histogram),
-        quantile(0.95, histogram),
-        slot[_EVAL_TOKENS] * 1e6 / eval_seconds if eval_seconds > 0 else None,
+        round(requests / seconds, DECIMALS),
+        round(slot[_COMPLETION] / seconds, DECIMALS),
+        None if p50 is None else round(p50, DECIMALS),
+        None if p95 is None else round(p95, DECIMALS),
+        round(slot[_EVAL_TOKENS] * 1e6 / eval_seconds, DECIMALS) if eval_seconds > 0 else None,
     )
 
 
@@ -203,8 +231,13 @@ class Recorder:
         ring = self.models.get(x.model)
         if ring is None:
             ring = self.models[x.model] = Ring()
-        slot = ring.at(step)
-        total = self.total.at(step)
+        # (Ring.at, its common case inline: this runs once a request.)
+        slot = ring.slots[step % POINTS] if ring.newest == step else None
+        if slot is None:
+            slot = ring.at(step)
+        total = self.total.slots[step % POINTS] if self.total.newest == step else None
+        if total is None:
+            total = self.total.at(step)
         slot[_REQUESTS] += 1
         total[_REQUESTS] += 1
         prompt = completion = 0
@@ -216,25 +249,31 @@ class Recorder:
                 slot[_COMPLETION] += completion
                 total[_PROMPT] += prompt
                 total[_COMPLETION] += completion
-            if usage.eval_seconds > 0 and usage.completion_tokens:
+            eval_seconds = usage.eval_seconds
+            if eval_seconds > 0 and completion:
                 # (In microseconds, so that a slot holds only ints.)
-                micros = round(usage.eval_seconds * 1e6)
+                micros = int(eval_seconds * 1e6)
                 slot[_EVAL_SECONDS] += micros
-                slot[_EVAL_TOKENS] += usage.completion_tokens
+                slot[_EVAL_TOKENS] += completion
                 total[_EVAL_SECONDS] += micros
-                total[_EVAL_TOKENS] += usage.completion_tokens
-        if x.streamed and x.inference and x.first_byte is not None:
-            bucket = _TTFT + bisect_left(TTFT_BUCKETS, x.first_byte - x.started)
+                total[_EVAL_TOKENS] += completion
+        first_byte = x.first_byte
+        if first_byte is not None and x.streamed and x.inference:
+            bucket = _TTFT + bisect_left(TTFT_BUCKETS, first_byte - x.started)
             slot[bucket] += 1
             total[bucket] += 1
         key = self._key_label(x.key)
         keys = self.keys.get(key)
         if keys is None:
             keys = self.keys[key] = Ring(KEY_POINTS, 4, KEY_POINTS)
-        counts = keys.at(int(now // KEY_STEP))
+        minute = int(now // KEY_STEP)
+        counts = keys.slots[minute % KEY_POINTS] if keys.newest == minute else None
+        if counts is None:
+            counts = keys.at(minute)
         counts[_K_REQUESTS] += 1
-        counts[_K_PROMPT] += prompt
-        counts[_K_COMPLETION] += completion
+        if completion or prompt:
+            counts[_K_PROMPT] += prompt
+            counts[_K_COMPLETION] += completion
         if x.status >= 400 or x.error is not None:
             refused = x.refused
             if refused is not None:

@@ -19,6 +19,7 @@ from ..gateway.queueing import SINGLE
 from ..gateway.router import model_key
 from ..ollama import LoadedModel, loaded_model, parse_version
 from .recorder import (
+    DECIMALS,
     KEY_POINTS,
     KEY_STEP,
     POINTS,
@@ -34,7 +35,7 @@ VERSION: Final = 1
 #: Models whose history the object carries (the busiest); the rest have their numbers only.
 HISTORY_MODELS: Final = 10
 TOP_KEYS: Final = 20
-DASHBOARD: Final = "grafana/ollama-meter.json"
+DASHBOARD: Final = "grafana/dashboards/ollama-meter.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,9 +280,9 @@ def _model(
     return {
         "name": name,
         "requests": requests,
-        "requests_per_second": window[0] / seconds,
-        "prompt_tokens_per_second": window[1] / seconds,
-        "completion_tokens_per_second": window[2] / seconds,
+        "requests_per_second": round(window[0] / seconds, DECIMALS),
+        "prompt_tokens_per_second": round(window[1] / seconds, DECIMALS),
+        "completion_tokens_per_second": round(window[2] / seconds, DECIMALS),
         "ttft_p50_seconds": now.ttft_p50_seconds,
         "ttft_p95_seconds": now.ttft_p95_seconds,
         "generation_tokens_per_second": now.generation_tokens_per_second,
