@@ -146,7 +146,7 @@
     memory: null, // when sessionStorage is not allowed (some privacy settings)
     get() {
       try {
-        return sessionStorage.getItem(KEY_STORE);
+        return sessionStorage.getItem(KEY_STORE) ?? this.memory;
       } catch (_) {
         return this.memory;
       }
@@ -237,8 +237,9 @@
         signal: controller.signal,
       });
       body = await readJson(response);
-    } catch (_) {
-      unreachable("cannot reach the proxy");
+    } catch (error) {
+      const slow = error instanceof DOMException && error.name === "AbortError";
+      unreachable(slow ? `the proxy did not answer within ${FETCH_TIMEOUT_MS / 1000} s` : "cannot reach the proxy");
       return;
     } finally {
       clearTimeout(deadline);
