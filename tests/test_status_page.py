@@ -523,6 +523,9 @@ async def test_a_large_fleet_stays_readable(
         await expect(page.locator("#problems-body tr")).to_have_count(20)
         await no_page_scroll(page)
         await page.screenshot(path=artifacts / "status-large-phone.png")
+        await page.set_viewport_size({"width": 1280, "height": 900})
+        await expect(page.locator("#upstreams > *")).to_have_count(20)
+        await page.screenshot(path=artifacts / "status-large.png", full_page=True)
         assert console.take() == []
         await context.close()
 
