@@ -525,7 +525,7 @@ async def test_a_large_fleet_stays_readable(
         await page.screenshot(path=artifacts / "status-large-phone.png")
         await page.set_viewport_size({"width": 1280, "height": 900})
         await expect(page.locator("#upstreams > *")).to_have_count(20)
-        await page.screenshot(path=artifacts / "status-large.png", full_page=True)
+        await page.screenshot(path=artifacts / "status-large.png")
         assert console.take() == []
         await context.close()
 
@@ -663,7 +663,7 @@ async def test_the_page_against_the_real_proxy(
         await in_loop(loop, fleet[2].refuse())
         await expect(upstream_state(page, "u3")).to_have_text("down")
         await expect(upstream_state(page, "u1")).to_have_text("up")
-        await page.screenshot(path=artifacts / "status-real-down.png", full_page=True)
+        await page.screenshot(path=artifacts / "status-real-down.png")
         assert console.take() == []
         await context.close()
 
