@@ -334,6 +334,44 @@ async def test_text_from_the_data_is_never_markup(browser: BrowserThread, stub: 
     await browser.run(scenario)
 
 
+def core(data: Json) -> Json:
+    """The example as one upstream without a config file, keys or ledger would give it."""
+    upstream = data["fleet"]["upstreams"][0]
+    upstream.update(name="default", breaker=None, slots=None, max_loaded=None)
+    data["fleet"] = {
+        "queue": {"depth": 0, "max": None, "max_wait_seconds": None},
+        "upstreams": [upstream],
+    }
+    data["meter"].update(mode="core", access_control=False, limits=False, ledger=False)
+    data["keys"]["items"] = [dict(data["keys"]["items"][0], key="anonymous")]
+    data["keys"]["today"] = None
+    data["problems"] = []
+    return data
+
+
+async def test_one_upstream(browser: BrowserThread, stub: StubProxy) -> None:
+    stub.data = core(stub.data)
+
+    async def scenario(browser: Browser) -> None:
+        context, page, console = await open_page(browser, stub.url)
+        await live(page)
+        card = page.locator('#upstreams [data-upstream="default"]')
+        await expect(card).to_contain_text("slots not gated")
+        await expect(card.locator(".pill")).to_have_count(1)  # up; no breaker
+        await expect(card.locator('[data-model="qwen2.5:7b"]')).to_contain_text("1 in flight")
+        await expect(page.locator("#queue")).to_have_text(
+            "1 of 1 upstreams up · no queue (no upstream is gated)"
+        )
+        await expect(page.locator("#summary")).to_have_text("v0.1.0 · up 2 h 2 min · one upstream")
+        await expect(page.locator("#today")).to_be_hidden()
+        await expect(page.locator("#problems-body")).to_have_text("no errors or refusals")
+        await expect(page.locator("#forget-key")).to_be_hidden()
+        assert console.take() == []
+        await context.close()
+
+    await browser.run(scenario)
+
+
 async def test_behind_a_sub_path(browser: BrowserThread, aiohttp_server: AiohttpServer) -> None:
     stub = StubProxy(example(), prefix="/ollama")
     server = await aiohttp_server(stub.app)
