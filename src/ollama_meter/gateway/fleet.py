@@ -132,6 +132,19 @@ class Node:
         return view
 
 
+def _failure(exc: BaseException) -> str:
+    """A poll's failure in a few words, as ``fleet status`` and the status page show it."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no answer in time"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return "connection refused"
+        return (exc.os_error.strerror or "cannot connect").lower()
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "connection closed"
+    return str(exc) or type(exc).__name__
+
+
 def _decrement(counts: dict[str, int], key: str) -> bool:
     """One less for ``key`` (a count is never kept at 0); whether any is left."""
     left = counts.get(key, 0) - 1
@@ -205,7 +218,7 @@ class Fleet:
                 body = await response.read()
                 return (body if 200 <= response.status < 300 else None), True
         except _PROBE_ERRORS as exc:
-            node.last_error = f"{path}: {exc!r}"[:300]
+            node.last_error = f"{path}: {_failure(exc)}"[:300]
             return None, False
 
     async def poll(self, node: Node, tags: bool) -> None:

@@ -135,7 +135,7 @@ def fleet_upstreams(nodes: Iterable[Node], queue: Queue, now: float) -> list[dic
                 settings.max_loaded or None,
                 node.last_poll or None,
                 node.last_error,
-                _loaded(node.ps),
+                _loaded(node.ps) if node.answered else [],  # (down: not known)
                 node.in_flight_by,
                 queue,
                 now,
