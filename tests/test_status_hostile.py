@@ -1,0 +1,62 @@
+"""/-/status.json against a hostile world: an upstream that answers garbage to the poller.
+What must hold: no secret of the configuration in the object."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tomllib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from ollama_meter.settings import parse_settings
+
+from .conftest import MeterFactory
+from .fake_fleet import FleetFactory
+
+_TOKEN = "s3cret-upstream-token"
+
+
+@pytest.fixture
+async def not_http() -> AsyncIterator[str]:
+    """A listener that speaks something other than HTTP (an SSH port typed by mistake)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(4096)
+        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_upstream_answering_garbage_never_shows_its_headers(
+    start_fleet: FleetFactory, start_meter: MeterFactory, not_http: str
+) -> None:
+    fleet = await start_fleet(1, models=("llama3.2",), time_scale=0)
+    toml = fleet.toml() + (
+        f'[[upstream]]\nname = "u2"\nurl = "{not_http}"\n'
+        f'headers = {{ Authorization = "Bearer {_TOKEN}" }}\n'
+    )
+    meter = await start_meter(parse_settings(tomllib.loads(toml), "fleet.toml", Path(".")))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{meter.url}/-/status.json") as response:
+            assert response.status == 200
+            doc = await response.json()
+        async with http.get(f"{meter.url}/-/fleet") as response:
+            fleet_doc = await response.text()
+    u2 = doc["fleet"]["upstreams"][1]
+    assert u2["up"] is False
+    assert u2["last_error"]  # something an operator can read ...
+    assert _TOKEN not in json.dumps(doc)  # ... and never the token sent to it
+    assert _TOKEN not in fleet_doc
+    assert u2["last_error"].endswith(": not a valid HTTP answer")  # not a Python repr
