@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -14,8 +15,10 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from ollama_meter.cli_top import FetchError, fetch
+from ollama_meter.status.cells import sparkline
+from ollama_meter.status.terminal import render_plain
 
-from .test_top import EXAMPLE, top
+from .test_top import EXAMPLE, NOW, top
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -134,3 +137,22 @@ async def test_a_dripping_body_ends_the_fetch(raw: Callable[[Serve], Awaitable[s
     url = await raw(slow)
     with pytest.raises(FetchError, match="timed out"):
         await asyncio.to_thread(fetch, url, None, 1.0)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"generated_at": 1e300},  # past any time_t
+        {"generated_at": -1e18},
+        {"generated_at": 1e308, "problems": [{"time": -1e308, "status": 500}]},  # an inf "ago"
+    ],
+)
+def test_times_at_the_edge_of_a_double_still_draw(change: dict[str, object]) -> None:
+    assert render_plain({**copy.deepcopy(EXAMPLE), **change}, NOW, 100)
+
+
+def test_a_history_of_huge_values_still_draws() -> None:
+    assert sparkline([1e308] * 180) == "█" * 20
+    doc = copy.deepcopy(EXAMPLE)
+    doc["models"]["total"]["history"]["completion_tokens_per_second"] = [1e308] * 180
+    assert render_plain(doc, NOW, 100)
