@@ -1,5 +1,6 @@
-"""/-/status.json against a hostile world: an upstream that answers garbage to the poller.
-What must hold: no secret of the configuration in the object."""
+"""/-/status.json against a hostile world: an upstream that answers garbage to the poller, and a
+wall clock that steps back. What must hold: no secret of the configuration in the object, and
+rates that stay true."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from ollama_meter.exchange import Exchange
+from ollama_meter.gateway.limit_metrics import anonymous_label
 from ollama_meter.settings import parse_settings
+from ollama_meter.status.recorder import STEP, Recorder
+from ollama_meter.status.snapshot import models
 
 from .conftest import MeterFactory
 from .fake_fleet import FleetFactory
@@ -60,3 +65,26 @@ async def test_an_upstream_answering_garbage_never_shows_its_headers(
     assert _TOKEN not in json.dumps(doc)  # ... and never the token sent to it
     assert _TOKEN not in fleet_doc
     assert u2["last_error"].endswith(": not a valid HTTP answer")  # not a Python repr
+
+
+def _served(recorder: Recorder, n: int) -> None:
+    for _ in range(n):
+        x = Exchange("POST", "/api/generate", 0.0, model="m", inference=True)
+        x.status = 200
+        recorder.record(x)
+
+
+def test_a_clock_that_steps_back_keeps_the_rates_true() -> None:
+    """NTP stepping the clock back an hour (a VM resumed, a bad RTC at boot): the traffic after
+    it must not pile up in one step and read as ten times the real rate."""
+    now = [1_800_000_000.0]
+    recorder = Recorder(anonymous_label, lambda: now[0], False)
+    _served(recorder, 1)
+    now[0] -= 3600  # the step back
+    for _ in range(120):  # ten minutes at one request a step (0.2 a second)
+        now[0] += STEP
+        _served(recorder, 1)
+    total = models(recorder, now[0])["total"]
+    assert total["requests_per_second"] == pytest.approx(1 / STEP, rel=0.1)
+    history = total["history"]["requests_per_second"]
+    assert max(history) == pytest.approx(1 / STEP)
