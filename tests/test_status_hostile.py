@@ -13,9 +13,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from ollama_meter.config import Config
 from ollama_meter.exchange import Exchange
 from ollama_meter.gateway.limit_metrics import anonymous_label
-from ollama_meter.settings import parse_settings
+from ollama_meter.ledger_settings import LedgerSettings, printable
+from ollama_meter.limit_settings import LimitSettings
+from ollama_meter.settings import Settings, parse_settings
+from ollama_meter.status.config_view import config_view
 from ollama_meter.status.recorder import STEP, Recorder
 from ollama_meter.status.snapshot import models
 
@@ -88,3 +92,22 @@ def test_a_clock_that_steps_back_keeps_the_rates_true() -> None:
     assert total["requests_per_second"] == pytest.approx(1 / STEP, rel=0.1)
     history = total["history"]["requests_per_second"]
     assert max(history) == pytest.approx(1 / STEP)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql:///ledger?host=/run/postgresql&password=s3cret",  # a socket: no host
+        "postgresql://meter:s3cret@db/ledger?sslpassword=s3cret",  # the client key's passphrase
+        "unix:///run/redis.sock?password=s3cret",
+    ],
+)
+def test_a_store_address_without_a_host_shows_and_hides_its_password(url: str) -> None:
+    """The ledger's and Redis's addresses as the config view (and the ledger's start) print
+    them: a socket's URL has no host, and printing it must neither raise nor show a secret."""
+    shown = printable(url)
+    assert "s3cret" not in shown
+    assert shown.startswith(url.split("?")[0].replace("meter:s3cret@", "meter@"))
+    ledger = LedgerSettings(url=url)
+    view = config_view(Config(), Settings(ledger=ledger, limits=LimitSettings(redis=url)))
+    assert "s3cret" not in json.dumps(view)
