@@ -51,9 +51,23 @@ def test_a_history_is_each_step_on_its_own(moves: list[tuple[int, int]]) -> None
 def test_a_step_back_in_time_counts_in_the_newest() -> None:
     ring = Ring(points=4, size=1, window=2)
     ring.at(10)[0] += 1
-    ring.at(7)[0] += 1  # the wall clock stepped back
+    ring.at(9)[0] += 1  # the wall clock stepped back a little
     assert ring.newest == 10
     assert ring.total(10) == [2]
+
+
+def test_a_longer_step_back_starts_the_ring_again() -> None:
+    """Else every step until the clock is back at the newest would pile into that one."""
+    ring = Ring(points=4, size=22, window=2)  # (a model's slot: history derives it)
+    ring.at(10)[0] += 1
+    assert ring.history(10, 1.0)[-1].requests_per_second == 1.0
+    ring.at(20)[0] += 1  # forward past the ring's length: started again
+    ring.at(7)[0] += 1  # and back: started again at 7
+    assert ring.newest == 7
+    assert ring.total(7)[0] == 1
+    ring.at(8)[0] += 2
+    assert ring.last(8)[0] == 3
+    assert [p.requests_per_second for p in ring.history(8, 1.0)] == [0.0, 0.0, 1.0, 2.0]
 
 
 def test_quantiles_interpolate_inside_their_bucket() -> None:

@@ -36,9 +36,24 @@ _REFRESH: Final = 1.0  # seconds between polls
 _TIMEOUT: Final = 3.0
 _PLAIN_WIDTH: Final = 100
 _PATH: Final = "/-/status.json"
-# No proxy from the environment (http_proxy, ...): the admin key goes to --url and nowhere
-# else, as with the other commands' aiohttp clients, which do not read those variables.
-_OPENER: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+#: The largest document read: a busy fleet's is well under a megabyte.
+_MAX_BODY: Final = 16 << 20
+#: The most of an error answer read (its message is a line).
+_MAX_ERROR: Final = 64 << 10
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """The proxy never redirects /-/status.json: a 3xx is an answer, never followed (urllib
+    would send the key's header on to wherever it points)."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+# No proxy from the environment (http_proxy, ...) and no redirects: the admin key goes to --url
+# and nowhere else, as with the other commands' aiohttp clients, which do not read those
+# variables.
+_OPENER: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
 
 Doc = dict[str, object]
 
@@ -47,8 +62,10 @@ class FetchError(Exception):
     """A fetch that gave no document; its text is the one line the user reads."""
 
 
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text)
+def _printable(text: str, limit: int = 200) -> str:
+    """What came from the far end, fit for one line of a terminal: no escape sequence, no
+    carriage return, and not a screenful."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
 def _reason(error: object) -> str:
@@ -56,8 +73,9 @@ def _reason(error: object) -> str:
     if isinstance(error, TimeoutError):
         return "timed out"
     if isinstance(error, OSError) and error.strerror:
-        return error.strerror[:1].lower() + error.strerror[1:]
-    return str(error) or type(error).__name__
+        return _printable(error.strerror[:1].lower() + error.strerror[1:])
+    # (http.client's BadStatusLine is the line the far end sent.)
+    return _printable(str(error)) or type(error).__name__
 
 
 def _answer_error(body: bytes) -> str:
@@ -80,6 +98,8 @@ def _refused(url: str, status: int, body: bytes, key: str | None) -> str:
         return f"{url} refused the key: {_PATH} needs an admin key (403: {said})"
     if status == 404:
         return f"{url} has no {_PATH} (404): is it ollama-meter, with the status page?"
+    if 300 <= status < 400:
+        return f"{url}{_PATH} answered {status}, a redirect (not followed): give --url the proxy"
     return f"{url}{_PATH} answered {status}: {said}"
 
 
@@ -94,12 +114,16 @@ def fetch(url: str, key: str | None, timeout: float = _TIMEOUT) -> Doc:
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
     request = urllib.request.Request(url + _PATH, headers=headers)
+    # ``timeout`` bounds each wait on the socket; this, the whole body (a far end that sends
+    # a byte a second would otherwise hold the fetch, and the q key, for as long as it likes).
+    deadline = time.monotonic() + timeout
     try:
         with _OPENER.open(request, timeout=timeout) as response:
-            body: bytes = response.read()
+            body = _read(response, _MAX_BODY, deadline, url)
     except urllib.error.HTTPError as exc:
         with exc:
-            raise FetchError(_refused(url, exc.code, exc.read(), key)) from None
+            said = _read(exc, _MAX_ERROR, deadline, url, whole=False)
+            raise FetchError(_refused(url, exc.code, said, key)) from None
     except urllib.error.URLError as exc:
         raise FetchError(f"cannot reach {url}: {_reason(exc.reason)}") from None
     except (OSError, http.client.HTTPException) as exc:
@@ -111,6 +135,29 @@ def fetch(url: str, key: str | None, timeout: float = _TIMEOUT) -> Doc:
     if not isinstance(doc, dict):
         raise FetchError(f"{url}{_PATH} answered JSON that is not an object")
     return doc
+
+
+def _read(
+    response: http.client.HTTPResponse | urllib.error.HTTPError,
+    limit: int,
+    deadline: float,
+    url: str,
+    *,
+    whole: bool = True,
+) -> bytes:
+    """At most ``limit`` bytes of the body, before ``deadline``. ``whole``: a body past the
+    limit is an error; otherwise it is cut there."""
+    chunks, size = [], 0
+    while chunk := response.read1(65536):
+        if time.monotonic() > deadline:
+            raise FetchError(f"cannot reach {url}: timed out reading {_PATH}")
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            if whole:
+                raise FetchError(f"{url}{_PATH} is too large (over {limit >> 20} MB)")
+            break
+    return b"".join(chunks)[:limit]
 
 
 def _base(url: str) -> str:

@@ -52,17 +52,28 @@ class LedgerSettings:
         return str(self.path)
 
 
+#: Query parameters that hold a secret: libpq's password and its client key's passphrase
+#: (redis-py reads ``password`` too).
+_SECRET_PARAMETERS: Final = frozenset({"password", "sslpassword"})
+
+
 def printable(url: str) -> str:
-    """A PostgreSQL URL without its password: neither the one before the host nor libpq's
-    ``?password=`` parameter."""
+    """A PostgreSQL (or Redis) URL without its password: neither the one before the host nor
+    a ``?password=`` parameter. A URL without a host (a socket: ``postgresql:///db?host=/run``,
+    ``unix:///run/redis.sock``) has no place for one before it."""
     try:
         parsed = URL(url)
     except ValueError:
         return "(a URL that does not parse)"
     query = parsed.query
-    if "password" in query:
-        parsed = parsed.with_query([(k, v) for k, v in query.items() if k != "password"])
-    return str(parsed.with_password(None))
+    kept = [(k, v) for k, v in query.items() if k not in _SECRET_PARAMETERS]
+    if parsed.absolute:
+        if len(kept) < len(query):
+            parsed = parsed.with_query(kept)
+        return str(parsed.with_password(None))
+    # (yarl would print ``unix:///run/x`` as ``unix:/run/x``: keep the text as written.)
+    rest = URL.build(query=kept).raw_query_string
+    return url.partition("?")[0] + (f"?{rest}" if rest else "")
 
 
 def store_of(value: str, where: str) -> tuple[Path | None, str | None]:

@@ -49,6 +49,28 @@ ALPHA: Final = 0.2
 _PROBE_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
+def poll_error(exc: BaseException) -> str:
+    """A failed poll in words, for /-/fleet and the status page. Never ``repr(exc)``: a
+    ClientResponseError's holds the request's headers, the upstream's token among them."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return "connection refused"
+        return (exc.os_error.strerror or "cannot connect").lower()
+    if isinstance(exc, aiohttp.TooManyRedirects):
+        return "too many redirects"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return "not a valid HTTP answer"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "connection closed before the answer"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "answer cut short"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return type(exc).__name__
+
+
 def _average(previous: float | None, sample: float) -> float:
     return sample if previous is None else previous + ALPHA * (sample - previous)
 
@@ -132,19 +154,6 @@ class Node:
         return view
 
 
-def _failure(exc: BaseException) -> str:
-    """A poll's failure in a few words, as ``fleet status`` and the status page show it."""
-    if isinstance(exc, asyncio.TimeoutError):
-        return "no answer in time"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        if isinstance(exc.os_error, ConnectionRefusedError):
-            return "connection refused"
-        return (exc.os_error.strerror or "cannot connect").lower()
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "connection closed"
-    return str(exc) or type(exc).__name__
-
-
 def _decrement(counts: dict[str, int], key: str) -> bool:
     """One less for ``key`` (a count is never kept at 0); whether any is left."""
     left = counts.get(key, 0) - 1
@@ -218,7 +227,7 @@ class Fleet:
                 body = await response.read()
                 return (body if 200 <= response.status < 300 else None), True
         except _PROBE_ERRORS as exc:
-            node.last_error = f"{path}: {_failure(exc)}"[:300]
+            node.last_error = f"{path}: {poll_error(exc)}"[:300]
             return None, False
 
     async def poll(self, node: Node, tags: bool) -> None:

@@ -49,7 +49,10 @@ def text(value: object) -> str | None:
 
 
 def duration(seconds: float) -> str:
-    """``35s``, ``4m00s``, ``2h02m``, ``3d04h``: two units at most, rounded down."""
+    """``35s``, ``4m00s``, ``2h02m``, ``3d04h``: two units at most, rounded down; ``-``
+    for a span no int holds (two far-off times from the document, their difference inf)."""
+    if not math.isfinite(seconds):
+        return "-"
     s = int(max(seconds, 0.0))
     if s < 60:
         return f"{s}s"
@@ -117,7 +120,9 @@ def sparkline(values: object, width: int = SPARK_WIDTH, *, ascii: bool = False) 
     cells: list[float | None] = []
     for start in range(0, len(points), per):
         known = [v for v in map(num, points[start : start + per]) if v is not None]
-        cells.append(sum(known) / len(known) if known else None)
+        # (Each divided first: a sum of large finite values can overflow to inf, and inf/inf
+        # below is NaN.)
+        cells.append(sum(v / len(known) for v in known) if known else None)
     top = max((c for c in cells if c is not None), default=0.0)
     levels = _SPARK_ASCII if ascii else _SPARK
     out = []

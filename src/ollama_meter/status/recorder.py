@@ -93,8 +93,11 @@ class Ring:
         self._points: list[tuple[int, Point] | None] = [None] * points
 
     def at(self, step: int) -> list[int]:
-        """The slot of ``step`` to add to, the ring moved on to it first. A step before the
-        newest (the wall clock stepped back) counts in the newest."""
+        """The slot of ``step`` to add to, the ring moved on to it first. The step before the
+        newest (the wall clock stepped back a little) counts in the newest; an earlier one
+        (stepped back further) starts the ring again there, as a jump forward past its length
+        does: else everything until the clock caught up would pile into one step, and read as
+        many times the real rate."""
         index = self._now(step)
         slot = self.slots[index]
         if slot is None:
@@ -106,6 +109,9 @@ class Ring:
         if step > newest:
             self._move(newest, step)
             newest = step
+        elif step < newest - 1:
+            self._move(-1, step)
+            newest = step
         return newest % len(self.slots)
 
     def _move(self, newest: int, step: int) -> None:
@@ -115,6 +121,9 @@ class Ring:
             slots[:] = [None] * points
             self.closed = [0] * self.size
             self.closed_window = [0] * self.size
+            # (After a step back, steps come again: what was worked out for them is not theirs.)
+            self._history = None
+            self._points = [None] * points
             return
         closed, closed_window, window = self.closed, self.closed_window, self.window
         for moment in range(newest + 1, step + 1):

@@ -147,7 +147,10 @@ def header(doc: Doc, now: float) -> Text:
     parts.append(", ".join(on) if on else "no keys, limits or ledger")
     generated = num(doc.get("generated_at"))
     if generated is not None:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(generated))
+        try:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(generated))
+        except (OverflowError, OSError, ValueError):  # past what the platform's time_t holds
+            stamp = "?"
         parts.append(f"{stamp} ({ago(generated, now)})")
     return Text(" | ".join(parts), style="bold", no_wrap=True, overflow="ellipsis")
 
