@@ -3,15 +3,15 @@
 Times what a fleet proxy adds to each request that names a model, on fleets of 3 and 20
 upstreams that all list it and hold it loaded (the steady state of run.py ``--fleet``):
 
-- the route step, ``Dispatch.place("POST", route_for("/api/generate"), "llama3.2", headers)``
-  (proxy.py awaits it once a request; it does not suspend when the model is listed, so it is
-  driven here by one ``send``), and its parts: ``Fleet.views()`` (the snapshot), the pure
-  ``router.choose(...)`` on that snapshot, ``model_key``;
+- the route step, ``Dispatch.place_now("POST", route_for("/api/generate"), "llama3.2",
+  headers)`` (proxy.py calls it once a request, and awaits ``Dispatch.place`` only when it
+  says the tags are to be refreshed first), and its parts: ``Fleet.views()`` (the
+  snapshot), the pure ``router.choose(...)`` on that snapshot, ``model_key``;
 - the bookkeeping around the upstream request: ``Fleet.sent`` + ``Fleet.count_decision``
   (proxy.py ``_send``) and the record step ``Dispatch.ended`` (proxy.py ``_record``), together
   (the fleet's counts stay where they are) and ``ended`` alone;
 - ``Node.base`` (the upstream's address as text, computed for every request sent);
-- the sum a request pays: place + sent + count_decision + ended;
+- the sum a request pays: place_now + sent + count_decision + ended;
 - ``choose`` where it works harder: the model listed by one upstream of 20 only, and listed
   by all 20 but loaded on none, each full (``max_loaded`` 1) with an idle model to evict.
 
@@ -124,6 +124,7 @@ def cases() -> dict[str, tuple[str, dict[str, Any]]]:
         g: dict[str, Any] = {
             "drive": drive,
             "place": dispatch.place,
+            "place_now": dispatch.place_now,
             "route": route,
             "model": MODEL,
             "key": KEY,
@@ -147,8 +148,8 @@ def cases() -> dict[str, tuple[str, dict[str, Any]]]:
         assert isinstance(choose(KEY, g["views_now"], g["now"], g["rng"]), Choice)
         n = f"({size} upstreams)"
         table |= {
-            f"route step: Dispatch.place {n}": (
-                'drive(place("POST", route, model, headers))',
+            f"route step: Dispatch.place_now {n}": (
+                'place_now("POST", route, model, headers)',
                 g,
             ),
             f"  Fleet.views() {n}": ("views()", g),
@@ -161,8 +162,8 @@ def cases() -> dict[str, tuple[str, dict[str, Any]]]:
                 g,
             ),
             f"  Dispatch.ended alone {n}": ("ended_alone(x_alone)", g),
-            f"per request: place + sent + count_decision + ended {n}": (
-                't = drive(place("POST", route, model, headers)); x.target = t;'
+            f"per request: place_now + sent + count_decision + ended {n}": (
+                't = place_now("POST", route, model, headers); x.target = t;'
                 " sent(t.node, t.key); count(t.node, t.decision); ended(x)",
                 g,
             ),

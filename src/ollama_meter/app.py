@@ -22,6 +22,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 
 from . import __version__
+from .client_warmup import warm_up
 from .config import Config, is_loopback_listener
 from .errors import error_body
 from .gateway.access import Access
@@ -161,6 +162,7 @@ def create_app(
         app[ACCESS_LOG] = access_log
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+        warm_up()  # before the first request of any kind (client_warmup.py says why)
         session = aiohttp.ClientSession(
             # No total timeout: a stream can legitimately last many minutes, and headers wait
             # for the first token (queue + model load + prompt). Silence is what is bounded.

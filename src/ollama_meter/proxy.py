@@ -429,8 +429,11 @@ class Proxy:
             if self._limiter is not None and route.inference:
                 who = None if gate is None else gate.identity
                 x.held = await self._limiter.check(who, request.path.startswith("/v1/"))
-            if self._dispatch is not None:
-                x.target = await self._dispatch.place(request.method, route, model, request.headers)
+            if (dispatch := self._dispatch) is not None:
+                method, head = request.method, request.headers
+                x.target = dispatch.place_now(method, route, model, head) or await dispatch.place(
+                    method, route, model, head
+                )
             if self._admission is not None and route.inference and model is not None:
                 await self._admit_slot(x, route, model)
             self._metrics.request_started(x)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NoReturn
 
 from multidict import CIMultiDictProxy
 
@@ -32,7 +32,7 @@ from ..inbound import Refusal
 from ..ollama import Route, canonical_model
 from .fleet import Fleet, Node
 from .policy import RouteClass, route_class
-from .router import AllTried, Choice, NotListed, OnlyUnhealthy, choose, model_key
+from .router import AllTried, Choice, NotListed, OnlyUnhealthy, Result, choose, model_key
 
 PIN_HEADER: Final = "X-Ollama-Meter-Upstream"
 _BLOBS: Final = "/api/blobs/{digest}"
@@ -89,6 +89,41 @@ class Dispatch:
             raise Refusal(400, f"ollama-meter: no upstream named {name[:64]!r} (known: {known})")
         return node
 
+    def place_now(
+        self,
+        method: str,
+        route: Route,
+        model: str | None,
+        headers: CIMultiDictProxy[str],
+        exclude: frozenset[str] = frozenset(),
+    ) -> Target | None:
+        """``place`` without waiting: where to send this request, or a Refusal; None when
+        nobody lists its model and the tags are to be refreshed first (``place`` does that).
+        Called on every request: no coroutine, and the route class only where it decides."""
+        key = model_key(model) if model else None
+        node = self.pinned(headers) if PIN_HEADER in headers else None
+        # (An inference route is never model management, so only other routes ask.)
+        if node is None and not route.inference:
+            cls = route_class(method, route.template)
+            if cls is RouteClass.MODEL_ADMIN or route.template == _BLOBS:
+                # HEAD /api/blobs too: the CLI skips an upload the server it asks already has.
+                node = self._admin_node()
+        if node is not None:
+            # Only inference on a model it lists is tracked there (a name from a body is
+            # unbounded, and a pull loads nothing).
+            tracked = key if route.inference and key in node.models else None
+            return Target(node, "pinned", tracked, key)
+        if model is None or key is None:
+            return Target(self._any(route_class(method, route.template), exclude), None, None)
+        fleet = self.fleet
+        now = fleet.now()
+        found = choose(key, fleet.views(now), now, self._rng, exclude)
+        if isinstance(found, Choice):
+            return self._chosen(found, route, key, exclude)
+        if isinstance(found, NotListed) and not exclude:
+            return None
+        return self._refused(found, route, model)
+
     async def place(
         self,
         method: str,
@@ -98,32 +133,28 @@ class Dispatch:
         exclude: frozenset[str] = frozenset(),
     ) -> Target:
         """Where to send this request (rules 1-5), or a Refusal."""
-        key = model_key(model) if model else None
-        node = self.pinned(headers) if PIN_HEADER in headers else None
-        cls = route_class(method, route.template)
-        if node is None and (cls is RouteClass.MODEL_ADMIN or route.template == _BLOBS):
-            # HEAD /api/blobs too: the CLI skips an upload the server it asks already has.
-            node = self._admin_node()
-        if node is not None:
-            # Only inference on a model it lists is tracked there (a name from a body is
-            # unbounded, and a pull loads nothing).
-            tracked = key if route.inference and key in node.models else None
-            return Target(node, "pinned", tracked, key)
-        if model is None or key is None:
-            return Target(self._any(cls, exclude), None, None)
+        target = self.place_now(method, route, model, headers, exclude)
+        if target is not None:
+            return target
+        # Nobody lists it (so there is a model, and it is not pinned): the tags once more.
+        assert model is not None
+        await self.fleet.refresh_tags(min_gap=MISS_REFRESH_GAP)
+        key = model_key(model)
         now = self.fleet.now()
         found = choose(key, self.fleet.views(now), now, self._rng, exclude)
-        if isinstance(found, NotListed) and not exclude:
-            await self.fleet.refresh_tags(min_gap=MISS_REFRESH_GAP)
-            now = self.fleet.now()
-            found = choose(key, self.fleet.views(now), now, self._rng, exclude)
         if isinstance(found, Choice):
-            # (The member's own attribute: ``.value`` is a descriptor call, and a table by
-            # member hashes it in Python.)
-            decision = "retry" if exclude else found.decision._value_
-            # Only inference loads a model: a show or a model lookup is not tracked as one.
-            node = self.fleet.by_name[found.upstream]
-            return Target(node, decision, key if route.inference else None, key)
+            return self._chosen(found, route, key, exclude)
+        return self._refused(found, route, model)
+
+    def _chosen(self, found: Choice, route: Route, key: str, exclude: frozenset[str]) -> Target:
+        # (The member's own attribute: ``.value`` is a descriptor call, and a table by
+        # member hashes it in Python.)
+        decision = "retry" if exclude else found.decision._value_
+        # Only inference loads a model: a show or a model lookup is not tracked as one.
+        node = self.fleet.by_name[found.upstream]
+        return Target(node, decision, key if route.inference else None, key)
+
+    def _refused(self, found: Result, route: Route, model: str) -> NoReturn:
         if isinstance(found, NotListed):
             if any(not node.tags_known for node in self.fleet.healthy()):
                 raise Refusal(

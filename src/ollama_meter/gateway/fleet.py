@@ -322,7 +322,10 @@ class Fleet:
     def views(self, now: float | None = None) -> list[UpstreamView]:
         """Every node's view at ``now`` (the fleet's clock when None)."""
         at = self._clock() if now is None else now
-        return [node.view(at) for node in self.nodes]
+        views = []  # (a loop: a comprehension is a call of its own, on every request)
+        for node in self.nodes:
+            views.append(node.view(at))
+        return views
 
     def healthy(self) -> Iterable[Node]:
         now = self._clock()
