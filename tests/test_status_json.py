@@ -89,10 +89,14 @@ async def test_the_core_remembers_what_it_served(
     models = {item["name"]: item for item in doc["models"]["items"]}
     model = models["llama3.2:latest"]  # the model label, as the metrics spell it
     assert model["requests"] == 4
-    # (Rates and times are rounded to 4 decimals.)
-    assert model["completion_tokens_per_second"] == round(4 * _COMPLETION / 60, 4)
-    assert model["prompt_tokens_per_second"] == round(4 * _PROMPT / 60, 4)
-    assert model["requests_per_second"] == round(4 / 60, 4)
+    # (Rates and times are rounded to 4 decimals; the window is 55-60 s, what it covers.)
+    seconds = doc["models"]["window_seconds"]
+    assert 55 <= seconds <= 60
+    assert model["completion_tokens_per_second"] == pytest.approx(
+        4 * _COMPLETION / seconds, abs=1e-4
+    )
+    assert model["prompt_tokens_per_second"] == pytest.approx(4 * _PROMPT / seconds, abs=1e-4)
+    assert model["requests_per_second"] == pytest.approx(4 / seconds, abs=1e-4)
     assert model["generation_tokens_per_second"] == round(_COMPLETION / _EVAL, 4)
     assert model["ttft_p50_seconds"] is not None
     assert model["ttft_p50_seconds"] <= model["ttft_p95_seconds"]
@@ -279,7 +283,8 @@ def test_a_busy_fleet_is_all_there() -> None:
     # The window's numbers are the window's: the last 12 of the 5 s steps.
     ring = page.recorder.total
     last_minute = ring.last(ring.newest)[0]
-    total = doc["models"]["total"]["requests_per_second"] * 60
+    seconds = doc["models"]["window_seconds"]
+    total = doc["models"]["total"]["requests_per_second"] * seconds
     assert total == pytest.approx(last_minute, abs=0.01)  # (4 decimals a second)
-    each = sum(i["requests_per_second"] for i in items) * 60
+    each = sum(i["requests_per_second"] for i in items) * seconds
     assert each == pytest.approx(last_minute, abs=0.3)  # (100 models, each rounded)

@@ -244,6 +244,9 @@ def _upstream(
 
 def models(recorder: Recorder, now: float) -> dict[str, Any]:
     step = int(now // STEP)
+    # The window is the last WINDOW_STEPS - 1 steps and the part of this one gone by: rates
+    # over the time it really covers (55-60 s), not always over 60.
+    seconds = round((WINDOW_STEPS - 1) * STEP + (now - step * STEP), 3)
     rows = []
     for name, ring in recorder.models.items():
         requests = ring.total(step)[0]
@@ -252,12 +255,12 @@ def models(recorder: Recorder, now: float) -> dict[str, Any]:
             rows.append((window[2], requests, name, ring, window))
     rows.sort(key=lambda row: (-row[0], -row[1], row[2]))
     items = [
-        _model(name, requests, window, ring if n < HISTORY_MODELS else None, step)
+        _model(name, requests, window, ring if n < HISTORY_MODELS else None, step, seconds)
         for n, (_, requests, name, ring, window) in enumerate(rows)
     ]
     total = recorder.total
     return {
-        "window_seconds": WINDOW_STEPS * STEP,
+        "window_seconds": seconds,
         "step_seconds": STEP,
         "points": POINTS,
         "history_end": (step + 1) * STEP,
@@ -267,15 +270,20 @@ def models(recorder: Recorder, now: float) -> dict[str, Any]:
             total.last(step),
             total,
             step,
+            seconds,
         ),
         "items": items,
     }
 
 
 def _model(
-    name: str | None, requests: int, window: list[int], ring: Ring | None, step: int
+    name: str | None,
+    requests: int,
+    window: list[int],
+    ring: Ring | None,
+    step: int,
+    seconds: float,
 ) -> dict[str, Any]:
-    seconds = WINDOW_STEPS * STEP
     now = derive(window, seconds)
     return {
         "name": name,
