@@ -26,7 +26,7 @@ import asyncio
 import types
 from unittest import mock
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from limits.aio.storage import MemoryStorage, memory
 
@@ -142,6 +142,17 @@ async def run(ops: list[Op], expiries: list[int]) -> list[object]:
 
 
 @settings(max_examples=250, deadline=None)
+@example(  # an older entry dropped and one exactly on the edge kept, by the same call
+    ops=[
+        ("acquire", 0, 2, 1),
+        ("advance", 0, 0, 1),
+        ("acquire", 0, 2, 1),
+        ("edge", 0, 0, 0),
+        ("acquire", 0, 2, 2),
+        ("window", 0, 2, 0),
+    ],
+    expiries=[5, 5, 5],
+)
 @given(
     ops=STEPS,
     expiries=st.lists(st.sampled_from(EXPIRIES), min_size=len(KEYS), max_size=len(KEYS)),
