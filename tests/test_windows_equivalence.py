@@ -18,6 +18,8 @@ starts itself needs the loop, and nothing here yields to it. It drops an entry w
 expiry is at or before the clock, while its ``acquire_entry`` still counts that entry at that
 very instant; a sweep step at such an instant is left out (the library never promises to
 sweep at a given moment), so that what the sweep does is only what it is for: free memory.
+The count ``reset`` returns is not compared (the library counts the keys its sweep has not
+dropped yet, LimitsMemory the windows its own has not); every answer after a reset is.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ollama_meter.gateway.windows import SWEEP_EVERY, LimitsMemory
 
 KEYS = ("a", "b", "c")
 EXPIRIES = (1, 2, 5, 60)
-#: The clock's grid and start (rule 4's exact arithmetic).
+#: The clock's grid and start: every time, sum and difference an exact float.
 TICK = 1 / 8
 START = float(2**30)
 

@@ -54,9 +54,9 @@ _ALL: Final = 1 << 31
 _DEBIT_TRIES: Final = 3
 #: Most seconds between two sweeps of the windows nobody calls (rule 6).
 SWEEP_EVERY: Final = 10.0
-#: Aged-out entries a window keeps at its old end before it moves the rest down: at least
-#: this many, and at least as many as it holds live, so that each move is paid for by as
-#: many drops (an append and a drop stay O(1), amortised).
+#: A window moves its live entries down to the start of its lists once at least this many
+#: have aged out, and at least as many as are live: each move is paid for by as many drops,
+#: so an append and a drop stay O(1), amortised.
 _SLACK: Final = 64
 
 
@@ -136,9 +136,9 @@ class _Moving:
 
 
 class LimitsMemory(MemoryStorage):
-    """The library's memory storage, with moving windows of rule 5 answering as its own do,
-    with rule 3 (rule 4). Its fixed and sliding window counters are the library's, unchanged
-    (nothing here uses them)."""
+    """The library's memory storage with the moving windows of rule 5, which answer as its
+    own with rule 3 (rule 4). Its fixed and sliding window counters are the library's,
+    inherited unchanged (nothing here uses them)."""
 
     def __init__(self, uri: str | None = None, wrap_exceptions: bool = False) -> None:
         super().__init__(uri, wrap_exceptions=wrap_exceptions)
