@@ -20,7 +20,14 @@ from openai.types.chat import ChatCompletionMessageParam
 from ollama_meter.app import LIMITER
 from ollama_meter.gateway.keys import append_key
 from ollama_meter.gateway.limits import KeyLimits, Limiter, openai_headers, reset_text, retry_after
-from ollama_meter.gateway.windows import EXPIRY_EVERY, WINDOW, LimitsMemory, Window, Windows
+from ollama_meter.gateway.windows import (
+    SWEEP_EVERY,
+    WINDOW,
+    LimitsMemory,
+    Window,
+    Windows,
+    storage_time,
+)
 from ollama_meter.inbound import Refusal
 from ollama_meter.limit_settings import LimitSettings
 from ollama_meter.settings import AccessSettings, Settings, load_settings, with_keys_file
@@ -377,52 +384,51 @@ def test_keys_file_on_the_command_line_keeps_the_limits(tmp_path: Path) -> None:
     assert settings.access.anonymous == "read"
 
 
-# --- the memory storage's sweep -------------------------------------------------------------
+# --- the memory storage's windows (against the library's: tests/test_windows_equivalence.py) ----
 
 
-class Unthrottled(MemoryStorage):
-    """The library's memory storage as it comes, for comparison, counting as LimitsMemory."""
-
-    get_moving_window = LimitsMemory.get_moving_window
-
-
-async def test_the_sweep_at_most_every_second_changes_noanswer(
+async def test_the_windows_answer_as_the_librarys_storage_over_minutes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Windows (rpm, tpm, debit) over LimitsMemory and over the library's own storage with
+    rule 3's question, on one clock: the same answers, waits included, for 148 s of
+    windows filling, refusing and draining twice."""
     now = [1e9]  # a clock that moves only when told: both storages see the same times
     monkeypatch.setattr(memory, "time", types.SimpleNamespace(time=lambda: now[0]))
-    throttled, plain = Windows(LimitsMemory()), Windows(Unthrottled())
+    ours, stock = Windows(LimitsMemory()), Windows(ByRule3())
     answers: list[list[Window | bool]] = [[], []]
     for step in range(400):
-        for w, seen in zip((throttled, plain), answers, strict=True):
+        for w, seen in zip((ours, stock), answers, strict=True):
             seen.append(await w.requests("k", 50))
             seen.append(await w.count_request("k", 50))
             seen.append(await w.tokens("k", 400))
             if step % 3 == 0:
                 seen.append(await w.debit("k", 7))
-            for _ in range(3):
-                await asyncio.sleep(0)  # the sweeps run here (the plain one's every time)
-        now[0] += 0.37  # 148 s in all: entries age out, windows fill and drain, twice
+        now[0] += 0.37
     assert answers[0] == answers[1]
     # Some refused, and the waits moved with the clock: not a flat comparison.
     assert False in answers[0]
     assert len({a.wait for a in answers[0] if isinstance(a, Window) and a.wait > 0}) > 10
 
 
-async def test_the_sweep_starts_at_most_every_second_and_still_frees_memory(
-    clock: Clock,
-) -> None:
+class ByRule3(MemoryStorage):
+    """The library's memory storage, its moving window read by windows.py's rule 3."""
+
+    async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        now = storage_time()
+        events = self.events.get(key, [])
+        live = 0
+        while live < min(limit, len(events)) and events[live].atime > now - expiry:
+            live += 1
+        return (events[live - 1].atime, live) if live else (now, 0)
+
+
+async def test_a_debit_of_many_tokens_is_one_entry(clock: Clock) -> None:
     storage = LimitsMemory()
     w = Windows(storage)
-    for _ in range(200):
-        assert await w.count_request("k", 10**6)
-        await asyncio.sleep(0)
-    assert storage.sweeps == 1  # 200 calls within the same second
-    clock.shift(WINDOW + EXPIRY_EVERY)  # every entry has aged out, and a second has passed
-    assert await w.count_request("k", 10**6)
-    assert storage.sweeps == 2
-    for _ in range(500):  # the sweep's thread hop, on a busy machine
-        if len(storage.events[next(iter(storage.events))]) == 1:
-            break
-        await asyncio.sleep(0.01)
-    assert len(storage.events[next(iter(storage.events))]) == 1  # the 200 old entries are gone
+    assert await w.debit("k", 50_000)
+    assert storage.entries() == 1
+    assert (await w.tokens("k", 100_000)).remaining == 50_000
+    clock.shift(WINDOW + SWEEP_EVERY)
+    assert (await w.tokens("k", 100_000)).remaining == 100_000
+    assert storage.entries() == 0  # aged out: dropped at the key's next call

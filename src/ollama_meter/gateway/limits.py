@@ -209,8 +209,9 @@ class Limiter:
     async def debit(self, held: Held, tokens: int) -> None:
         """The tokens Ollama reported for the request, into its key's window: at most
         ``tpm`` of them, which already fill the window for a minute (it only ever counts its
-        newest ``tpm`` entries). More would cost an entry each, from a count the proxy does not
-        bound (a count past what a list can index was no debit at all)."""
+        newest ``tpm`` units). In memory a debit is one entry whatever its weight; the Redis
+        storage keeps one list element a unit, so more would cost Redis an element each, from
+        a count the proxy does not bound."""
         tpm = held.limits.tpm
         if tpm and tokens > 0:
             await self.windows.debit(held.key, min(tokens, tpm))

@@ -2,30 +2,42 @@
 
 Rules:
 1. rpm: at most ``rpm`` requests of a key admitted in any 60 s (``MovingWindowRateLimiter``,
-   one entry a request). A request is counted when it is admitted, not when it is refused.
-2. tpm: the tokens Ollama reported for a key's requests that ended in the last 60 s, one
-   window entry a token (how ``limits`` weighs a hit). A request is admitted while that sum
-   is below ``tpm``; its own tokens are added when it ends, whatever the sum is then (so a
-   window overshoots by the last requests' tokens, and the key waits until enough of them age
-   out). The debit asks the storage for room for exactly what is live plus what it adds, so
-   the storage trims nothing that still counts and keeps nothing that has aged out.
+   a hit of one unit a request). A request is counted when it is admitted, not when it is
+   refused.
+2. tpm: the tokens Ollama reported for a key's requests that ended in the last 60 s, a hit of
+   one unit a token (how ``limits`` weighs a hit). A request is admitted while that sum is
+   below ``tpm``; its own tokens are added when it ends, whatever the sum is then (so a window
+   overshoots by the last requests' tokens, and the key waits until enough of them age out).
+   The debit asks the storage for room for exactly what is live plus what it adds, so that
+   the Redis storage, which keeps only the newest ``limit`` units of a window, trims nothing
+   that still counts.
 3. Both storages answer the same questions: the library's Redis storage looks only at the
-   newest ``limit`` entries of a window, and ``LimitsMemory`` (its memory storage) is made to
-   do the same, so "when does this window drop below the limit" is the age of the
-   ``limit``-th newest entry in both.
-4. The memory storage's sweep (its own ``__expire_events``: a thread hop per key, then a copy
-   of each window without its expired entries) starts at most every ``EXPIRY_EVERY`` seconds.
-   The library starts it again from every call that finds the last one done, which under load
-   is every turn of the loop, and costs more the fuller the windows are. The sweep only frees
-   memory: every answer compares the entries' own times with the clock, swept or not.
-5. Time is the storage's ``time.time()`` (the Redis storage sends its own clock's time with
+   newest ``limit`` units of a window, and ``LimitsMemory`` does the same, so "when does this
+   window drop below the limit" is the age of the ``limit``-th newest unit in both.
+4. ``LimitsMemory`` gives the answers of the library's memory storage (``MemoryStorage``)
+   with rule 3 on top, and no others: ``acquire_entry`` as it is; ``get_moving_window``
+   counting at most the newest ``limit`` units, and ``(now, 0)`` for a window with none live
+   (where the library gives the time of the oldest entry it still holds, live or not).
+   tests/test_windows_equivalence.py runs random calls against both.
+5. What differs is the layout. The library keeps a window as a list, newest first, one
+   element a unit, and puts each hit at the front: a copy of the whole window a hit, and a
+   debit of N tokens N elements. Here a window is kept oldest first, one entry a hit with its
+   weight, as two lists side by side: when each entry arrived, and the running total of units
+   up to it. A hit is an append; "how many units arrived after t" and "when did the k-th
+   newest unit arrive" are a bisect each.
+6. Memory: an entry older than the longest expiry any call on its key has given counts for
+   no later call (the clock only moves forward). Each call on a key drops those from the old
+   end of its window; the windows of keys nobody calls are swept at most every
+   ``SWEEP_EVERY`` seconds, from another key's call, and dropped once empty. Nothing awaits
+   between reading and writing a window, so no call needs a lock, a thread or a task.
+7. Time is the storage's ``time.time()`` (the Redis storage sends its own clock's time with
    each call): Retry-After compares the window's times with the ``clock`` given here, which
    must be that clock (tests shift both).
 """
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -40,8 +52,12 @@ _NAMESPACE: Final = "ollama-meter"
 #: Looked at to count a whole window (the Redis storage's search stops at its ``limit``).
 _ALL: Final = 1 << 31
 _DEBIT_TRIES: Final = 3
-#: Least seconds between two starts of the memory storage's sweep (rule 4).
-EXPIRY_EVERY: Final = 1.0
+#: Most seconds between two sweeps of the windows nobody calls (rule 6).
+SWEEP_EVERY: Final = 10.0
+#: A window moves its live entries down to the start of its lists once at least this many
+#: have aged out, and at least as many as are live: each move is paid for by as many drops,
+#: so an append and a drop stay O(1), amortised.
+_SLACK: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,35 +77,133 @@ def storage_time() -> float:
     return float(_memory.time.time())  # type: ignore[attr-defined]
 
 
+class _Moving:
+    """One key's window, oldest first (rule 5). Entry ``i``, for ``head <= i``, arrived at
+    ``times[i]`` and holds the units from ``ends[i - 1]`` (``base`` for the entry at
+    ``head``) up to ``ends[i]``; the entries before ``head`` have aged out."""
+
+    __slots__ = ("base", "ends", "expiry", "head", "times")
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        #: Units since the window was made, up to and including each entry.
+        self.ends: list[int] = []
+        self.head = 0
+        #: Units of the entries that have aged out.
+        self.base = 0
+        #: The longest expiry a call on this key has given (rule 6).
+        self.expiry = 0
+
+    def held(self) -> int:
+        """Units held, live or not yet dropped."""
+        ends = self.ends
+        return (ends[-1] if ends else self.base) - self.base
+
+    def drop_before(self, cutoff: float) -> None:
+        """Let go of the entries that arrived before ``cutoff``."""
+        times = self.times
+        head = self.head
+        if head == len(times) or times[head] >= cutoff:
+            return
+        head = bisect_left(times, cutoff, head)
+        self.base = self.ends[head - 1]
+        if head == len(times):
+            times.clear()
+            self.ends.clear()
+            head = 0
+        elif head >= _SLACK and 2 * head >= len(times):
+            del times[:head]
+            del self.ends[:head]
+            head = 0
+        self.head = head
+
+    def after(self, cutoff: float) -> int:
+        """Units that arrived after ``cutoff``."""
+        ends = self.ends
+        if not ends:
+            return 0
+        first = bisect_right(self.times, cutoff, self.head)
+        return ends[-1] - (ends[first - 1] if first > self.head else self.base)
+
+    def time_of(self, k: int) -> float:
+        """When the ``k``-th newest unit arrived (``1 <= k <= held()``)."""
+        return self.times[bisect_right(self.ends, self.ends[-1] - k, self.head)]
+
+    def add(self, now: float, amount: int) -> None:
+        ends = self.ends
+        self.times.append(now)
+        ends.append((ends[-1] if ends else self.base) + amount)
+
+
 class LimitsMemory(MemoryStorage):
-    """The library's memory storage, counting as its Redis storage does (rule 3), sweeping at
-    most every ``EXPIRY_EVERY`` seconds (rule 4)."""
+    """The library's memory storage with the moving windows of rule 5, which answer as its
+    own with rule 3 (rule 4). Its fixed and sliding window counters are the library's,
+    inherited unchanged (nothing here uses them)."""
 
     def __init__(self, uri: str | None = None, wrap_exceptions: bool = False) -> None:
         super().__init__(uri, wrap_exceptions=wrap_exceptions)
+        self._windows: dict[str, _Moving] = {}
         self._next_sweep = 0.0
-        #: How many times the library was asked to start its sweep (tests).
+        #: How many sweeps ran (tests).
         self.sweeps = 0
 
-    async def _MemoryStorage__schedule_expiry(self) -> None:
-        # The library's calls of its private ``__schedule_expiry`` land here (its mangled name).
-        now = storage_time()
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + EXPIRY_EVERY
+    def entries(self) -> int:
+        """Entries held by every moving window, live or not yet dropped (tests; memory)."""
+        return sum(len(w.times) - w.head for w in self._windows.values())
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + SWEEP_EVERY
         self.sweeps += 1
-        await super()._MemoryStorage__schedule_expiry()  # type: ignore[misc]
+        windows = self._windows
+        for key, window in list(windows.items()):
+            window.drop_before(now - window.expiry)
+            if not window.held():
+                del windows[key]
+
+    async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        if amount > limit:
+            return False
+        now = storage_time()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        window = self._windows.get(key)
+        if window is None:
+            # Made even when the hit is refused, as the library's storage makes its list.
+            window = self._windows[key] = _Moving()
+        if expiry > window.expiry:
+            window.expiry = expiry
+        window.drop_before(now - window.expiry)
+        # The library's test: the unit that would be the limit-th newest after the hit.
+        k = limit - amount + 1
+        if window.held() >= k and window.time_of(k) >= now - expiry:
+            return False
+        if amount > 0:
+            window.add(now, amount)
+        return True
 
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         now = storage_time()
-        events = self.events.get(key)
-        if not events:
+        if now >= self._next_sweep:
+            self._sweep(now)
+        window = self._windows.get(key)
+        if window is None:
             return now, 0
-        newest = min(len(events), limit)
-        live = bisect.bisect_left(events, -(now - expiry), hi=newest, key=lambda e: -e.atime)
-        if live == 0:
+        if expiry > window.expiry:
+            window.expiry = expiry
+        window.drop_before(now - window.expiry)
+        live = min(window.after(now - expiry), limit)
+        if live <= 0:
             return now, 0
-        return events[live - 1].atime, live
+        return window.time_of(live), live
+
+    async def clear(self, key: str) -> None:
+        self._windows.pop(key, None)
+        await super().clear(key)
+
+    async def reset(self) -> int | None:
+        windows = len(self._windows)
+        self._windows.clear()
+        return max(windows, await super().reset() or 0)
 
 
 class Windows:
