@@ -14,23 +14,8 @@ import aiohttp
 import click
 import orjson
 
+from .cli_client import key_option, url_option
 from .gateway.dispatch import PIN_HEADER
-
-_url = click.option(
-    "--url",
-    default="http://127.0.0.1:11435",
-    show_default=True,
-    envvar="OLLAMA_METER_URL",
-    show_envvar=True,
-    help="The proxy.",
-)
-_key = click.option(
-    "--key",
-    default=None,
-    envvar="OLLAMA_METER_KEY",
-    show_envvar=True,
-    help="An admin API key (with access control on).",
-)
 
 
 def _error(status: int, body: bytes) -> str:
@@ -65,8 +50,8 @@ def fleet_command() -> None:
 
 
 @fleet_command.command("status")
-@_url
-@_key
+@url_option
+@key_option
 def status(url: str, key: str | None) -> None:
     """Each upstream: up, breaker, models loaded, requests in flight per model, slots, and
     the last error."""
@@ -126,8 +111,8 @@ async def _pull(url: str, key: str | None, model: str, upstream: str) -> str | N
 @click.option(
     "--upstream", "upstreams", multiple=True, required=True, help="An upstream (repeatable)."
 )
-@_url
-@_key
+@url_option
+@key_option
 def pull(model: str, upstreams: tuple[str, ...], url: str, key: str | None) -> None:
     """Pull MODEL onto several upstreams, one after another."""
     failed = []

@@ -30,6 +30,8 @@ from typing import Final, NoReturn
 import click
 import orjson
 
+from .cli_client import key_option, url_option
+
 _REFRESH: Final = 1.0  # seconds between polls
 # The proxy builds the document in milliseconds; past this it is as good as unreachable,
 # and ``q`` is read between fetches, so this is also the longest a quit can take.
@@ -267,21 +269,8 @@ def _live(url: str, key: str | None, doc: Doc) -> int:
 
 
 @click.command("top")
-@click.option(
-    "--url",
-    default="http://127.0.0.1:11435",
-    show_default=True,
-    envvar="OLLAMA_METER_URL",
-    show_envvar=True,
-    help="The proxy.",
-)
-@click.option(
-    "--key",
-    default=None,
-    envvar="OLLAMA_METER_KEY",
-    show_envvar=True,
-    help="An admin API key (with access control on).",
-)
+@url_option
+@key_option
 def top_command(url: str, key: str | None) -> None:
     """The fleet, models, keys and problems of a running proxy, live (like htop): `q` or
     Ctrl-C quits. Not on a terminal: printed once, as plain text."""
