@@ -9,7 +9,8 @@ again: the instructions counted, divided by the requests. With ``--fleet N`` the
 given the same upstream N times (``--upstream`` N times: a fleet of N names for one server,
 one connection pool, the same wire traffic), so that what differs from one upstream is the
 fleet's own work. ``--src DIR`` runs the ollama-meter of DIR/src; ``--out FILE`` keeps
-callgrind's output (for ``callgrind_annotate``).
+callgrind's output (for ``callgrind_annotate``); options after ``--`` go to ollama-meter
+(``-- --slots 1000 --config limits.toml``).
 
 What moves the count between runs of the same code is how many requests the event loop
 finds at each turn (about ±5k instructions a request on a busy machine): take the median of
@@ -84,6 +85,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--out", type=Path, help="keep callgrind's output here")
+    parser.add_argument(
+        "proxy_args", nargs="*", metavar="-- OPTION", help="more ollama-meter options, after --"
+    )
     args = parser.parse_args()
     up_port, port = free_port(), free_port()
     upstream_url = f"http://127.0.0.1:{up_port}"
@@ -104,7 +108,7 @@ def main() -> None:
              "--dump-instr=no", f"--callgrind-out-file={out}", f"--log-file={log}",
              sys.executable, str(HERE / "instructions_target.py"),
              "--listen", f"127.0.0.1:{port}",
-             *(arg for url in upstreams for arg in ("--upstream", url))],
+             *(arg for url in upstreams for arg in ("--upstream", url)), *args.proxy_args],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:

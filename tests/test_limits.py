@@ -7,6 +7,7 @@ import asyncio
 import math
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -19,11 +20,19 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from ollama_meter.app import LIMITER
 from ollama_meter.gateway.keys import append_key
-from ollama_meter.gateway.limits import KeyLimits, Limiter, openai_headers, reset_text, retry_after
+from ollama_meter.gateway.limits import (
+    Held,
+    KeyLimits,
+    Limiter,
+    openai_headers,
+    reset_text,
+    retry_after,
+)
 from ollama_meter.gateway.windows import (
     SWEEP_EVERY,
     WINDOW,
     LimitsMemory,
+    MemoryWindows,
     Window,
     Windows,
     storage_time,
@@ -58,6 +67,21 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 def windows() -> Windows:
     return Windows(LimitsMemory())
+
+
+@pytest.fixture(params=["awaited", "at once"])
+def make_limiter(request: pytest.FixtureRequest) -> Callable[[KeyLimits], Limiter]:
+    """A limiter over windows in memory, asked through the library's awaited interface (as
+    over Redis) or by plain calls (as the proxy asks them in one process): the same rules."""
+    if request.param == "awaited":
+        return lambda defaults: Limiter(windows(), defaults)
+    return lambda defaults: Limiter(MemoryWindows(), defaults)
+
+
+async def admit(limiter: Limiter, key: str, limits: KeyLimits, openai: bool) -> Held | None:
+    if limiter.memory is not None:
+        return limiter.admit_now(key, limits, openai)
+    return await limiter.admit(key, limits, openai)
 
 
 # --- the arithmetic -------------------------------------------------------------------------
@@ -144,15 +168,17 @@ async def test_a_large_request_keeps_the_key_out_for_a_whole_window(clock: Clock
     assert (await w.tokens("k", 50)).remaining == 50
 
 
-async def test_a_refused_request_takes_nothing(clock: Clock) -> None:
-    limiter = Limiter(windows(), KeyLimits())
+async def test_a_refused_request_takes_nothing(
+    clock: Clock, make_limiter: Callable[[KeyLimits], Limiter]
+) -> None:
+    limiter = make_limiter(KeyLimits())
     limits = KeyLimits(rpm=2, tpm=50)
-    held = await limiter.admit("k", limits, openai=False)
+    held = await admit(limiter, "k", limits, openai=False)
     assert held is not None
     await limiter.debit(held, 60)
     limiter.release(held)
     with pytest.raises(Refusal) as refused:
-        await limiter.admit("k", limits, openai=True)
+        await admit(limiter, "k", limits, openai=True)
     assert refused.value.status == 429
     assert refused.value.reason == "tokens"
     assert limiter.in_flight == {}
@@ -160,22 +186,46 @@ async def test_a_refused_request_takes_nothing(clock: Clock) -> None:
     assert (await limiter.windows.requests("k", 2)).remaining == 1
 
 
-async def test_concurrency_counts_requests_until_their_record_step() -> None:
-    limiter = Limiter(windows(), KeyLimits())
+async def test_concurrency_counts_requests_until_their_record_step(
+    make_limiter: Callable[[KeyLimits], Limiter],
+) -> None:
+    limiter = make_limiter(KeyLimits())
     limits = KeyLimits(concurrency=2)
-    first = await limiter.admit("k", limits, openai=False)
-    second = await limiter.admit("k", limits, openai=False)
+    first = await admit(limiter, "k", limits, openai=False)
+    second = await admit(limiter, "k", limits, openai=False)
     assert first is not None
     assert second is not None
     with pytest.raises(Refusal) as refused:
-        await limiter.admit("k", limits, openai=False)
+        await admit(limiter, "k", limits, openai=False)
     assert refused.value.reason == "key_concurrency"
     assert refused.value.headers == {"Retry-After": "1"}
-    assert await limiter.admit("other", limits, openai=False) is not None
+    assert await admit(limiter, "other", limits, openai=False) is not None
     limiter.release(first)
     limiter.release(first)  # twice is once
     assert limiter.in_flight["k"] == 1
-    assert await limiter.admit("k", limits, openai=False) is not None
+    assert await admit(limiter, "k", limits, openai=False) is not None
+
+
+@pytest.mark.parametrize("tokens_over", [False, True])
+async def test_a_key_over_both_windows_is_told_of_its_rpm_first(
+    clock: Clock, make_limiter: Callable[[KeyLimits], Limiter], tokens_over: bool
+) -> None:
+    limiter = make_limiter(KeyLimits())
+    limits = KeyLimits(rpm=1, tpm=50)
+    held = await admit(limiter, "k", limits, openai=False)
+    assert held is not None
+    limiter.release(held)
+    if tokens_over:
+        await limiter.debit(held, 50)
+    with pytest.raises(Refusal) as refused:
+        await admit(limiter, "k", limits, openai=True)
+    assert refused.value.reason == "rate"
+    headers = refused.value.headers
+    assert headers is not None
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["x-ratelimit-remaining-tokens"] == ("0" if tokens_over else "50")
+    clock.shift(60.01)
+    assert await admit(limiter, "k", limits, openai=False) is not None
 
 
 def test_a_keys_own_limits_win_over_the_defaults_one_by_one() -> None:
@@ -396,16 +446,24 @@ async def test_the_windows_answer_as_the_librarys_storage_over_minutes(
     now = [1e9]  # a clock that moves only when told: both storages see the same times
     monkeypatch.setattr(memory, "time", types.SimpleNamespace(time=lambda: now[0]))
     ours, stock = Windows(LimitsMemory()), Windows(ByRule3())
-    answers: list[list[Window | bool]] = [[], []]
+    at_once = MemoryWindows()
+    answers: list[list[Window | bool]] = [[], [], []]
     for step in range(400):
-        for w, seen in zip((ours, stock), answers, strict=True):
+        for w, seen in zip((ours, stock), answers, strict=False):
             seen.append(await w.requests("k", 50))
             seen.append(await w.count_request("k", 50))
             seen.append(await w.tokens("k", 400))
             if step % 3 == 0:
                 seen.append(await w.debit("k", 7))
+        # The same questions asked without awaiting (what the proxy does in one process).
+        answers[2].append(at_once.requests_now("k", 50))
+        answers[2].append(at_once.count_request_now("k", 50))
+        answers[2].append(at_once.tokens_now("k", 400))
+        if step % 3 == 0:
+            at_once.debit_now("k", 7)
+            answers[2].append(True)
         now[0] += 0.37
-    assert answers[0] == answers[1]
+    assert answers[0] == answers[1] == answers[2]
     # Some refused, and the waits moved with the clock: not a flat comparison.
     assert False in answers[0]
     assert len({a.wait for a in answers[0] if isinstance(a, Window) and a.wait > 0}) > 10

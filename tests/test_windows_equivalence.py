@@ -46,10 +46,11 @@ Op = tuple[str, int, int, int]
 #: fractions of a second; often onto the edge of a key's window (an entry arrived exactly
 #: its expiry ago, which the library counts in ``acquire_entry``, ``>=``, and not in
 #: ``get_moving_window``, ``>``); now and then a leap past every window, the library's
-#: sweep, a clear, a reset.
+#: sweep, a clear, a reset. A debit adds units whatever the window holds.
 KINDS = (
     *["acquire"] * 6,
     *["window"] * 4,
+    *["debit"] * 2,
     *["advance"] * 3,
     *["edge"] * 2,
     "leap",
@@ -111,6 +112,13 @@ async def run(ops: list[Op], expiries: list[int]) -> list[object]:
                 else:
                     assert expected == (now[0], 0)
                 answers.append(mine_window)
+            elif op == "debit":
+                # The library's way to add units whatever the window holds: room for exactly
+                # the ones its hit counts (arrived at or after ``expiry`` ago) and these.
+                events = stock.events.get(key, [])
+                live = sum(1 for e in events if e.atime >= now[0] - expiry)
+                assert await stock.acquire_entry(key, live + b, expiry, b) or b == 0
+                ours.add_now(key, b, expiry)
             elif op == "advance":
                 now[0] += b * TICK
             elif op == "edge":

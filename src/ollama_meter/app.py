@@ -39,7 +39,7 @@ from .gateway.queueing import gated_slots, queue_bounds, where_of
 from .gateway.reload import KeysFile
 from .gateway.shared_windows import SharedWindows
 from .gateway.usage import KeyUsage
-from .gateway.windows import LimitsMemory, Windows
+from .gateway.windows import MemoryWindows
 from .hosts import HostCheck, host_check_for
 from .inbound import Refusal, target_of
 from .labels import ModelLabels
@@ -345,7 +345,7 @@ def _limits(
             settings.redis, settings.replicas, on_change=metrics.redis_changed
         )
     else:
-        windows = Windows(LimitsMemory())
+        windows = MemoryWindows()
     limiter = Limiter(windows, settings.defaults, metrics.refused)
     app[LIMITER] = limiter
 

@@ -66,7 +66,7 @@ from .inbound import (
     filtered_headers,
     target_of,
 )
-from .labels import ModelLabels
+from .labels import MAX_NAME_LENGTH, ModelLabels
 from .metrics import Metrics
 from .ollama import (
     Ending,
@@ -96,6 +96,8 @@ _REFUSED_HOSTS_LOGGED: Final = 64
 #: A refused request's body, when it came whole with the head and is no larger, is read for
 #: its audit line (which model someone tried to pull).
 _HELD: Final = 64 * 1024
+#: Model names whose slot name is kept worked out (at most MAX_NAME_LENGTH long each).
+_SLOT_NAMES_KEPT: Final = 1024
 
 
 class _PassthroughResponse(web.StreamResponse):
@@ -197,6 +199,7 @@ class Proxy:
         self._limiter = limiter
         self._admission = admission
         self._limit_metrics = limit_metrics
+        self._slot_names: dict[str, str] = {}
         if dispatch is not None and any(
             node.settings.url.path.strip("/") for node in dispatch.fleet.nodes
         ):
@@ -426,9 +429,14 @@ class Proxy:
             ):
                 # Its model decides the server, or the slot it waits for: never sent blind.
                 raise _unroutable(request, config.max_inspect_bytes)
-            if self._limiter is not None and route.inference:
+            if (limiter := self._limiter) is not None and route.inference:
                 who = None if gate is None else gate.identity
-                x.held = await self._limiter.check(who, request.path.startswith("/v1/"))
+                openai = request.path.startswith("/v1/")
+                x.held = (
+                    limiter.check_now(who, openai)
+                    if limiter.memory is not None
+                    else await limiter.check(who, openai)
+                )
             if (dispatch := self._dispatch) is not None:
                 method, head = request.method, request.headers
                 x.target = dispatch.place_now(method, route, model, head) or await dispatch.place(
@@ -467,24 +475,42 @@ class Proxy:
         """The admit step: a slot at the chosen upstream, or a wait in the queue for one."""
         admission = self._admission
         assert admission is not None
-        who = x.key or ANONYMOUS
         if self._dispatch is None:
-            # The bounded model label: a client naming endless made-up models must not grow
-            # the slots' table (Ollama answers those with a 404 at once anyway); of the name
-            # as Ollama compares names, so that no other spelling of a model (library/NAME)
-            # has slots of its own.
-            name = self._labels.label(model_key(model))
-            admitted = await admission.admit(who, name, lambda: name)
+            name = self._slot_name(model)
+            slot = admission.take_now(name)
+            if slot is False:
+                admitted = await admission.admit(x.key or ANONYMOUS, name, lambda: name)
+                slot, waited = admitted.slot, admitted.waited
+            else:
+                waited = 0.0
         else:
             dispatch, first = self._dispatch, x.target
             assert first is not None
-            admitted = await admission.admit(
-                who, first, lambda: dispatch.again(first, route, model)
-            )
-            x.target = admitted.target
-        x.slot = admitted.slot
-        if admitted.slot is not None and self._limit_metrics is not None:
-            self._limit_metrics.queue_wait.labels(x.model).observe(admitted.waited)
+            slot = admission.take_now(first)
+            waited = 0.0
+            if slot is False:
+                admitted = await admission.admit(
+                    x.key or ANONYMOUS, first, lambda: dispatch.again(first, route, model)
+                )
+                x.target, slot, waited = admitted.target, admitted.slot, admitted.waited
+        x.slot = slot
+        if slot is not None and self._limit_metrics is not None:
+            self._limit_metrics.waited(x.model, waited)
+
+    def _slot_name(self, model: str) -> str:
+        """The name slots are counted under with one upstream: the bounded model label (a
+        client naming endless made-up models must not grow the slots' table; Ollama answers
+        those with a 404 at once anyway), of the name as Ollama compares names, so that no
+        other spelling of a model (library/NAME) has slots of its own."""
+        names = self._slot_names
+        name = names.get(model)
+        if name is None:
+            name = self._labels.label(model_key(model))
+            if len(model) <= MAX_NAME_LENGTH:  # a made-up name of a megabyte is not kept
+                if len(names) >= _SLOT_NAMES_KEPT:
+                    names.clear()
+                names[model] = name
+        return name
 
     async def _fleet_answer(self, x: Exchange, route: Route) -> OwnResponse:
         """``/api/tags``, ``/v1/models``, ``/api/ps`` of a fleet: every healthy upstream's

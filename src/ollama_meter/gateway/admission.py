@@ -135,6 +135,15 @@ class Admission(Generic[T]):
         pair.in_use += 1
         return Slot(where[0], where[1], self._clock())
 
+    def take_now(self, target: T) -> Slot | Literal[False] | None:
+        """A free slot at ``target``, taken (None: not gated there), or False when it is
+        full and the request must ``admit`` (wait). The start of ``admit``, as a plain call:
+        most requests find a slot free."""
+        free = self._free(target)
+        if free is None or free is False:
+            return free
+        return self._take(free)
+
     async def admit(self, key: str, target: T, choose: Callable[[], T]) -> Admitted[T]:
         """A target with a slot (or one not gated), or a 503 Refusal (rules 2-4).
         ``target`` is the router's first choice; ``choose`` runs it again."""

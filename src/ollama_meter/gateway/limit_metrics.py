@@ -62,6 +62,8 @@ class LimitMetrics:
             namespace=_NS,
             registry=registry,
         )
+        #: queue_wait's child per model label (the label is bounded): ``labels`` once each.
+        self._waits: dict[str, Histogram] = {}
         self.redis_up: Gauge | None = None
         if redis:
             self.redis_up = Gauge(
@@ -76,6 +78,13 @@ class LimitMetrics:
 
     def watch(self, slots: SlotState) -> None:
         self._slots = slots
+
+    def waited(self, model: str, seconds: float) -> None:
+        """A request got its slot after ``seconds`` (0 when one was free)."""
+        child = self._waits.get(model)
+        if child is None:
+            child = self._waits[model] = self.queue_wait.labels(model)
+        child.observe(seconds)
 
     def refused(self, reason: str, key: str | None) -> None:
         self.rejected.labels(reason, self._key_label(key)).inc()

@@ -9,8 +9,13 @@ Rules (the limits issue's contract, items 1-3):
    included); ``release`` gives the place back exactly once per admitted request.
 3. A key's limits are its own (keys file) where it sets them, else the ``[limits]`` defaults;
    without access control everyone is ``anonymous`` and has the defaults. 0 is unlimited.
-4. The windows (windows.py) live in memory, or in Redis for a fleet of proxies (redis.py
-   switches to per-replica windows while Redis is away).
+4. The windows (windows.py) live in memory, or in Redis for a fleet of proxies
+   (shared_windows.py switches to per-replica windows while Redis is away).
+5. Windows in memory are asked without awaiting (``check_now``; the debit is a plain call
+   in the record step): the same steps and answers as ``check``, which awaits the Redis
+   storage's. On that path the token window is looked at before the request is counted in
+   the request window, so that counting it is the last step and nothing has to be taken
+   back; which limit a refusal names is still rpm before tpm.
 """
 
 from __future__ import annotations
@@ -19,12 +24,12 @@ import asyncio
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, NoReturn, Protocol
 
 from ..exchange import Exchange
 from ..inbound import Refusal
 from .identity import ANONYMOUS, Identity
-from .windows import Window
+from .windows import MemoryWindows, Window
 
 RATE: Final = "rate"
 TOKENS: Final = "tokens"
@@ -102,6 +107,58 @@ class Limiter:
         #: Requests of each key between admission and the record step.
         self.in_flight: dict[str, int] = {}
         self._debits: set[asyncio.Task[None]] = set()
+        #: The windows when they are in memory: asked without awaiting (rule 5).
+        self.memory = windows if isinstance(windows, MemoryWindows) else None
+
+    def check_now(self, identity: Identity | None, openai: bool) -> Held | None:
+        """``check`` over windows in memory, without awaiting (rule 5; ``memory`` is set)."""
+        if identity is None or not identity.keyed:
+            return self.admit_now(ANONYMOUS, self.defaults, openai)
+        limits = self.limits_of(identity.rpm, identity.tpm, identity.concurrency)
+        return self.admit_now(identity.name, limits, openai)
+
+    def admit_now(self, key: str, limits: KeyLimits, openai: bool) -> Held | None:
+        """``admit`` over windows in memory (rule 5)."""
+        if not limits.any:
+            return None
+        count = self.in_flight.get(key, 0)
+        if limits.concurrency and count >= limits.concurrency:
+            self._at_concurrency(key, count)
+        memory = self.memory
+        assert memory is not None
+        tpm, rpm = limits.tpm, limits.rpm
+        if tpm and memory.tokens_used(key, tpm) >= tpm:
+            self._over(memory, key, limits, openai, tokens=True)
+        if rpm and not memory.count_request_now(key, rpm):
+            self._over(memory, key, limits, openai, tokens=False)
+        self.in_flight[key] = count + 1
+        return Held(key, limits)
+
+    def _over(
+        self, memory: MemoryWindows, key: str, limits: KeyLimits, openai: bool, tokens: bool
+    ) -> NoReturn:
+        """The 429 of a key found over its tpm (``tokens``) or its rpm: rpm is named first
+        when both are over."""
+        requests = memory.requests_now(key, limits.rpm) if limits.rpm else None
+        token_window = memory.tokens_now(key, limits.tpm) if limits.tpm else None
+        if requests is not None and (not tokens or requests.wait > 0):
+            reason, limit, window = RATE, f"{limits.rpm} requests per minute (rpm)", requests
+        else:
+            assert token_window is not None
+            reason, limit, window = TOKENS, f"{limits.tpm} tokens per minute (tpm)", token_window
+        headers = openai_headers(requests, token_window) if openai else {}
+        raise self._refusal(
+            reason, key, f"key {key!r} is over its limit of {limit}", window.wait, headers
+        )
+
+    def _at_concurrency(self, key: str, count: int) -> NoReturn:
+        raise self._refusal(
+            KEY_CONCURRENCY,
+            key,
+            f"key {key!r} has {count} requests in flight, its limit (concurrency)",
+            _CONCURRENCY_WAIT,
+            {},
+        )
 
     async def check(self, identity: Identity | None, openai: bool) -> Held | None:
         """The limit step for a request of ``identity`` (None or not keyed: anonymous)."""
@@ -119,7 +176,9 @@ class Limiter:
         usage = x.usage
         if held.limits.tpm and usage is not None and usage.tokens_reported:
             tokens = usage.prompt_tokens + usage.completion_tokens
-            if tokens > 0:
+            if tokens > 0 and self.memory is not None:
+                self.memory.debit_now(held.key, min(tokens, held.limits.tpm))
+            elif tokens > 0:
                 task = asyncio.get_running_loop().create_task(self.debit(held, tokens))
                 self._debits.add(task)
                 task.add_done_callback(self._debits.discard)
@@ -146,13 +205,7 @@ class Limiter:
             return None
         count = self.in_flight.get(key, 0)
         if limits.concurrency and count >= limits.concurrency:
-            raise self._refusal(
-                KEY_CONCURRENCY,
-                key,
-                f"key {key!r} has {count} requests in flight, its limit (concurrency)",
-                _CONCURRENCY_WAIT,
-                {},
-            )
+            self._at_concurrency(key, count)
         self.in_flight[key] = count + 1  # taken before the windows are asked (they await)
         held = Held(key, limits)
         try:

@@ -24,7 +24,7 @@ from limits.errors import StorageError
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .windows import LimitsMemory, Window, Windows, storage_time
+from .windows import MemoryWindows, Window, Windows, storage_time
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class SharedWindows:
         )
         self.storage = storage
         self._shared = Windows(storage, clock)
-        self._local = Windows(LimitsMemory(), clock)
+        self._local = MemoryWindows(clock=clock)
         self._replicas = replicas
         self._on_change = on_change
         self.up = True

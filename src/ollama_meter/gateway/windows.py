@@ -33,6 +33,10 @@ Rules:
 7. Time is the storage's ``time.time()`` (the Redis storage sends its own clock's time with
    each call): Retry-After compares the window's times with the ``clock`` given here, which
    must be that clock (tests shift both).
+8. In one process the windows are asked without awaiting: ``LimitsMemory`` answers each
+   question of the library's interface by a plain call as well (``acquire_now``,
+   ``moving_now``), and ``MemoryWindows`` asks those. A coroutine a question was most of
+   what the limit step cost a request; the answers are the same.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ _NAMESPACE: Final = "ollama-meter"
 #: Looked at to count a whole window (the Redis storage's search stops at its ``limit``).
 _ALL: Final = 1 << 31
 _DEBIT_TRIES: Final = 3
+#: Window names kept made (MemoryWindows); past it they are made again.
+_NAMES_KEPT: Final = 4096
 #: Most seconds between two sweeps of the windows nobody calls (rule 6).
 SWEEP_EVERY: Final = 10.0
 #: A window moves its live entries down to the start of its lists once at least this many
@@ -160,7 +166,8 @@ class LimitsMemory(MemoryStorage):
             if not window.held():
                 del windows[key]
 
-    async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+    def acquire_now(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        """``acquire_entry``, answered without awaiting (rule 8)."""
         if amount > limit:
             return False
         now = storage_time()
@@ -181,7 +188,8 @@ class LimitsMemory(MemoryStorage):
             window.add(now, amount)
         return True
 
-    async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+    def moving_now(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        """``get_moving_window``, answered without awaiting (rule 8)."""
         now = storage_time()
         if now >= self._next_sweep:
             self._sweep(now)
@@ -195,6 +203,28 @@ class LimitsMemory(MemoryStorage):
         if live <= 0:
             return now, 0
         return window.time_of(live), live
+
+    def add_now(self, key: str, amount: int, expiry: int) -> None:
+        """``amount`` units into the window whatever it holds: what ``acquire_entry`` with
+        ``limit`` = the live units + ``amount`` does (that always has room), in one call."""
+        if amount <= 0:
+            return
+        now = storage_time()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = _Moving()
+        if expiry > window.expiry:
+            window.expiry = expiry
+        window.drop_before(now - window.expiry)
+        window.add(now, amount)
+
+    async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        return self.acquire_now(key, limit, expiry, amount)
+
+    async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        return self.moving_now(key, limit, expiry)
 
     async def clear(self, key: str) -> None:
         self._windows.pop(key, None)
@@ -251,6 +281,63 @@ class Windows:
             if await self._moving.acquire_entry(name, live + tokens, WINDOW, tokens):
                 return True
         return False  # other debits kept landing in between: rare, and only ever under-counts
+
+
+class MemoryWindows(Windows):
+    """The windows of one process (``LimitsMemory``), asked without awaiting (rule 8): the
+    same answers as ``Windows`` over that storage, by plain calls. Each key's window names
+    are made once (the keys are the keys file's, and anonymous)."""
+
+    def __init__(
+        self, storage: LimitsMemory | None = None, clock: Callable[[], float] = storage_time
+    ) -> None:
+        memory = LimitsMemory() if storage is None else storage
+        super().__init__(memory, clock)
+        self.memory = memory
+        self._names: dict[tuple[str, int], str] = {}
+
+    def _requests_name(self, key: str, rpm: int) -> str:
+        name = self._names.get((key, rpm))
+        if name is None:
+            if len(self._names) >= _NAMES_KEPT:
+                self._names.clear()
+            name = self._names[(key, rpm)] = self._item(rpm).key_for(key)
+        return name
+
+    def requests_now(self, key: str, rpm: int) -> Window:
+        start, used = self.memory.moving_now(self._requests_name(key, rpm), rpm, WINDOW)
+        if used < rpm:
+            return Window(rpm, rpm - used, 0.0)
+        return Window(rpm, 0, max(0.0, start + WINDOW - self._clock()))
+
+    def count_request_now(self, key: str, rpm: int) -> bool:
+        return self.memory.acquire_now(self._requests_name(key, rpm), rpm, WINDOW)
+
+    def tokens_used(self, key: str, tpm: int) -> int:
+        """Tokens live in the key's window, counting at most ``tpm``: below ``tpm`` admits."""
+        return self.memory.moving_now(_tokens_key(key), tpm, WINDOW)[1]
+
+    def tokens_now(self, key: str, tpm: int) -> Window:
+        start, used = self.memory.moving_now(_tokens_key(key), tpm, WINDOW)
+        if used < tpm:
+            return Window(tpm, tpm - used, 0.0)
+        return Window(tpm, 0, max(0.0, start + WINDOW - self._clock()))
+
+    def debit_now(self, key: str, tokens: int) -> None:
+        self.memory.add_now(_tokens_key(key), tokens, WINDOW)
+
+    async def requests(self, key: str, rpm: int) -> Window:
+        return self.requests_now(key, rpm)
+
+    async def count_request(self, key: str, rpm: int) -> bool:
+        return self.count_request_now(key, rpm)
+
+    async def tokens(self, key: str, tpm: int) -> Window:
+        return self.tokens_now(key, tpm)
+
+    async def debit(self, key: str, tokens: int) -> bool:
+        self.debit_now(key, tokens)
+        return True
 
 
 def _tokens_key(key: str) -> str:
