@@ -104,6 +104,7 @@ async def run(ops: list[Op], expiries: list[int]) -> list[object]:
                 plain = await stock.get_moving_window(key, limit, expiry)
                 mine_window = await ours.get_moving_window(key, limit, expiry)
                 assert mine_window == expected, (op, key, limit, now[0])
+                assert ours.live_now(key, limit, expiry) == expected[1]
                 # The library's own answer, where rule 3 leaves it as it is.
                 if 0 < plain[1] <= limit:
                     assert plain == expected

@@ -442,7 +442,12 @@ class Proxy:
                 x.target = dispatch.place_now(method, route, model, head) or await dispatch.place(
                     method, route, model, head
                 )
-            if self._admission is not None and route.inference and model is not None:
+            if (
+                self._admission is not None
+                and route.inference
+                and model is not None
+                and not self._take_slot(x, model)  # most find one free: no coroutine then
+            ):
                 await self._admit_slot(x, route, model)
             self._metrics.request_started(x)
             sending = await self._send(request, route, x, target, headers, data, model, whole)
@@ -471,31 +476,40 @@ class Proxy:
         """Whether this request waits for a slot (the admit step is on, and it runs a model)."""
         return self._admission is not None and route.inference
 
+    def _take_slot(self, x: Exchange, model: str) -> bool:
+        """The admit step when the chosen upstream has a slot free (or is not gated): taken
+        at once. False: the request must wait (``_admit_slot``)."""
+        admission = self._admission
+        assert admission is not None
+        if self._dispatch is None:
+            slot = admission.take_now(self._slot_name(model))
+        else:
+            assert x.target is not None
+            slot = admission.take_now(x.target)
+        if slot is False:
+            return False
+        x.slot = slot
+        if slot is not None and self._limit_metrics is not None:
+            self._limit_metrics.waited(x.model, 0.0)
+        return True
+
     async def _admit_slot(self, x: Exchange, route: Route, model: str) -> None:
-        """The admit step: a slot at the chosen upstream, or a wait in the queue for one."""
+        """The admit step when every slot is taken: a wait in the queue for one."""
         admission = self._admission
         assert admission is not None
         if self._dispatch is None:
             name = self._slot_name(model)
-            slot = admission.take_now(name)
-            if slot is False:
-                admitted = await admission.admit(x.key or ANONYMOUS, name, lambda: name)
-                slot, waited = admitted.slot, admitted.waited
-            else:
-                waited = 0.0
+            admitted = await admission.admit(x.key or ANONYMOUS, name, lambda: name)
         else:
             dispatch, first = self._dispatch, x.target
             assert first is not None
-            slot = admission.take_now(first)
-            waited = 0.0
-            if slot is False:
-                admitted = await admission.admit(
-                    x.key or ANONYMOUS, first, lambda: dispatch.again(first, route, model)
-                )
-                x.target, slot, waited = admitted.target, admitted.slot, admitted.waited
-        x.slot = slot
-        if slot is not None and self._limit_metrics is not None:
-            self._limit_metrics.waited(x.model, waited)
+            admitted = await admission.admit(
+                x.key or ANONYMOUS, first, lambda: dispatch.again(first, route, model)
+            )
+            x.target = admitted.target
+        x.slot = admitted.slot
+        if admitted.slot is not None and self._limit_metrics is not None:
+            self._limit_metrics.waited(x.model, admitted.waited)
 
     def _slot_name(self, model: str) -> str:
         """The name slots are counted under with one upstream: the bounded model label (a

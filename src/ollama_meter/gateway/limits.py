@@ -119,14 +119,14 @@ class Limiter:
 
     def admit_now(self, key: str, limits: KeyLimits, openai: bool) -> Held | None:
         """``admit`` over windows in memory (rule 5)."""
-        if not limits.any:
+        tpm, rpm = limits.tpm, limits.rpm
+        if not (rpm or tpm or limits.concurrency):
             return None
         count = self.in_flight.get(key, 0)
         if limits.concurrency and count >= limits.concurrency:
             self._at_concurrency(key, count)
         memory = self.memory
         assert memory is not None
-        tpm, rpm = limits.tpm, limits.rpm
         if tpm and memory.tokens_used(key, tpm) >= tpm:
             self._over(memory, key, limits, openai, tokens=True)
         if rpm and not memory.count_request_now(key, rpm):

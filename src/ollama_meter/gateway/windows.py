@@ -170,7 +170,7 @@ class LimitsMemory(MemoryStorage):
         """``acquire_entry``, answered without awaiting (rule 8)."""
         if amount > limit:
             return False
-        now = storage_time()
+        now = _memory.time.time()  # type: ignore[attr-defined]  # storage_time(), inlined
         if now >= self._next_sweep:
             self._sweep(now)
         window = self._windows.get(key)
@@ -179,13 +179,17 @@ class LimitsMemory(MemoryStorage):
             window = self._windows[key] = _Moving()
         if expiry > window.expiry:
             window.expiry = expiry
-        window.drop_before(now - window.expiry)
+        times, ends = window.times, window.ends
+        if window.head < len(times) and times[window.head] < now - window.expiry:
+            window.drop_before(now - window.expiry)
         # The library's test: the unit that would be the limit-th newest after the hit.
         k = limit - amount + 1
-        if window.held() >= k and window.time_of(k) >= now - expiry:
+        last = ends[-1] if ends else window.base
+        if last - window.base >= k and window.time_of(k) >= now - expiry:
             return False
         if amount > 0:
-            window.add(now, amount)
+            times.append(now)
+            ends.append(last + amount)
         return True
 
     def moving_now(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
@@ -204,12 +208,27 @@ class LimitsMemory(MemoryStorage):
             return now, 0
         return window.time_of(live), live
 
+    def live_now(self, key: str, limit: int, expiry: int) -> int:
+        """The count of ``moving_now`` alone (no bisect for when its oldest unit arrived)."""
+        now = _memory.time.time()  # type: ignore[attr-defined]  # storage_time(), inlined
+        if now >= self._next_sweep:
+            self._sweep(now)
+        window = self._windows.get(key)
+        if window is None:
+            return 0
+        if expiry > window.expiry:
+            window.expiry = expiry
+        times = window.times
+        if window.head < len(times) and times[window.head] < now - window.expiry:
+            window.drop_before(now - window.expiry)
+        return max(0, min(window.after(now - expiry), limit))
+
     def add_now(self, key: str, amount: int, expiry: int) -> None:
         """``amount`` units into the window whatever it holds: what ``acquire_entry`` with
         ``limit`` = the live units + ``amount`` does (that always has room), in one call."""
         if amount <= 0:
             return
-        now = storage_time()
+        now = _memory.time.time()  # type: ignore[attr-defined]  # storage_time(), inlined
         if now >= self._next_sweep:
             self._sweep(now)
         window = self._windows.get(key)
@@ -217,8 +236,11 @@ class LimitsMemory(MemoryStorage):
             window = self._windows[key] = _Moving()
         if expiry > window.expiry:
             window.expiry = expiry
-        window.drop_before(now - window.expiry)
-        window.add(now, amount)
+        times, ends = window.times, window.ends
+        if window.head < len(times) and times[window.head] < now - window.expiry:
+            window.drop_before(now - window.expiry)
+        times.append(now)
+        ends.append((ends[-1] if ends else window.base) + amount)
 
     async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         return self.acquire_now(key, limit, expiry, amount)
@@ -294,14 +316,24 @@ class MemoryWindows(Windows):
         memory = LimitsMemory() if storage is None else storage
         super().__init__(memory, clock)
         self.memory = memory
-        self._names: dict[tuple[str, int], str] = {}
+        #: Each key's request window name, with the rpm it was made for.
+        self._names: dict[str, tuple[int, str]] = {}
+        self._token_names: dict[str, str] = {}
 
     def _requests_name(self, key: str, rpm: int) -> str:
-        name = self._names.get((key, rpm))
-        if name is None:
+        made = self._names.get(key)
+        if made is None or made[0] != rpm:
             if len(self._names) >= _NAMES_KEPT:
                 self._names.clear()
-            name = self._names[(key, rpm)] = self._item(rpm).key_for(key)
+            made = self._names[key] = (rpm, self._item(rpm).key_for(key))
+        return made[1]
+
+    def _tokens_name(self, key: str) -> str:
+        name = self._token_names.get(key)
+        if name is None:
+            if len(self._token_names) >= _NAMES_KEPT:
+                self._token_names.clear()
+            name = self._token_names[key] = _tokens_key(key)
         return name
 
     def requests_now(self, key: str, rpm: int) -> Window:
@@ -315,16 +347,16 @@ class MemoryWindows(Windows):
 
     def tokens_used(self, key: str, tpm: int) -> int:
         """Tokens live in the key's window, counting at most ``tpm``: below ``tpm`` admits."""
-        return self.memory.moving_now(_tokens_key(key), tpm, WINDOW)[1]
+        return self.memory.live_now(self._tokens_name(key), tpm, WINDOW)
 
     def tokens_now(self, key: str, tpm: int) -> Window:
-        start, used = self.memory.moving_now(_tokens_key(key), tpm, WINDOW)
+        start, used = self.memory.moving_now(self._tokens_name(key), tpm, WINDOW)
         if used < tpm:
             return Window(tpm, tpm - used, 0.0)
         return Window(tpm, 0, max(0.0, start + WINDOW - self._clock()))
 
     def debit_now(self, key: str, tokens: int) -> None:
-        self.memory.add_now(_tokens_key(key), tokens, WINDOW)
+        self.memory.add_now(self._tokens_name(key), tokens, WINDOW)
 
     async def requests(self, key: str, rpm: int) -> Window:
         return self.requests_now(key, rpm)
