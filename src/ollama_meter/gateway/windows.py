@@ -41,6 +41,7 @@ Rules:
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,9 +92,10 @@ class _Moving:
     __slots__ = ("base", "ends", "expiry", "head", "times")
 
     def __init__(self) -> None:
-        self.times: list[float] = []
+        # Arrays, not lists: an entry is 16 bytes, and no object lives for its minute.
+        self.times = array("d")
         #: Units since the window was made, up to and including each entry.
-        self.ends: list[int] = []
+        self.ends = array("q")
         self.head = 0
         #: Units of the entries that have aged out.
         self.base = 0
@@ -114,8 +116,8 @@ class _Moving:
         head = bisect_left(times, cutoff, head)
         self.base = self.ends[head - 1]
         if head == len(times):
-            times.clear()
-            self.ends.clear()
+            del times[:]
+            del self.ends[:]
             head = 0
         elif head >= _SLACK and 2 * head >= len(times):
             del times[:head]
