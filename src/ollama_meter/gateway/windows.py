@@ -65,6 +65,8 @@ SWEEP_EVERY: Final = 10.0
 #: have aged out, and at least as many as are live: each move is paid for by as many drops,
 #: so an append and a drop stay O(1), amortised.
 _SLACK: Final = 64
+#: Entries a drop steps over one by one before it bisects.
+_STEPS: Final = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,15 +113,23 @@ class _Moving:
         """Let go of the entries that arrived before ``cutoff``."""
         times = self.times
         head = self.head
-        if head == len(times) or times[head] >= cutoff:
+        end = len(times)
+        if head == end or times[head] >= cutoff:
             return
-        head = bisect_left(times, cutoff, head)
+        # A window that is asked often drops an entry or two a call: a step at a time
+        # finds those sooner than a bisect over the whole window does.
+        stop = min(end, head + _STEPS)
+        head += 1
+        while head < stop and times[head] < cutoff:
+            head += 1
+        if head == stop and stop < end:
+            head = bisect_left(times, cutoff, head)
         self.base = self.ends[head - 1]
-        if head == len(times):
+        if head == end:
             del times[:]
             del self.ends[:]
             head = 0
-        elif head >= _SLACK and 2 * head >= len(times):
+        elif head >= _SLACK and 2 * head >= end:
             del times[:head]
             del self.ends[:head]
             head = 0
@@ -130,8 +140,11 @@ class _Moving:
         ends = self.ends
         if not ends:
             return 0
-        first = bisect_right(self.times, cutoff, self.head)
-        return ends[-1] - (ends[first - 1] if first > self.head else self.base)
+        head = self.head
+        if self.times[head] > cutoff:  # all of them (the window was just dropped to it)
+            return ends[-1] - self.base
+        first = bisect_right(self.times, cutoff, head)
+        return ends[-1] - (ends[first - 1] if first > head else self.base)
 
     def time_of(self, k: int) -> float:
         """When the ``k``-th newest unit arrived (``1 <= k <= held()``)."""
