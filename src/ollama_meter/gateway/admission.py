@@ -137,12 +137,21 @@ class Admission(Generic[T]):
 
     def take_now(self, target: T) -> Slot | Literal[False] | None:
         """A free slot at ``target``, taken (None: not gated there), or False when it is
-        full and the request must ``admit`` (wait). The start of ``admit``, as a plain call:
-        most requests find a slot free."""
-        free = self._free(target)
-        if free is None or free is False:
-            return free
-        return self._take(free)
+        full and the request must ``admit`` (wait). The start of ``admit`` as a plain call
+        (``_free`` and ``_take`` in one: most requests find a slot free)."""
+        where = self._where(target)
+        if where is None:
+            return None
+        limit = self.slots.get(where[0])
+        if limit is None:
+            return None
+        pair = self._pairs.get(where)
+        if pair is None:
+            pair = self._pairs[where] = _Pair()
+        elif pair.in_use >= limit:
+            return False
+        pair.in_use += 1
+        return Slot(where[0], where[1], self._clock())
 
     async def admit(self, key: str, target: T, choose: Callable[[], T]) -> Admitted[T]:
         """A target with a slot (or one not gated), or a 503 Refusal (rules 2-4).

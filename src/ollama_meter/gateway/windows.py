@@ -358,11 +358,14 @@ class MemoryWindows(Windows):
         return Window(rpm, 0, max(0.0, start + WINDOW - self._clock()))
 
     def count_request_now(self, key: str, rpm: int) -> bool:
-        return self.memory.acquire_now(self._requests_name(key, rpm), rpm, WINDOW)
+        made = self._names.get(key)  # (the name looked up here: this runs every request)
+        name = made[1] if made is not None and made[0] == rpm else self._requests_name(key, rpm)
+        return self.memory.acquire_now(name, rpm, WINDOW)
 
     def tokens_used(self, key: str, tpm: int) -> int:
         """Tokens live in the key's window, counting at most ``tpm``: below ``tpm`` admits."""
-        return self.memory.live_now(self._tokens_name(key), tpm, WINDOW)
+        name = self._token_names.get(key) or self._tokens_name(key)
+        return self.memory.live_now(name, tpm, WINDOW)
 
     def tokens_now(self, key: str, tpm: int) -> Window:
         start, used = self.memory.moving_now(self._tokens_name(key), tpm, WINDOW)
@@ -371,7 +374,8 @@ class MemoryWindows(Windows):
         return Window(tpm, 0, max(0.0, start + WINDOW - self._clock()))
 
     def debit_now(self, key: str, tokens: int) -> None:
-        self.memory.add_now(self._tokens_name(key), tokens, WINDOW)
+        name = self._token_names.get(key) or self._tokens_name(key)
+        self.memory.add_now(name, tokens, WINDOW)
 
     async def requests(self, key: str, rpm: int) -> Window:
         return self.requests_now(key, rpm)
