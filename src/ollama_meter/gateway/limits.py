@@ -177,7 +177,8 @@ class Limiter:
         if held.limits.tpm and usage is not None and usage.tokens_reported:
             tokens = usage.prompt_tokens + usage.completion_tokens
             if tokens > 0 and self.memory is not None:
-                self.memory.debit_now(held.key, min(tokens, held.limits.tpm))
+                tpm = held.limits.tpm
+                self.memory.debit_now(held.key, tpm if tokens > tpm else tokens)
             elif tokens > 0:
                 task = asyncio.get_running_loop().create_task(self.debit(held, tokens))
                 self._debits.add(task)

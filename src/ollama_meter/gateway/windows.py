@@ -118,7 +118,9 @@ class _Moving:
             return
         # A window that is asked often drops an entry or two a call: a step at a time
         # finds those sooner than a bisect over the whole window does.
-        stop = min(end, head + _STEPS)
+        stop = head + _STEPS  # (min and max parse keywords: a call costs more than this)
+        if stop > end:
+            stop = end
         head += 1
         while head < stop and times[head] < cutoff:
             head += 1
@@ -236,7 +238,8 @@ class LimitsMemory(MemoryStorage):
         times = window.times
         if window.head < len(times) and times[window.head] < now - window.expiry:
             window.drop_before(now - window.expiry)
-        return max(0, min(window.after(now - expiry), limit))
+        live = window.after(now - expiry)
+        return limit if live > limit else live  # (never negative: a count of units)
 
     def add_now(self, key: str, amount: int, expiry: int) -> None:
         """``amount`` units into the window whatever it holds: what ``acquire_entry`` with
