@@ -115,30 +115,10 @@ class Admission(Generic[T]):
 
     # -- the step ---------------------------------------------------------------------------
 
-    def _free(self, target: T) -> tuple[str, str] | Literal[False] | None:
-        """The (upstream, model) to take a slot at; None: not gated; False: full."""
-        where = self._where(target)
-        if where is None:
-            return None
-        limit = self.slots.get(where[0])
-        if limit is None:
-            return None
-        pair = self._pairs.get(where)
-        if pair is not None and pair.in_use >= limit:
-            return False
-        return where
-
-    def _take(self, where: tuple[str, str]) -> Slot:
-        pair = self._pairs.get(where)
-        if pair is None:
-            pair = self._pairs[where] = _Pair()
-        pair.in_use += 1
-        return Slot(where[0], where[1], self._clock())
-
     def take_now(self, target: T) -> Slot | Literal[False] | None:
         """A free slot at ``target``, taken (None: not gated there), or False when it is
-        full and the request must ``admit`` (wait). The start of ``admit`` as a plain call
-        (``_free`` and ``_take`` in one: most requests find a slot free)."""
+        full and the request must ``admit`` (wait). The start of ``admit``, as a plain call:
+        most requests find a slot free."""
         where = self._where(target)
         if where is None:
             return None
@@ -157,11 +137,9 @@ class Admission(Generic[T]):
         """A target with a slot (or one not gated), or a 503 Refusal (rules 2-4).
         ``target`` is the router's first choice; ``choose`` runs it again."""
         arrived = self._clock()
-        free = self._free(target)
-        if free is None:
-            return Admitted(target, None)
-        if free is not False:
-            return Admitted(target, self._take(free))
+        slot = self.take_now(target)
+        if slot is not False:
+            return Admitted(target, slot)
         queue = self._queues.get(key)
         if self.depth >= self.max_queue or (
             queue is not None and len(queue) >= self.max_queued_per_key
@@ -196,10 +174,9 @@ class Admission(Generic[T]):
         """A retry elsewhere: a slot at ``target`` instead of ``slot`` (None: not gated
         there), or False, keeping ``slot``, when ``target`` is full (a retry never takes an
         upstream past its slots)."""
-        free = self._free(target)
-        if free is False:
+        taken = self.take_now(target)  # first: the release below
+        if taken is False:
             return False
-        taken = None if free is None else self._take(free)  # first: the release below
         self.release(slot)  # may hand slots to waiters, and must not hand them this one
         return taken
 
@@ -248,10 +225,9 @@ class Admission(Generic[T]):
                 self._pop(key, queue, index)
                 waiter.future.set_exception(refusal)
                 return True
-            free = self._free(target)
-            if free is False:
+            slot = self.take_now(target)
+            if slot is False:
                 continue
-            slot = None if free is None else self._take(free)
             self._pop(key, queue, index)
             waiter.future.set_result((target, slot))
             if key in self._queues:

@@ -183,43 +183,48 @@ class LimitsMemory(MemoryStorage):
             if not window.held():
                 del windows[key]
 
-    def acquire_now(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
-        """``acquire_entry``, answered without awaiting (rule 8)."""
-        if amount > limit:
-            return False
-        now = _memory.time.time()  # type: ignore[attr-defined]  # storage_time(), inlined
+    def _window(self, key: str, expiry: int, now: float, make: bool) -> _Moving | None:
+        """The key's window (made when ``make``; None if it has none) with what has aged out
+        for every call on it dropped, and the others swept when that is due (rule 6)."""
         if now >= self._next_sweep:
             self._sweep(now)
         window = self._windows.get(key)
         if window is None:
-            # Made even when the hit is refused, as the library's storage makes its list.
+            if not make:
+                return None
             window = self._windows[key] = _Moving()
         if expiry > window.expiry:
             window.expiry = expiry
-        times, ends = window.times, window.ends
+        times = window.times
         if window.head < len(times) and times[window.head] < now - window.expiry:
             window.drop_before(now - window.expiry)
+        return window
+
+    def acquire_now(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        """``acquire_entry``, answered without awaiting (rule 8)."""
+        if amount > limit:
+            return False
+        now = storage_time()
+        # Made even when the hit is refused, as the library's storage makes its list.
+        window = self._window(key, expiry, now, True)
+        assert window is not None
+        ends = window.ends
         # The library's test: the unit that would be the limit-th newest after the hit.
         k = limit - amount + 1
         last = ends[-1] if ends else window.base
         if last - window.base >= k and window.time_of(k) >= now - expiry:
             return False
         if amount > 0:
-            times.append(now)
+            window.times.append(now)
             ends.append(last + amount)
         return True
 
     def moving_now(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         """``get_moving_window``, answered without awaiting (rule 8)."""
         now = storage_time()
-        if now >= self._next_sweep:
-            self._sweep(now)
-        window = self._windows.get(key)
+        window = self._window(key, expiry, now, False)
         if window is None:
             return now, 0
-        if expiry > window.expiry:
-            window.expiry = expiry
-        window.drop_before(now - window.expiry)
         live = min(window.after(now - expiry), limit)
         if live <= 0:
             return now, 0
@@ -227,17 +232,10 @@ class LimitsMemory(MemoryStorage):
 
     def live_now(self, key: str, limit: int, expiry: int) -> int:
         """The count of ``moving_now`` alone (no bisect for when its oldest unit arrived)."""
-        now = _memory.time.time()  # type: ignore[attr-defined]  # storage_time(), inlined
-        if now >= self._next_sweep:
-            self._sweep(now)
-        window = self._windows.get(key)
+        now = storage_time()
+        window = self._window(key, expiry, now, False)
         if window is None:
             return 0
-        if expiry > window.expiry:
-            window.expiry = expiry
-        times = window.times
-        if window.head < len(times) and times[window.head] < now - window.expiry:
-            window.drop_before(now - window.expiry)
         live = window.after(now - expiry)
         return limit if live > limit else live  # (never negative: a count of units)
 
@@ -246,19 +244,10 @@ class LimitsMemory(MemoryStorage):
         ``limit`` = the live units + ``amount`` does (that always has room), in one call."""
         if amount <= 0:
             return
-        now = _memory.time.time()  # type: ignore[attr-defined]  # storage_time(), inlined
-        if now >= self._next_sweep:
-            self._sweep(now)
-        window = self._windows.get(key)
-        if window is None:
-            window = self._windows[key] = _Moving()
-        if expiry > window.expiry:
-            window.expiry = expiry
-        times, ends = window.times, window.ends
-        if window.head < len(times) and times[window.head] < now - window.expiry:
-            window.drop_before(now - window.expiry)
-        times.append(now)
-        ends.append((ends[-1] if ends else window.base) + amount)
+        now = storage_time()
+        window = self._window(key, expiry, now, True)
+        assert window is not None
+        window.add(now, amount)
 
     async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         return self.acquire_now(key, limit, expiry, amount)
