@@ -141,14 +141,9 @@ class Limiter:
         when both are over."""
         requests = memory.requests_now(key, limits.rpm) if limits.rpm else None
         token_window = memory.tokens_now(key, limits.tpm) if limits.tpm else None
-        if requests is not None and (not tokens or requests.wait > 0):
-            reason, limit, window = RATE, f"{limits.rpm} requests per minute (rpm)", requests
-        else:
-            assert token_window is not None
-            reason, limit, window = TOKENS, f"{limits.tpm} tokens per minute (tpm)", token_window
-        headers = openai_headers(requests, token_window) if openai else {}
-        raise self._refusal(
-            reason, key, f"key {key!r} is over its limit of {limit}", window.wait, headers
+        rate = requests is not None and (not tokens or requests.wait > 0)
+        raise self._over_window(
+            RATE if rate else TOKENS, key, limits, requests, token_window, openai
         )
 
     def _at_concurrency(self, key: str, count: int) -> NoReturn:
@@ -220,20 +215,33 @@ class Limiter:
         windows = self.windows
         requests = await windows.requests(key, limits.rpm) if limits.rpm else None
         tokens = await windows.tokens(key, limits.tpm) if limits.tpm else None
-        over: tuple[str, str, Window] | None = None
         if requests is not None and requests.wait > 0:
-            over = RATE, f"{limits.rpm} requests per minute (rpm)", requests
-        elif tokens is not None and tokens.wait > 0:
-            over = TOKENS, f"{limits.tpm} tokens per minute (tpm)", tokens
-        elif requests is not None and not await windows.count_request(key, limits.rpm):
+            raise self._over_window(RATE, key, limits, requests, tokens, openai)
+        if tokens is not None and tokens.wait > 0:
+            raise self._over_window(TOKENS, key, limits, requests, tokens, openai)
+        if requests is not None and not await windows.count_request(key, limits.rpm):
             # Another request of the key took the last place since the look above.
             requests = await windows.requests(key, limits.rpm)
-            over = RATE, f"{limits.rpm} requests per minute (rpm)", requests
-        if over is None:
-            return
-        reason, limit, window = over
+            raise self._over_window(RATE, key, limits, requests, tokens, openai)
+
+    def _over_window(
+        self,
+        reason: str,
+        key: str,
+        limits: KeyLimits,
+        requests: Window | None,
+        tokens: Window | None,
+        openai: bool,
+    ) -> Refusal:
+        """The 429 of a key over its rpm (``RATE``) or its tpm, with the windows it has."""
+        if reason == RATE:
+            assert requests is not None
+            limit, window = f"{limits.rpm} requests per minute (rpm)", requests
+        else:
+            assert tokens is not None
+            limit, window = f"{limits.tpm} tokens per minute (tpm)", tokens
         headers = openai_headers(requests, tokens) if openai else {}
-        raise self._refusal(
+        return self._refusal(
             reason, key, f"key {key!r} is over its limit of {limit}", window.wait, headers
         )
 
