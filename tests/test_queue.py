@@ -12,10 +12,12 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from ollama_meter.app import ADMISSION
 from ollama_meter.gateway.admission import Admission
 from ollama_meter.gateway.keys import append_key
+from ollama_meter.gateway.limit_metrics import LimitMetrics, anonymous_label
 from ollama_meter.limit_settings import LimitSettings
 from ollama_meter.settings import AccessSettings, Settings, parse_settings
 
@@ -83,9 +85,36 @@ async def test_a_full_queue_is_503_at_once_and_ollama_never_sees_more_than_its_s
     assert admission.depth == 0
     assert meter.value("rejected_total", reason="queue_full", key="anonymous") == 13
     assert meter.value("queue_wait_seconds_count", model=_LABEL) == 7
+    assert meter.value("queue_wait_seconds_bucket", model=_LABEL, le="+Inf") == 7
+    # The two that found a slot free waited no time at all; the five queued ones, some.
+    assert meter.value("queue_wait_seconds_bucket", model=_LABEL, le="0.005") >= 2
+    assert meter.value("queue_wait_seconds_sum", model=_LABEL) > 0
     assert meter.series("slots_in_use") == [{"upstream": "default", "model": _LABEL}]
     assert meter.value("slots_in_use", upstream="default", model=_LABEL) == 0
     assert meter.value("slots_configured", upstream="default") == 2
+
+
+def test_queue_waits_are_counted_in_their_buckets() -> None:
+    """queue_wait_seconds is kept without prometheus_client's Histogram (limit_metrics.py):
+    each wait in the first bucket whose bound it does not pass, as Prometheus' "le" says."""
+    registry = CollectorRegistry()
+    metrics = LimitMetrics(registry, anonymous_label, redis=False)
+    for seconds in (0.0, 0.005, 0.3, 400.0):
+        metrics.waited("m", seconds)
+    metrics.waited("other", 1.0)
+
+    def bucket(le: str, model: str = "m") -> float | None:
+        labels = {"model": model, "le": le}
+        return registry.get_sample_value("ollama_meter_queue_wait_seconds_bucket", labels)
+
+    assert [bucket(le) for le in ("0.005", "0.25", "0.5", "300.0", "+Inf")] == [2, 2, 3, 3, 4]
+    assert registry.get_sample_value("ollama_meter_queue_wait_seconds_sum", {"model": "m"}) == (
+        400.305
+    )
+    assert registry.get_sample_value("ollama_meter_queue_wait_seconds_count", {"model": "m"}) == 4
+    assert (bucket("0.5", "other"), bucket("1.0", "other")) == (0, 1)
+    text = generate_latest(registry).decode()
+    assert "# TYPE ollama_meter_queue_wait_seconds histogram" in text
 
 
 async def _finished(

@@ -81,9 +81,11 @@ EMS: Final = ("endpoint", "model", "stream")
 EM: Final = ("endpoint", "model")
 
 
-class _Histogram:
-    """Observations of one histogram series: a count per bucket (not cumulative), a sum, and
-    when the series was created (Unix seconds, for OpenMetrics' ``_created``)."""
+class Observations:
+    """Observations of one histogram series (rule 4): a count per bucket (not cumulative), a
+    sum, and when the series was created (Unix seconds, for OpenMetrics' ``_created``). To
+    observe ``value`` with bounds ``buckets``: ``counts[bisect_left(buckets, value)] += 1``
+    (the first bound >= value: Prometheus buckets are "le") and ``total += value``."""
 
     __slots__ = ("counts", "created", "total")
 
@@ -91,6 +93,30 @@ class _Histogram:
         self.counts = [0] * (buckets + 1)  # the last one is +Inf
         self.total = 0.0
         self.created = time.time()
+
+
+def le_values(buckets: Sequence[float]) -> list[str]:
+    """The "le" label values of ``buckets`` and +Inf, spelt as prometheus_client spells them."""
+    return [floatToGoString(b) for b in buckets] + ["+Inf"]  # type: ignore[no-untyped-call]
+
+
+def histogram_family(
+    name: str,
+    doc: str,
+    labels: Sequence[str],
+    le: Sequence[str],
+    series: Iterable[tuple[Sequence[str], Observations]],
+) -> HistogramMetricFamily:
+    """A histogram family of ``series`` (label values, observations), for a collector."""
+    family = HistogramMetricFamily(name, doc, labels=labels)
+    for key, observed in series:
+        running = 0
+        cumulative = []
+        for bound, count in zip(le, observed.counts, strict=True):
+            running += count
+            cumulative.append((bound, running))
+        family.add_metric(key, cumulative, observed.total)
+    return family
 
 
 class _Series:
@@ -207,11 +233,7 @@ COUNTERS: Final = (
     UNMETERED_CHUNKS,
 )
 HISTOGRAMS: Final = (DURATION, TTFT, LOAD, TPOT)
-# The "le" label values, spelt as prometheus_client spells them.
-_LE: Final[dict[_Spec, list[str]]] = {
-    spec: [floatToGoString(b) for b in spec.buckets] + ["+Inf"]  # type: ignore[no-untyped-call]
-    for spec in HISTOGRAMS
-}
+_LE: Final[dict[_Spec, list[str]]] = {spec: le_values(spec.buckets) for spec in HISTOGRAMS}
 
 Key = tuple[str, ...]
 
@@ -223,7 +245,7 @@ class Metrics(Collector):
         self._version = version
         self._label_text: dict[Key, str] = {}  # escaped label strings, one per series
         self._counters: dict[_Spec, _Series] = {spec: _Series() for spec in COUNTERS}
-        self._histograms: dict[_Spec, dict[Key, _Histogram]] = {spec: {} for spec in HISTOGRAMS}
+        self._histograms: dict[_Spec, dict[Key, Observations]] = {spec: {} for spec in HISTOGRAMS}
         self._in_flight: dict[Key, int] = {}
         self._up = False
         self._models: Sequence[LoadedModel] = ()
@@ -292,7 +314,7 @@ class Metrics(Collector):
         series = self._histograms[spec]
         histogram = series.get(key)
         if histogram is None:
-            histogram = series[key] = _Histogram(len(spec.buckets))
+            histogram = series[key] = Observations(len(spec.buckets))
         # bisect_left finds the first bound >= value: Prometheus buckets are "le".
         histogram.counts[bisect_left(spec.buckets, value)] += 1
         histogram.total += value
@@ -401,19 +423,9 @@ class Metrics(Collector):
                 gauge.add_metric(key, count)
         families.append(gauge)
         for spec in HISTOGRAMS:
-            histogram = HistogramMetricFamily(
-                f"{NAMESPACE}_{spec.name}", spec.doc, labels=spec.labels
-            )
-            if not empty:
-                bounds = _LE[spec]
-                for key, observed in self._histograms[spec].items():
-                    running = 0
-                    cumulative = []
-                    for bound, count in zip(bounds, observed.counts, strict=True):
-                        running += count
-                        cumulative.append((bound, running))
-                    histogram.add_metric(key, cumulative, observed.total)
-            families.append(histogram)
+            observed = () if empty else self._histograms[spec].items()
+            name = f"{NAMESPACE}_{spec.name}"
+            families.append(histogram_family(name, spec.doc, spec.labels, _LE[spec], observed))
         return families
 
     def _upstream_families(self, empty: bool = False) -> list[Metric]:

@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Final, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from ..metrics import Observations, histogram_family, le_values
 from .identity import ANONYMOUS
 
 REJECT_REASONS: Final = (
@@ -26,6 +28,7 @@ REJECT_REASONS: Final = (
 )
 #: Up to 5 minutes: a queue wait is seconds, or the sign that something is very wrong.
 WAIT_BUCKETS: Final = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+_WAIT_LE: Final = le_values(WAIT_BUCKETS)
 _NS: Final = "ollama_meter"
 
 
@@ -53,17 +56,10 @@ class LimitMetrics:
             namespace=_NS,
             registry=registry,
         )
-        self.queue_wait = Histogram(
-            "queue_wait_seconds",
-            "Time from arrival to a slot at a gated upstream, of the requests that got one "
-            "(the proxy's queue; Ollama's own load time is load_duration_seconds).",
-            ("model",),
-            buckets=WAIT_BUCKETS,
-            namespace=_NS,
-            registry=registry,
-        )
-        #: queue_wait's child per model label (the label is bounded): ``labels`` once each.
-        self._waits: dict[str, Histogram] = {}
+        #: queue_wait_seconds by model label (the label is bounded), kept as the core keeps
+        #: its histograms (metrics.py, rule 4): observed once a request, so without
+        #: prometheus_client's locks, which made its Histogram most of the admit step's cost.
+        self._waits: dict[str, Observations] = {}
         self.redis_up: Gauge | None = None
         if redis:
             self.redis_up = Gauge(
@@ -81,10 +77,11 @@ class LimitMetrics:
 
     def waited(self, model: str, seconds: float) -> None:
         """A request got its slot after ``seconds`` (0 when one was free)."""
-        child = self._waits.get(model)
-        if child is None:
-            child = self._waits[model] = self.queue_wait.labels(model)
-        child.observe(seconds)
+        observed = self._waits.get(model)
+        if observed is None:
+            observed = self._waits[model] = Observations(len(WAIT_BUCKETS))
+        observed.counts[bisect_left(WAIT_BUCKETS, seconds)] += 1
+        observed.total += seconds
 
     def refused(self, reason: str, key: str | None) -> None:
         self.rejected.labels(reason, self._key_label(key)).inc()
@@ -97,6 +94,14 @@ class LimitMetrics:
         return ()
 
     def collect(self) -> Iterable[Metric]:
+        yield histogram_family(
+            f"{_NS}_queue_wait_seconds",
+            "Time from arrival to a slot at a gated upstream, of the requests that got one "
+            "(the proxy's queue; Ollama's own load time is load_duration_seconds).",
+            ("model",),
+            _WAIT_LE,
+            (((model,), observed) for model, observed in self._waits.items()),
+        )
         slots = self._slots
         depth = GaugeMetricFamily(
             f"{_NS}_queue_depth", "Requests waiting for a slot, all upstreams together."
