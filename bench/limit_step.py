@@ -1,8 +1,8 @@
 """The limit step alone, in one process: ``python bench/limit_step.py [--rate 3000]``.
 
-``Limiter.check_now`` and ``release`` for one key (anonymous, limits of 10^9 so that nothing
-is refused), and with ``tpm`` also the record step's debit (``MemoryWindows.debit_now``, 50
-tokens), on the storage's clock moved by ``1 / rate`` seconds a request: first 66 s of
+``Limiter.check_now`` and ``Limiter.ended`` (the record step) for one key (anonymous, limits
+of 10^9 so that nothing is refused), of a request Ollama reported 50 tokens for (debited with
+``tpm``), on the storage's clock moved by ``1 / rate`` seconds a request: first 66 s of
 requests to fill both windows to what ``rate`` requests a second keep in them, then
 ``--requests`` more, timed. Reports nanoseconds a request with rpm alone and with rpm and tpm,
 the best of ``--rounds``.
@@ -16,8 +16,10 @@ import types
 
 from limits.aio.storage import memory
 
+from ollama_meter.exchange import Exchange
 from ollama_meter.gateway.limits import KeyLimits, Limiter
 from ollama_meter.gateway.windows import WINDOW, MemoryWindows
+from ollama_meter.ollama import Usage
 
 
 def main() -> None:
@@ -36,15 +38,12 @@ def main() -> None:
             limiter = Limiter(MemoryWindows(), KeyLimits(10**9, tpm, 1000))
             windows = limiter.memory
             assert windows is not None
+            x = Exchange("POST", "/api/generate", 0.0)
+            x.usage = Usage(39, 11)
 
-            def one(
-                limiter: Limiter = limiter, windows: MemoryWindows = windows, tpm: int = tpm
-            ) -> None:
-                held = limiter.check_now(None, False)
-                assert held is not None
-                limiter.release(held)
-                if tpm:
-                    windows.debit_now(held.key, 50)
+            def one(limiter: Limiter = limiter, x: Exchange = x) -> None:
+                x.held = limiter.check_now(None, False)
+                limiter.ended(x)
                 now[0] += step
 
             for _ in range(int((WINDOW + 6) * args.rate)):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 import types
@@ -19,8 +20,11 @@ from limits.aio.storage import MemoryStorage, memory
 from openai.types.chat import ChatCompletionMessageParam
 
 from ollama_meter.app import LIMITER
+from ollama_meter.exchange import Exchange
+from ollama_meter.gateway.identity import Identity
 from ollama_meter.gateway.keys import append_key
 from ollama_meter.gateway.limits import (
+    _KEYS_KEPT,
     Held,
     KeyLimits,
     Limiter,
@@ -78,10 +82,11 @@ def make_limiter(request: pytest.FixtureRequest) -> Callable[[KeyLimits], Limite
     return lambda defaults: Limiter(MemoryWindows(), defaults)
 
 
-async def admit(limiter: Limiter, key: str, limits: KeyLimits, openai: bool) -> Held | None:
+async def admit(limiter: Limiter, key: str, limits: KeyLimits, openai: bool) -> Held:
+    held = limiter.held_for(key, limits)
     if limiter.memory is not None:
-        return limiter.admit_now(key, limits, openai)
-    return await limiter.admit(key, limits, openai)
+        return limiter.admit_now(held, openai)
+    return await limiter.admit(held, openai)
 
 
 # --- the arithmetic -------------------------------------------------------------------------
@@ -200,9 +205,12 @@ async def test_concurrency_counts_requests_until_their_record_step(
     assert refused.value.reason == "key_concurrency"
     assert refused.value.headers == {"Retry-After": "1"}
     assert await admit(limiter, "other", limits, openai=False) is not None
-    limiter.release(first)
-    limiter.release(first)  # twice is once
-    assert limiter.in_flight["k"] == 1
+    assert limiter.in_flight == {"k": 2, "other": 1}
+    x = Exchange("POST", "/api/generate", 0.0)
+    x.held = first
+    limiter.ended(x)
+    limiter.ended(x)  # twice is once: the request lets go of its place the first time
+    assert limiter.in_flight == {"k": 1, "other": 1}
     assert await admit(limiter, "k", limits, openai=False) is not None
 
 
@@ -232,6 +240,45 @@ def test_a_keys_own_limits_win_over_the_defaults_one_by_one() -> None:
     limiter = Limiter(windows(), KeyLimits(rpm=10, tpm=1000, concurrency=2))
     assert limiter.limits_of(None, None, None) == KeyLimits(10, 1000, 2)
     assert limiter.limits_of(0, None, 5) == KeyLimits(0, 1000, 5)
+
+
+def _ended(limiter: Limiter, held: Held) -> None:
+    x = Exchange("POST", "/api/generate", 0.0)
+    x.held = held
+    limiter.ended(x)
+
+
+def test_a_keys_place_outlives_a_reload_of_its_limits(clock: Clock) -> None:
+    """A key's requests share one place (limits.py, rule 2): a reload of the keys file
+    (a new Identity) gives it the new limits, and its requests in flight still count."""
+    limiter = Limiter(MemoryWindows(), KeyLimits())
+    before = Identity("k", None, None, keyed=True, rpm=1, concurrency=2)
+    first = limiter.check_now(before, openai=False)
+    assert first is not None
+    with pytest.raises(Refusal) as refused:
+        limiter.check_now(before, openai=False)
+    assert refused.value.reason == "rate"
+    after = dataclasses.replace(before, rpm=5, concurrency=1)
+    with pytest.raises(Refusal) as refused:
+        limiter.check_now(after, openai=False)
+    assert refused.value.reason == "key_concurrency"  # the first one is still in flight
+    _ended(limiter, first)
+    second = limiter.check_now(after, openai=False)  # room in the window of 5 a minute
+    assert second is not None
+    assert second.limits == KeyLimits(rpm=5, concurrency=1)
+    assert limiter.in_flight == {"k": 1}
+
+
+def test_the_places_of_idle_keys_are_let_go_and_busy_ones_kept() -> None:
+    limiter = Limiter(MemoryWindows(), KeyLimits(concurrency=1))
+    busy = limiter.check_now(None, openai=False)
+    assert busy is not None
+    for i in range(_KEYS_KEPT + 10):
+        _ended(limiter, limiter.admit_now(limiter.held_for(f"k{i}", KeyLimits(1)), False))
+    assert limiter.in_flight == {"anonymous": 1}
+    with pytest.raises(Refusal) as refused:
+        limiter.check_now(None, openai=False)
+    assert refused.value.reason == "key_concurrency"
 
 
 # --- through the proxy ------------------------------------------------------------------------

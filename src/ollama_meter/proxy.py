@@ -355,7 +355,8 @@ class Proxy:
         if self._limiter is not None:
             self._limiter.ended(x)
         if x.slot is not None and self._admission is not None:
-            self._admission.release(x.slot)
+            slot, x.slot = x.slot, None  # given back once (admission.py, rule 4)
+            self._admission.release(slot)
         if self._access is not None:
             self._access.finished(x, x.gate, lambda: self._head.client_of(request), request.path)
         if self._ledger is not None:

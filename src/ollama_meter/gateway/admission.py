@@ -45,14 +45,19 @@ _SMOOTHING: Final = 0.2
 T = TypeVar("T")
 
 
-@dataclass(slots=True)
-class Slot:
-    """A request's place at (upstream, model); None when the upstream is not gated."""
+@dataclass(slots=True, eq=False)
+class Pair:
+    """The slots of one (upstream, model): how many are taken, and how long one is held."""
 
-    upstream: str
-    model: str
-    taken: float
-    released: bool = False
+    in_use: int = 0
+    service: float = DEFAULT_SERVICE
+    ended: int = 0
+
+
+#: A request's place at an (upstream, model) whose upstream is gated: that pair, and when the
+#: place was taken (a tuple: one is made a request). Its holder gives it back with
+#: ``release`` once, and lets go of it (rule 4).
+Slot = tuple[Pair, float]
 
 
 @dataclass(slots=True)
@@ -61,13 +66,6 @@ class _Waiter(Generic[T]):
     choose: Callable[[], T]
     future: asyncio.Future[tuple[T, Slot | None]]
     arrived: float
-
-
-@dataclass(slots=True)
-class _Pair:
-    in_use: int = 0
-    service: float = DEFAULT_SERVICE
-    ended: int = 0
 
 
 @dataclass(slots=True)
@@ -99,7 +97,7 @@ class Admission(Generic[T]):
         self.max_queued_per_key = max_queued_per_key
         self._clock = clock
         self._refused = refused
-        self._pairs: dict[tuple[str, str], _Pair] = {}
+        self._pairs: dict[tuple[str, str], Pair] = {}
         #: Waiting requests by key, in the order keys are served (rule 2).
         self._queues: OrderedDict[str, deque[_Waiter[T]]] = OrderedDict()
         self.depth = 0
@@ -127,11 +125,11 @@ class Admission(Generic[T]):
             return None
         pair = self._pairs.get(where)
         if pair is None:
-            pair = self._pairs[where] = _Pair()
+            pair = self._pairs[where] = Pair()
         elif pair.in_use >= limit:
             return False
         pair.in_use += 1
-        return Slot(where[0], where[1], self._clock())
+        return pair, self._clock()
 
     async def admit(self, key: str, target: T, choose: Callable[[], T]) -> Admitted[T]:
         """A target with a slot (or one not gated), or a 503 Refusal (rules 2-4).
@@ -190,13 +188,13 @@ class Admission(Generic[T]):
             waiter.future.cancel()
 
     def release(self, slot: Slot | None) -> None:
-        """A slot back (exactly once), and the waiting requests looked at again."""
-        if slot is None or slot.released:
+        """A slot back, and the waiting requests looked at again. Called once a slot, by its
+        holder, which then lets go of it (rule 4)."""
+        if slot is None:
             return
-        slot.released = True
-        pair = self._pairs[(slot.upstream, slot.model)]
+        pair, taken = slot
         pair.in_use -= 1
-        held = self._clock() - slot.taken
+        held = self._clock() - taken
         pair.service += _SMOOTHING * (held - pair.service) if pair.ended else held - pair.service
         pair.ended += 1
         if self.depth:

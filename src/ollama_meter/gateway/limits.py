@@ -6,16 +6,20 @@ Rules (the limits issue's contract, items 1-3):
    ``/v1`` OpenAI's ``x-ratelimit-*`` headers for each window the key has. A refused request
    takes nothing: no place in the concurrency count, no entry in the request window.
 2. Concurrency counts a key's requests from admission here to the record step (queued ones
-   included); ``release`` gives the place back exactly once per admitted request.
+   included); ``release`` gives the place back exactly once per admitted request. A key's
+   requests share one ``Held`` (made once for the key, not once a request): the count, the
+   limits they go by, and in one process the names of the key's windows. A request holds it
+   from admission (``Exchange.held``) until its record step lets go of it.
 3. A key's limits are its own (keys file) where it sets them, else the ``[limits]`` defaults;
    without access control everyone is ``anonymous`` and has the defaults. 0 is unlimited.
 4. The windows (windows.py) live in memory, or in Redis for a fleet of proxies
    (shared_windows.py switches to per-replica windows while Redis is away).
 5. Windows in memory are asked without awaiting (``check_now``; the debit is a plain call
-   in the record step): the same steps and answers as ``check``, which awaits the Redis
-   storage's. On that path the token window is looked at before the request is counted in
-   the request window, so that counting it is the last step and nothing has to be taken
-   back; which limit a refusal names is still rpm before tpm.
+   in the record step), by their names, of ``LimitsMemory`` itself: the same steps and
+   answers as ``check``, which awaits the Redis storage's. On that path the token window is
+   looked at before the request is counted in the request window, so that counting it is
+   the last step and nothing has to be taken back; which limit a refusal names is still rpm
+   before tpm.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Final, NoReturn, Protocol
 from ..exchange import Exchange
 from ..inbound import Refusal
 from .identity import ANONYMOUS, Identity
-from .windows import MemoryWindows, Window
+from .windows import WINDOW, MemoryWindows, Window
 
 RATE: Final = "rate"
 TOKENS: Final = "tokens"
@@ -59,13 +63,23 @@ class WindowStore(Protocol):
     async def debit(self, key: str, tokens: int) -> bool: ...
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Held:
-    """What an admitted request holds until its record step."""
+    """A key's place in the limits, shared by its requests that are admitted and not yet
+    recorded (rule 2)."""
 
     key: str
     limits: KeyLimits
-    released: bool = False
+    #: What ``limits`` was resolved from: the key's Identity (None: the defaults).
+    source: Identity | None = None
+    in_flight: int = 0
+    #: The names of the key's request and token windows in memory (rule 5).
+    requests: str = ""
+    tokens: str = ""
+
+
+#: Keys whose Held is kept while none of their requests holds it; past it they are made again.
+_KEYS_KEPT: Final = 4096
 
 
 def retry_after(wait: float) -> int:
@@ -104,41 +118,78 @@ class Limiter:
         self.windows = windows
         self.defaults = defaults
         self._refused = refused
-        #: Requests of each key between admission and the record step.
-        self.in_flight: dict[str, int] = {}
+        #: Each key's place (rule 2), by its name.
+        self._held: dict[str, Held] = {}
         self._debits: set[asyncio.Task[None]] = set()
         #: The windows when they are in memory: asked without awaiting (rule 5).
         self.memory = windows if isinstance(windows, MemoryWindows) else None
+        self._store = None if self.memory is None else self.memory.memory
+
+    @property
+    def in_flight(self) -> dict[str, int]:
+        """Requests of each key between admission and the record step (tests)."""
+        return {key: held.in_flight for key, held in self._held.items() if held.in_flight}
+
+    def held_for(self, key: str, limits: KeyLimits, source: Identity | None = None) -> Held:
+        """The key's place, going by ``limits`` from now on (``source``: what they were
+        resolved from, looked at first by ``check_now``)."""
+        held = self._held.get(key)
+        if held is None:
+            if len(self._held) >= _KEYS_KEPT:
+                self._held = {k: h for k, h in self._held.items() if h.in_flight}
+            held = self._held[key] = Held(key, limits, source)
+        else:
+            held.source = source
+            if held.limits == limits:
+                return held
+            held.limits = limits
+        if self.memory is not None:
+            held.requests, held.tokens = self.memory.names(key, limits.rpm)
+        return held
+
+    def _resolve(self, identity: Identity | None) -> Held:
+        if identity is None or not identity.keyed:
+            held = self._held.get(ANONYMOUS)
+            if held is not None and held.source is None:
+                return held
+            return self.held_for(ANONYMOUS, self.defaults)
+        held = self._held.get(identity.name)
+        if held is not None and held.source is identity:
+            return held
+        limits = self.limits_of(identity.rpm, identity.tpm, identity.concurrency)
+        return self.held_for(identity.name, limits, identity)
 
     def check_now(self, identity: Identity | None, openai: bool) -> Held | None:
         """``check`` over windows in memory, without awaiting (rule 5; ``memory`` is set)."""
-        if identity is None or not identity.keyed:
-            return self.admit_now(ANONYMOUS, self.defaults, openai)
-        limits = self.limits_of(identity.rpm, identity.tpm, identity.concurrency)
-        return self.admit_now(identity.name, limits, openai)
-
-    def admit_now(self, key: str, limits: KeyLimits, openai: bool) -> Held | None:
-        """``admit`` over windows in memory (rule 5)."""
-        tpm, rpm = limits.tpm, limits.rpm
-        if not (rpm or tpm or limits.concurrency):
+        held = self._resolve(identity)
+        limits = held.limits
+        if not (limits.rpm or limits.tpm or limits.concurrency):
             return None
-        count = self.in_flight.get(key, 0)
-        if limits.concurrency and count >= limits.concurrency:
-            self._at_concurrency(key, count)
-        memory = self.memory
-        assert memory is not None
-        if tpm and memory.tokens_used(key, tpm) >= tpm:
-            self._over(memory, key, limits, openai, tokens=True)
-        if rpm and not memory.count_request_now(key, rpm):
-            self._over(memory, key, limits, openai, tokens=False)
-        self.in_flight[key] = count + 1
-        return Held(key, limits)
+        return self.admit_now(held, openai)
 
-    def _over(
-        self, memory: MemoryWindows, key: str, limits: KeyLimits, openai: bool, tokens: bool
-    ) -> NoReturn:
+    def admit_now(self, held: Held, openai: bool) -> Held:
+        """``admit`` over windows in memory (rule 5)."""
+        limits = held.limits
+        count = held.in_flight
+        if limits.concurrency and count >= limits.concurrency:
+            self._at_concurrency(held.key, count)
+        store = self._store
+        assert store is not None
+        tpm = limits.tpm
+        if tpm and store.live_now(held.tokens, tpm, WINDOW) >= tpm:
+            self._over(held, openai, tokens=True)
+        rpm = limits.rpm
+        if rpm and not store.acquire_now(held.requests, rpm, WINDOW):
+            self._over(held, openai, tokens=False)
+        held.in_flight = count + 1
+        return held
+
+    def _over(self, held: Held, openai: bool, tokens: bool) -> NoReturn:
         """The 429 of a key found over its tpm (``tokens``) or its rpm: rpm is named first
         when both are over."""
+        memory = self.memory
+        assert memory is not None
+        key, limits = held.key, held.limits
         requests = memory.requests_now(key, limits.rpm) if limits.rpm else None
         token_window = memory.tokens_now(key, limits.tpm) if limits.tpm else None
         rate = requests is not None and (not tokens or requests.wait > 0)
@@ -157,23 +208,25 @@ class Limiter:
 
     async def check(self, identity: Identity | None, openai: bool) -> Held | None:
         """The limit step for a request of ``identity`` (None or not keyed: anonymous)."""
-        if identity is None or not identity.keyed:
-            return await self.admit(ANONYMOUS, self.defaults, openai)
-        limits = self.limits_of(identity.rpm, identity.tpm, identity.concurrency)
-        return await self.admit(identity.name, limits, openai)
+        held = self._resolve(identity)
+        if not held.limits.any:
+            return None
+        return await self.admit(held, openai)
 
     def ended(self, x: Exchange) -> None:
-        """The record step: the place back, and the tokens Ollama reported debited."""
+        """The record step: the place back (the request lets go of it), and the tokens
+        Ollama reported debited."""
         held = x.held
         if held is None:
             return
-        self.release(held)
+        x.held = None
+        held.in_flight -= 1
+        tpm = held.limits.tpm
         usage = x.usage
-        if held.limits.tpm and usage is not None and usage.tokens_reported:
+        if tpm and usage is not None and usage.tokens_reported:
             tokens = usage.prompt_tokens + usage.completion_tokens
-            if tokens > 0 and self.memory is not None:
-                tpm = held.limits.tpm
-                self.memory.debit_now(held.key, tpm if tokens > tpm else tokens)
+            if tokens > 0 and self._store is not None:
+                self._store.add_now(held.tokens, tpm if tokens > tpm else tokens, WINDOW)
             elif tokens > 0:
                 task = asyncio.get_running_loop().create_task(self.debit(held, tokens))
                 self._debits.add(task)
@@ -195,15 +248,13 @@ class Limiter:
             d.concurrency if concurrency is None else concurrency,
         )
 
-    async def admit(self, key: str, limits: KeyLimits, openai: bool) -> Held | None:
-        """A place for this request (None: the key has no limits), or a 429 Refusal."""
-        if not limits.any:
-            return None
-        count = self.in_flight.get(key, 0)
+    async def admit(self, held: Held, openai: bool) -> Held:
+        """A place for this request of ``held``'s key, or a 429 Refusal."""
+        key, limits = held.key, held.limits
+        count = held.in_flight
         if limits.concurrency and count >= limits.concurrency:
             self._at_concurrency(key, count)
-        self.in_flight[key] = count + 1  # taken before the windows are asked (they await)
-        held = Held(key, limits)
+        held.in_flight = count + 1  # taken before the windows are asked (they await)
         try:
             await self._windows(key, limits, openai)
         except BaseException:
@@ -258,15 +309,8 @@ class Limiter:
         )
 
     def release(self, held: Held) -> None:
-        """The request's concurrency place back (rule 2), exactly once."""
-        if held.released:
-            return
-        held.released = True
-        left = self.in_flight.get(held.key, 1) - 1
-        if left > 0:
-            self.in_flight[held.key] = left
-        else:
-            self.in_flight.pop(held.key, None)
+        """A request's concurrency place back (rule 2): once for each request admitted."""
+        held.in_flight -= 1
 
     async def debit(self, held: Held, tokens: int) -> None:
         """The tokens Ollama reported for the request, into its key's window: at most

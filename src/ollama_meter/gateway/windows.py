@@ -27,7 +27,11 @@ Rules:
    newest unit arrive" are a bisect each.
 6. Memory: an entry older than the longest expiry any call on its key has given counts for
    no later call (the clock only moves forward). Each call on a key drops those from the old
-   end of its window; the windows of keys nobody calls are swept at most every
+   end of its window: a call that reads the window (``moving_now``, ``live_now``) all of
+   them, so that it counts from the front; a call that adds to it (``acquire_now``,
+   ``add_now``), which answers the same with them there, once the oldest is ``DROP_LAG``
+   past its expiry, so that a busy window drops a second of entries at a time rather than
+   one or two a call; the windows of keys nobody calls are swept at most every
    ``SWEEP_EVERY`` seconds, from another key's call, and dropped once empty. Nothing awaits
    between reading and writing a window, so no call needs a lock, a thread or a task.
 7. Time is the storage's ``time.time()`` (the Redis storage sends its own clock's time with
@@ -35,8 +39,10 @@ Rules:
    must be that clock (tests shift both).
 8. In one process the windows are asked without awaiting: ``LimitsMemory`` answers each
    question of the library's interface by a plain call as well (``acquire_now``,
-   ``moving_now``), and ``MemoryWindows`` asks those. A coroutine a question was most of
-   what the limit step cost a request; the answers are the same.
+   ``moving_now``; ``live_now`` and ``add_now`` for the token window), which
+   ``MemoryWindows`` asks, and the limit step too, by the window names it keeps for each
+   key. A coroutine a question was most of what the limit step cost a request; the answers
+   are the same.
 """
 
 from __future__ import annotations
@@ -57,8 +63,6 @@ _NAMESPACE: Final = "ollama-meter"
 #: Looked at to count a whole window (the Redis storage's search stops at its ``limit``).
 _ALL: Final = 1 << 31
 _DEBIT_TRIES: Final = 3
-#: Window names kept made (MemoryWindows); past it they are made again.
-_NAMES_KEPT: Final = 4096
 #: Most seconds between two sweeps of the windows nobody calls (rule 6).
 SWEEP_EVERY: Final = 10.0
 #: A window moves its live entries down to the start of its lists once at least this many
@@ -67,6 +71,8 @@ SWEEP_EVERY: Final = 10.0
 _SLACK: Final = 64
 #: Entries a drop steps over one by one before it bisects.
 _STEPS: Final = 8
+#: Seconds past its expiry an entry may stay, for the calls that add to a window (rule 6).
+DROP_LAG: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,9 +189,12 @@ class LimitsMemory(MemoryStorage):
             if not window.held():
                 del windows[key]
 
-    def _window(self, key: str, expiry: int, now: float, make: bool) -> _Moving | None:
+    def _window(
+        self, key: str, expiry: int, now: float, make: bool, lag: float = 0.0
+    ) -> _Moving | None:
         """The key's window (made when ``make``; None if it has none) with what has aged out
-        for every call on it dropped, and the others swept when that is due (rule 6)."""
+        for every call on it dropped, once the oldest entry is ``lag`` past that, and the
+        others swept when that is due (rule 6)."""
         if now >= self._next_sweep:
             self._sweep(now)
         window = self._windows.get(key)
@@ -196,8 +205,9 @@ class LimitsMemory(MemoryStorage):
         if expiry > window.expiry:
             window.expiry = expiry
         times = window.times
-        if window.head < len(times) and times[window.head] < now - window.expiry:
-            window.drop_before(now - window.expiry)
+        cutoff = now - window.expiry
+        if window.head < len(times) and times[window.head] < cutoff - lag:
+            window.drop_before(cutoff)
         return window
 
     def acquire_now(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
@@ -206,7 +216,7 @@ class LimitsMemory(MemoryStorage):
             return False
         now = storage_time()
         # Made even when the hit is refused, as the library's storage makes its list.
-        window = self._window(key, expiry, now, True)
+        window = self._window(key, expiry, now, True, DROP_LAG)
         assert window is not None
         ends = window.ends
         # The library's test: the unit that would be the limit-th newest after the hit.
@@ -245,7 +255,7 @@ class LimitsMemory(MemoryStorage):
         if amount <= 0:
             return
         now = storage_time()
-        window = self._window(key, expiry, now, True)
+        window = self._window(key, expiry, now, True, DROP_LAG)
         assert window is not None
         window.add(now, amount)
 
@@ -314,8 +324,8 @@ class Windows:
 
 class MemoryWindows(Windows):
     """The windows of one process (``LimitsMemory``), asked without awaiting (rule 8): the
-    same answers as ``Windows`` over that storage, by plain calls. Each key's window names
-    are made once (the keys are the keys file's, and anonymous)."""
+    same answers as ``Windows`` over that storage, by plain calls. The limit step asks
+    ``memory`` itself, by the window names ``names`` gives, which it keeps for each key."""
 
     def __init__(
         self, storage: LimitsMemory | None = None, clock: Callable[[], float] = storage_time
@@ -323,51 +333,28 @@ class MemoryWindows(Windows):
         memory = LimitsMemory() if storage is None else storage
         super().__init__(memory, clock)
         self.memory = memory
-        #: Each key's request window name, with the rpm it was made for.
-        self._names: dict[str, tuple[int, str]] = {}
-        self._token_names: dict[str, str] = {}
 
-    def _requests_name(self, key: str, rpm: int) -> str:
-        made = self._names.get(key)
-        if made is None or made[0] != rpm:
-            if len(self._names) >= _NAMES_KEPT:
-                self._names.clear()
-            made = self._names[key] = (rpm, self._item(rpm).key_for(key))
-        return made[1]
-
-    def _tokens_name(self, key: str) -> str:
-        name = self._token_names.get(key)
-        if name is None:
-            if len(self._token_names) >= _NAMES_KEPT:
-                self._token_names.clear()
-            name = self._token_names[key] = _tokens_key(key)
-        return name
+    def names(self, key: str, rpm: int) -> tuple[str, str]:
+        """The names of the key's request window (for ``rpm``) and token window."""
+        return self._item(rpm).key_for(key), _tokens_key(key)
 
     def requests_now(self, key: str, rpm: int) -> Window:
-        start, used = self.memory.moving_now(self._requests_name(key, rpm), rpm, WINDOW)
+        start, used = self.memory.moving_now(self._item(rpm).key_for(key), rpm, WINDOW)
         if used < rpm:
             return Window(rpm, rpm - used, 0.0)
         return Window(rpm, 0, max(0.0, start + WINDOW - self._clock()))
 
     def count_request_now(self, key: str, rpm: int) -> bool:
-        made = self._names.get(key)  # (the name looked up here: this runs every request)
-        name = made[1] if made is not None and made[0] == rpm else self._requests_name(key, rpm)
-        return self.memory.acquire_now(name, rpm, WINDOW)
-
-    def tokens_used(self, key: str, tpm: int) -> int:
-        """Tokens live in the key's window, counting at most ``tpm``: below ``tpm`` admits."""
-        name = self._token_names.get(key) or self._tokens_name(key)
-        return self.memory.live_now(name, tpm, WINDOW)
+        return self.memory.acquire_now(self._item(rpm).key_for(key), rpm, WINDOW)
 
     def tokens_now(self, key: str, tpm: int) -> Window:
-        start, used = self.memory.moving_now(self._tokens_name(key), tpm, WINDOW)
+        start, used = self.memory.moving_now(_tokens_key(key), tpm, WINDOW)
         if used < tpm:
             return Window(tpm, tpm - used, 0.0)
         return Window(tpm, 0, max(0.0, start + WINDOW - self._clock()))
 
     def debit_now(self, key: str, tokens: int) -> None:
-        name = self._token_names.get(key) or self._tokens_name(key)
-        self.memory.add_now(name, tokens, WINDOW)
+        self.memory.add_now(_tokens_key(key), tokens, WINDOW)
 
     async def requests(self, key: str, rpm: int) -> Window:
         return self.requests_now(key, rpm)
