@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import aiohttp
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
 from ollama_meter.app import ADMISSION
 from ollama_meter.gateway.admission import Admission
@@ -97,6 +99,7 @@ async def test_a_full_queue_is_503_at_once_and_ollama_never_sees_more_than_its_s
 def test_queue_waits_are_counted_in_their_buckets() -> None:
     """queue_wait_seconds is kept without prometheus_client's Histogram (limit_metrics.py):
     each wait in the first bucket whose bound it does not pass, as Prometheus' "le" says."""
+    started = time.time()
     registry = CollectorRegistry()
     metrics = LimitMetrics(registry, anonymous_label, redis=False)
     for seconds in (0.0, 0.005, 0.3, 400.0):
@@ -113,8 +116,13 @@ def test_queue_waits_are_counted_in_their_buckets() -> None:
     )
     assert registry.get_sample_value("ollama_meter_queue_wait_seconds_count", {"model": "m"}) == 4
     assert (bucket("0.5", "other"), bucket("1.0", "other")) == (0, 1)
+    created = registry.get_sample_value("ollama_meter_queue_wait_seconds_created", {"model": "m"})
+    assert created is not None
+    assert started <= created <= time.time()
     text = generate_latest(registry).decode()
     assert "# TYPE ollama_meter_queue_wait_seconds histogram" in text
+    openmetrics = openmetrics_latest(registry).decode()  # type: ignore[no-untyped-call]
+    assert 'ollama_meter_queue_wait_seconds_created{model="other"}' in openmetrics
 
 
 async def _finished(

@@ -44,6 +44,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from .exchange import ERROR_REASONS, Exchange
@@ -106,8 +107,10 @@ def histogram_family(
     labels: Sequence[str],
     le: Sequence[str],
     series: Iterable[tuple[Sequence[str], Observations]],
+    created: bool = False,
 ) -> HistogramMetricFamily:
-    """A histogram family of ``series`` (label values, observations), for a collector."""
+    """A histogram family of ``series`` (label values, observations), for a collector; with
+    ``created``, each series' ``_created`` sample too (as prometheus_client's Histogram has)."""
     family = HistogramMetricFamily(name, doc, labels=labels)
     for key, observed in series:
         running = 0
@@ -116,6 +119,9 @@ def histogram_family(
             running += count
             cumulative.append((bound, running))
         family.add_metric(key, cumulative, observed.total)
+        if created:
+            pairs = dict(zip(labels, key, strict=True))
+            family.samples.append(Sample(f"{name}_created", pairs, observed.created))
     return family
 
 

@@ -101,6 +101,7 @@ class LimitMetrics:
             ("model",),
             _WAIT_LE,
             (((model,), observed) for model, observed in self._waits.items()),
+            created=True,  # as the Counter beside it: OpenMetrics' _created
         )
         slots = self._slots
         depth = GaugeMetricFamily(
