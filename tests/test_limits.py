@@ -269,6 +269,21 @@ def test_a_keys_place_outlives_a_reload_of_its_limits(clock: Clock) -> None:
     assert limiter.in_flight == {"k": 1}
 
 
+def test_a_role_listeners_copy_of_a_key_shares_its_place() -> None:
+    """A role listener gives each request a copy of the key's Identity with another role:
+    the same key, the same limits, the same place (one count)."""
+    limiter = Limiter(MemoryWindows(), KeyLimits())
+    key = Identity("k", None, "inference", keyed=True, rpm=100, concurrency=2)
+    first = limiter.check_now(key, openai=False)
+    copy = limiter.check_now(key.with_role("admin"), openai=False)
+    assert first is not None
+    assert copy is first
+    assert first.limits == KeyLimits(rpm=100, concurrency=2)
+    with pytest.raises(Refusal) as refused:
+        limiter.check_now(key.with_role("admin"), openai=False)
+    assert refused.value.reason == "key_concurrency"
+
+
 def test_the_places_of_idle_keys_are_let_go_and_busy_ones_kept() -> None:
     limiter = Limiter(MemoryWindows(), KeyLimits(concurrency=1))
     busy = limiter.check_now(None, openai=False)

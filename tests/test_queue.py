@@ -320,3 +320,28 @@ async def test_a_retry_never_takes_an_upstream_past_its_slots(
     assert fleet[1].peak[_MODEL] == 1
     assert meter.value("slots_in_use", upstream="u1", model=_LABEL) == 0
     assert admission.depth == 0
+
+
+async def test_a_router_fault_for_a_waiting_request_fails_it_alone() -> None:
+    """A release looks at the waiting requests again (``choose``): a router that raises there
+    fails that request, and the release, a retry's ``move`` included, still gives its slot
+    back exactly once (admission.py, rule 4)."""
+    admission: Admission[str] = Admission(
+        {"u1": 1, "u2": 1}, lambda target: (target, "m"), 4, 30.0, 4, time.monotonic
+    )
+    first = admission.take_now("u1")
+    assert first is not None
+    assert first is not False
+
+    def broken() -> str:
+        raise RuntimeError("router fault")
+
+    waiting = asyncio.create_task(admission.admit("k", "u1", broken))
+    await _until(lambda: admission.depth == 1)
+    moved = admission.move(first, "u2")  # a retry elsewhere: u1's slot back, u2's taken
+    with pytest.raises(RuntimeError, match="router fault"):
+        await waiting
+    assert admission.depth == 0
+    assert sorted(admission.slots_in_use()) == [("u1", "m", 0), ("u2", "m", 1)]
+    admission.release(moved if moved is not False else None)
+    assert sorted(admission.slots_in_use()) == [("u1", "m", 0), ("u2", "m", 0)]

@@ -617,8 +617,10 @@ class Proxy:
                     request.method, route, model, request.headers, frozenset(tried)
                 )
                 if x.slot is not None and self._admission is not None:
-                    moved = self._admission.move(x.slot, next_place)
+                    held, x.slot = x.slot, None  # move gives it back, or keeps it (False)
+                    moved = self._admission.move(held, next_place)
                     if moved is False:  # the other one's slots are all taken: no retry
+                        x.slot = held
                         raise Refusal(503, None)
                     x.slot = moved
             except Refusal:

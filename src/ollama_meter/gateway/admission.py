@@ -19,7 +19,10 @@ Rules (the limits issue, item 4):
    ``Retry-After`` estimated from the queue ahead, the mean time a slot is held and the
    slots, clamped to 1-60 s.
 4. A request that leaves while waiting (its client went away) is removed at once and never
-   reaches Ollama. A slot is always released, exactly once, whatever happened.
+   reaches Ollama. A slot is always released, exactly once, whatever happened: its holder
+   (the request's record step; ``move`` for a retry) gives it back and lets go of it, and a
+   release never raises (a router that fails while the waiting requests are looked at again
+   fails the waiting request it was asked for).
 
 Decision code only: ``choose`` is the router over the fleet's state, the clock a parameter.
 """
@@ -222,6 +225,10 @@ class Admission(Generic[T]):
                     self._refused(NO_UPSTREAM, key)
                 self._pop(key, queue, index)
                 waiter.future.set_exception(refusal)
+                return True
+            except Exception as error:  # a fault of the router fails this request alone,
+                self._pop(key, queue, index)  # never the release that looked at it (rule 4)
+                waiter.future.set_exception(error)
                 return True
             slot = self.take_now(target)
             if slot is False:

@@ -6,10 +6,13 @@ Rules (the limits issue's contract, items 1-3):
    ``/v1`` OpenAI's ``x-ratelimit-*`` headers for each window the key has. A refused request
    takes nothing: no place in the concurrency count, no entry in the request window.
 2. Concurrency counts a key's requests from admission here to the record step (queued ones
-   included); ``release`` gives the place back exactly once per admitted request. A key's
-   requests share one ``Held`` (made once for the key, not once a request): the count, the
-   limits they go by, and in one process the names of the key's windows. A request holds it
-   from admission (``Exchange.held``) until its record step lets go of it.
+   included). A key's requests share one ``Held`` (made once for the key, not once a
+   request): the count, the limits they go by, and in one process the names of the key's
+   windows. A request holds it from admission (``Exchange.held``) until its record step
+   (``ended``) gives its place back and lets go of it, so a place is given back exactly once
+   per admitted request. A reload of the keys file gives the key its new limits from its
+   next request on, its count unchanged; the tokens of a request that ends after it are
+   debited under the new tpm.
 3. A key's limits are its own (keys file) where it sets them, else the ``[limits]`` defaults;
    without access control everyone is ``anonymous`` and has the defaults. 0 is unlimited.
 4. The windows (windows.py) live in memory, or in Redis for a fleet of proxies
@@ -154,8 +157,15 @@ class Limiter:
                 return held
             return self.held_for(ANONYMOUS, self.defaults)
         held = self._held.get(identity.name)
-        if held is not None and held.source is identity:
-            return held
+        if held is not None:
+            source = held.source
+            if source is identity or (  # a role listener's copy: the same limits
+                source is not None
+                and source.rpm == identity.rpm
+                and source.tpm == identity.tpm
+                and source.concurrency == identity.concurrency
+            ):
+                return held
         limits = self.limits_of(identity.rpm, identity.tpm, identity.concurrency)
         return self.held_for(identity.name, limits, identity)
 
@@ -309,7 +319,7 @@ class Limiter:
         )
 
     def release(self, held: Held) -> None:
-        """A request's concurrency place back (rule 2): once for each request admitted."""
+        """The place of a request that was not admitted after all back (the awaited path)."""
         held.in_flight -= 1
 
     async def debit(self, held: Held, tokens: int) -> None:

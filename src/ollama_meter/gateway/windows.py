@@ -26,7 +26,8 @@ Rules:
    up to it. A hit is an append; "how many units arrived after t" and "when did the k-th
    newest unit arrive" are a bisect each.
 6. Memory: an entry older than the longest expiry any call on its key has given counts for
-   no later call (the clock only moves forward). Each call on a key drops those from the old
+   no later call (the clock only moves forward; every call on a window gives the same
+   expiry, ``WINDOW``, so that is its expiry). Each call on a key drops those from the old
    end of its window: a call that reads the window (``moving_now``, ``live_now``) all of
    them, so that it counts from the front; a call that adds to it (``acquire_now``,
    ``add_now``), which answers the same with them there, once the oldest is ``DROP_LAG``
