@@ -18,6 +18,8 @@ from .conftest import unused_port
 class RealRedis:
     proc: asyncio.subprocess.Process
     port: int
+    #: Its Unix socket, when it was started with one.
+    socket: Path | None = None
 
     @property
     def url(self) -> str:
@@ -38,10 +40,13 @@ def redis_server() -> str:
     return found
 
 
-async def start_redis(directory: Path) -> RealRedis:
+async def start_redis(directory: Path, unix: bool = False) -> RealRedis:
+    """On a free port, and with ``unix`` on a socket in ``directory`` too."""
     port = unused_port()
+    socket = directory / "redis.sock" if unix else None
     proc = await asyncio.create_subprocess_exec(
         redis_server(),
+        *(("--unixsocket", str(socket)) if socket is not None else ()),
         "--port",
         str(port),
         "--bind",
@@ -67,7 +72,7 @@ async def start_redis(directory: Path) -> RealRedis:
                 break
     # Nobody reads its log from here on: send it nowhere rather than fill a pipe.
     asyncio.get_running_loop().create_task(_drain(proc.stdout))
-    return RealRedis(proc, port)
+    return RealRedis(proc, port, socket)
 
 
 async def _drain(stream: asyncio.StreamReader) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from ollama_meter.gateway.shared_windows import storage_url
+
 from .conftest import unused_port
 from .fake_ollama import FakeOllama
 from .real_redis import RealRedis, start_redis
@@ -91,3 +93,40 @@ async def test_an_unreachable_redis_at_start_is_a_warning_and_the_fallback(
         assert await _metric(http, proxy, "redis_up") == 0
         statuses = await _statuses(http, [proxy], 31)
     assert statuses == [200] * 30 + [429]  # 60 / replicas
+
+
+async def test_a_redis_on_a_unix_socket_shares_the_windows(
+    start_process: StartProcess, fake: FakeOllama, tmp_path: Path
+) -> None:
+    """``redis = "unix:///path"``: the settings keep it a Unix socket's URL all the way to
+    the limits library (which once took it for Valkey's and would not start)."""
+    server = await start_redis(tmp_path, unix=True)
+    try:
+        assert server.socket is not None
+        path = tmp_path / "meter.toml"
+        path.write_text(f'[limits]\ndefault_rpm = 3\nredis = "unix://{server.socket}"\n')
+        proxy = await start_process(30.0, "--config", str(path))
+        async with aiohttp.ClientSession() as http:
+            assert await _metric(http, proxy, "redis_up") == 1
+            assert await _statuses(http, [proxy], 4) == [200, 200, 200, 429]
+        reader, writer = await asyncio.open_unix_connection(str(server.socket))
+        writer.write(b"KEYS *ollama-meter*\r\n")
+        await writer.drain()
+        answer = await reader.read(4096)
+        writer.close()
+        assert answer.startswith(b"*1\r\n"), answer  # the one request window, in Redis
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize(
+    ("url", "uri"),
+    [
+        ("redis://redis:6379/0", "async+redis://redis:6379/0"),
+        ("rediss://:pw@redis:6380/1", "async+rediss://:pw@redis:6380/1"),
+        ("unix:///run/redis.sock", "async+redis+unix:///run/redis.sock"),
+        ("unix:/run/redis.sock?db=2", "async+redis+unix:///run/redis.sock?db=2"),
+    ],
+)
+def test_each_redis_url_is_the_librarys_redis_storage(url: str, uri: str) -> None:
+    assert storage_url(url) == uri

@@ -33,9 +33,13 @@ PROBE_INTERVAL: Final = 2.0
 
 
 def storage_url(url: str) -> str:
-    """The ``limits`` storage URI of a Redis URL (``redis://``, ``rediss://``, ``unix://``)."""
-    if url.startswith("unix://"):
-        return "async+redis+unix://" + url.removeprefix("unix://")
+    """The ``limits`` storage URI of a Redis URL (``redis://``, ``rediss://``, ``unix://``).
+    A socket's URL may come without its ``//`` (``unix:/run/redis.sock``: how the settings'
+    URL parser writes an empty host); the library would take any URI whose scheme is not
+    ``redis...`` for Valkey's."""
+    scheme, _, rest = url.partition(":")
+    if scheme == "unix":
+        return "async+redis+unix://" + rest.removeprefix("//")
     return "async+" + url
 
 
